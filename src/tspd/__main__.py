@@ -1,0 +1,5 @@
+import sys
+
+from tspd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Analysis of decompositions: metrics, and (later) circuit census, baselines and ablation studies."""

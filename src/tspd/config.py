@@ -1,0 +1,214 @@
+"""One validated run config: YAML in and out, dotted overrides, unknown keys rejected.
+
+Example:
+    >>> from tspd.config import RunConfig
+    >>> cfg = RunConfig.model_validate({"sites": [{"pattern": "linear1", "C": 20}]})
+    >>> cfg = cfg.with_overrides(["train.steps=10", "losses.faithfulness=2"])
+    >>> cfg.train.steps
+    10
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config could not be read or is invalid; the message names the key and the fix."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SiteConfig(Strict):
+    pattern: str = Field(description="glob over module paths, e.g. 'transformer.h.*.mlp.c_fc'")
+    C: int = Field(gt=0, description="number of rank-1 subcomponents for every site it matches")
+
+
+class AttentionCIConfig(Strict):
+    d_attn: int = Field(16, gt=0, description="width of the CI attention's queries, keys and values")
+    max_len: int = Field(512, gt=0, description="longest sequence the CI attention accepts (sizes the position tables)")
+    pos_emb: bool = Field(True, description="learned absolute position embedding p_j added to the site input")
+    head: Literal["vector_mlp", "shared_mlp"] = Field(
+        "vector_mlp", description="maps concat(a_n, x_n + p_n) to C logits: per-subcomponent MLPs or one shared MLP"
+    )
+
+
+class CIConfig(Strict):
+    kind: Literal["mlp", "vector_mlp", "shared_mlp", "attention"] = Field(
+        "mlp", description="causal-importance function (SPEC §3)"
+    )
+    hidden: list[int] = Field([16], description="hidden widths of the CI MLPs (mlp/vector_mlp use the first only)")
+    leak: float = Field(0.01, ge=0, description="leak of both hard sigmoids")
+    attention: AttentionCIConfig = Field(default_factory=AttentionCIConfig, description="settings of the attention kind")
+
+
+class MaskConfig(Strict):
+    kind: Literal["continuous", "binomial"] = Field("continuous", description="r ~ U(0,1) or Bernoulli(0.5) in m = g + (1-g) r")
+    n_samples: int = Field(1, gt=0, description="mask samples per stochastic loss term per step")
+    subset_granularity: Literal["per_batch", "per_example", "per_position"] = Field(
+        "per_example", description="how often subset (partial) routing draws a new subset of sites"
+    )
+    delta_component: bool = Field(False, description="add W - (VU)^T with its own stochastic mask per position")
+
+
+class LossConfig(Strict):
+    faithfulness: float = Field(1.0, ge=0, description="coefficient of mean (W - (VU)^T)^2")
+    stochastic_recon: float = Field(1.0, ge=0, description="coefficient of D with stochastic masks on every site")
+    stochastic_recon_layerwise: float = Field(1.0, ge=0, description="coefficient of mean over sites of D with one site masked")
+    stochastic_recon_subset: float = Field(0.0, ge=0, description="coefficient of D with a random subset of sites masked")
+    ci_masked_recon: float = Field(0.0, ge=0, description="coefficient of D with mask = CI, every site")
+    importance_minimality: float = Field(3e-3, ge=0, description="coefficient of sum_sites sum_c mean (g_upper + eps)^p")
+    adversarial_recon: float = Field(0.0, ge=0, description="coefficient of D under sign-gradient-ascent masks")
+
+
+class MinimalityConfig(Strict):
+    p_start: float = Field(1.0, gt=0, description="exponent p at the start of the anneal")
+    p_end: float | None = Field(None, gt=0, description="exponent p at the end of the anneal (None: constant p_start)")
+    anneal_start_frac: float = Field(0.0, ge=0, le=1, description="fraction of training where p starts moving")
+    anneal_end_frac: float = Field(1.0, ge=0, le=1, description="fraction of training where p reaches p_end")
+    eps: float = Field(1e-12, ge=0, description="epsilon in (g + eps)^p")
+
+
+class AdversarialConfig(Strict):
+    n_steps: int = Field(3, ge=1, description="sign-gradient ascent steps on the adversarial sources a")
+    step_size: float = Field(0.2, gt=0, description="ascent step on a (a stays in [0, 1])")
+
+
+class OutputConfig(Strict):
+    divergence: Literal["kl", "mse"] = Field("kl", description="KL(target || masked) over the last dim, or MSE")
+    positions: list[int] | None = Field(None, description="restrict D to these positions (dim 1), e.g. [-1]; None: all")
+
+
+class TrainConfig(Strict):
+    steps: int = Field(1000, ge=0, description="optimisation steps")
+    batch_size: int = Field(256, gt=0, description="examples per step (the data source is asked for this many)")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    optimizer: Literal["adam", "adamw"] = Field("adam", description="optimiser over U, V and CI parameters")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_frac: float = Field(0.0, ge=0, le=1, description="fraction of steps of linear lr warm-up")
+    final_lr_frac: float = Field(0.0, ge=0, le=1, description="cosine decays to lr * final_lr_frac; 1.0 means constant")
+    grad_clip: float | None = Field(None, gt=0, description="clip the global grad norm to this (None: off)")
+    faithfulness_warmup_steps: int = Field(0, ge=0, description="steps on faithfulness alone before training (fits VU to W)")
+    faithfulness_warmup_lr: float = Field(1e-2, gt=0, description="lr of the faithfulness warm-up")
+    log_every: int = Field(50, gt=0, description="write a metrics line every N steps")
+    eval_every: int = Field(500, gt=0, description="evaluate every N steps (and at the end)")
+    eval_batches: int = Field(4, gt=0, description="batches per evaluation")
+    checkpoint_every: int = Field(500, gt=0, description="write a resumable checkpoint every N steps (and at the end)")
+    stack_passes: bool = Field(True, description="run passes that differ only in masks/routing as one batched forward")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch's default)")
+
+
+class EvalConfig(Strict):
+    active_threshold: float = Field(0.5, ge=0, le=1, description="a subcomponent is active where CI > this (L0)")
+    alive_threshold: float = Field(0.1, ge=0, le=1, description="alive: CI > this on some evaluated input")
+
+
+class TMSTargetConfig(Strict):
+    kind: Literal["tms"] = "tms"
+    n_features: int = Field(5, gt=0, description="number of sparse input features")
+    d_hidden: int = Field(2, gt=0, description="width of the bottleneck")
+    feature_probability: float = Field(0.05, gt=0, le=1, description="probability each feature is present")
+    train_steps: int = Field(5000, ge=0, description="training steps of the target")
+    train_batch_size: int = Field(1024, gt=0, description="batch of the target's training")
+    train_lr: float = Field(5e-3, gt=0, description="AdamW lr of the target's training")
+    seed: int = Field(0, description="seed of the target's init and training data")
+
+
+class TMSDataConfig(Strict):
+    kind: Literal["tms"] = "tms"
+    feature_probability: float = Field(0.05, gt=0, le=1, description="probability each feature is present")
+
+
+TargetConfig = Annotated[Union[TMSTargetConfig], Field(discriminator="kind")]
+DataConfig = Annotated[Union[TMSDataConfig], Field(discriminator="kind")]
+
+
+class RunConfig(Strict):
+    seed: int = Field(0, description="seed of init, masks and data order")
+    target: TargetConfig | None = Field(None, description="how the CLI builds the target (None when using the Python API)")
+    data: DataConfig | None = Field(None, description="how the CLI makes batches (None when using the Python API)")
+    sites: list[SiteConfig] = Field(description="which weights to decompose, by module-path glob, each with its C")
+    ci: CIConfig = Field(default_factory=CIConfig, description="causal-importance function")
+    masks: MaskConfig = Field(default_factory=MaskConfig, description="mask sampling and routing")
+    losses: LossConfig = Field(default_factory=LossConfig, description="loss coefficients")
+    minimality: MinimalityConfig = Field(default_factory=MinimalityConfig, description="importance-minimality exponent")
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig, description="adversarial recon settings")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="output divergence")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation and bookkeeping")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation thresholds")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if not self.sites:
+            raise ValueError("sites is empty: name at least one weight, e.g. sites: [{pattern: 'linear1', C: 20}]")
+        m = self.minimality
+        if m.anneal_end_frac < m.anneal_start_frac:
+            raise ValueError("minimality.anneal_end_frac must be >= minimality.anneal_start_frac")
+        return self
+
+    # ---- YAML in and out -------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "RunConfig":
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+        return cls.from_dict(raw, overrides, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> "RunConfig":
+        raw = apply_overrides(raw, overrides or [])
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as err:
+            raise ConfigError(_explain(err, source)) from None
+
+    def with_overrides(self, overrides: list[str]) -> "RunConfig":
+        return RunConfig.from_dict(self.model_dump(mode="json"), overrides)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested dict, returning a copy."""
+    out = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if isinstance(node, list):
+                node = node[int(part)]
+                continue
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            node = nxt
+        last = parts[-1]
+        if isinstance(node, list):
+            node[int(last)] = yaml.safe_load(value)
+        else:
+            node[last] = yaml.safe_load(value)
+    return out
+
+
+def _explain(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{loc}': remove it or fix its spelling (see README, 'Config keys')")
+        else:
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)

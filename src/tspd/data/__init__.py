@@ -1,0 +1,1 @@
+"""Data sources: callables `source(step) -> batch`, deterministic in (seed, step)."""

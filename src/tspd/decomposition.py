@@ -1,0 +1,320 @@
+"""Decomposition: a frozen target plus the rank-1 components and CI functions of its sites.
+
+Example:
+    >>> import torch, tspd
+    >>> from tspd.targets.tms import TMSModel
+    >>> target = TMSModel(n_features=5, d_hidden=2)
+    >>> cfg = tspd.RunConfig.model_validate({"sites": [{"pattern": "linear*", "C": 8}]})
+    >>> dec = tspd.Decomposition(target, cfg)
+    >>> ci = dec.causal_importance(torch.rand(3, 5))
+    >>> ci["linear1"].shape
+    torch.Size([3, 8])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from tspd.components import Components, SiteModule, SiteState, resolve_sites, site_kind, target_weight
+from tspd.config import RunConfig
+from tspd.importance import CIFunction, lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
+from tspd.masks import Pass
+
+Batch = Tensor | dict[str, Tensor]
+
+
+def _key(site: str) -> str:
+    return site.replace(".", "__")
+
+
+def output_tensor(out: Any) -> Tensor:
+    """The prediction tensor of a model output: `.logits` for Hugging Face, the first item of a tuple."""
+    if isinstance(out, Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    raise TypeError(f"cannot find the output tensor in a {type(out).__name__}; return a Tensor or an object with .logits")
+
+
+def batch_size(batch: Batch) -> int:
+    if isinstance(batch, Tensor):
+        return batch.shape[0]
+    return next(iter(batch.values())).shape[0]
+
+
+def repeat_batch(batch: Batch, n: int) -> Batch:
+    if n == 1:
+        return batch
+    if isinstance(batch, Tensor):
+        return batch.repeat(n, *([1] * (batch.dim() - 1)))
+    return {k: repeat_batch(v, n) for k, v in batch.items()}
+
+
+def call_target(model: nn.Module, batch: Batch) -> Tensor:
+    return output_tensor(model(**batch) if isinstance(batch, dict) else model(batch))
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Write via a temporary file in the same folder and rename, so a kill never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class Decomposition(nn.Module):
+    """A target model's chosen weights written as sums of rank-1 subcomponents, with CI functions.
+
+    The target is held, never owned: its parameters are not in `parameters()`, never trained, and
+    every pass restores the module tree, requires_grad flags and train/eval mode it found.
+    """
+
+    def __init__(self, target: nn.Module, config: RunConfig):
+        super().__init__()
+        self.__dict__["target"] = target
+        self.config = config
+        gen = torch.Generator().manual_seed(config.seed)
+        self.site_names: list[str] = []
+        self.site_kinds: dict[str, str] = {}
+        self.components = nn.ModuleDict()
+        self.ci_fns = nn.ModuleDict()
+        self._stand_ins: dict[str, SiteModule] = {}
+        modules = dict(target.named_modules())
+        for name, C in resolve_sites(target, [(s.pattern, s.C) for s in config.sites]):
+            module = modules[name]
+            kind = site_kind(module)
+            d_out, d_in = target_weight(module, kind).shape
+            comps = Components(kind, d_in, d_out, C, generator=gen)
+            ci_in = C if (kind == "embedding" or config.ci.kind == "mlp") else d_in
+            with torch.random.fork_rng():
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+                ci_fn = CIFunction(config.ci, ci_in, C)
+            self.site_names.append(name)
+            self.site_kinds[name] = kind
+            self.components[_key(name)] = comps
+            self.ci_fns[_key(name)] = ci_fn
+            self._stand_ins[name] = SiteModule(name, module, kind, comps, config.masks.delta_component)
+        p = next(target.parameters(), None)
+        if p is not None:
+            self.to(device=p.device)
+
+    # ---- the target, temporarily wired to the stand-ins ------------------------------------
+    @contextlib.contextmanager
+    def _installed(self) -> Iterator[None]:
+        target = self.target
+        flags = [(p, p.requires_grad) for p in target.parameters()]
+        was_training = target.training
+        swapped = []
+        try:
+            for p, _ in flags:
+                p.requires_grad_(False)
+            target.eval()
+            for name, stand_in in self._stand_ins.items():
+                parent_name, _, child = name.rpartition(".")
+                parent = target.get_submodule(parent_name) if parent_name else target
+                original = parent._modules[child]
+                parent._modules[child] = stand_in
+                swapped.append((parent, child, original))
+            yield
+        finally:
+            for parent, child, original in reversed(swapped):
+                parent._modules[child] = original
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            target.train(was_training)
+            for s in self._stand_ins.values():
+                s.state, s.recorded = SiteState(), None
+
+    def component(self, site: str) -> Components:
+        if site not in self._stand_ins:
+            raise KeyError(f"unknown site {site!r}; sites are {self.site_names}")
+        return self.components[_key(site)]
+
+    def components_of(self, site: str) -> tuple[Tensor, Tensor]:
+        """(U, V) of a site, with W ~ (V U)^T in the target's nn.Linear layout."""
+        c = self.component(site)
+        return c.U, c.V
+
+    # ---- passes --------------------------------------------------------------------------
+    def run_target(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """The target's output and every site's input, without gradients."""
+        with torch.no_grad(), self._installed():
+            for s in self._stand_ins.values():
+                s.state = SiteState(mode="record")
+            out = call_target(self.target, batch)
+            inputs = {n: s.recorded for n, s in self._stand_ins.items()}
+        return out, inputs
+
+    def ci_logits(self, site_inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Pre-sigmoid CI logits z (..., C) per site, from the target's site inputs."""
+        z = {}
+        for name in self.site_names:
+            x = site_inputs[name]
+            fn = self.ci_fns[_key(name)]
+            if fn.uses_inner or self.site_kinds[name] == "embedding":
+                x = self.components[_key(name)].inner(x)
+            z[name] = fn(x)
+        return z
+
+    def ci_from_logits(self, z: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(lower, upper) leaky-hard-sigmoid CI: lower for masks, upper for minimality."""
+        leak = self.config.ci.leak
+        lower = {s: lower_leaky_hard_sigmoid(v, leak) for s, v in z.items()}
+        upper = {s: upper_leaky_hard_sigmoid(v, leak) for s, v in z.items()}
+        return lower, upper
+
+    @torch.no_grad()
+    def causal_importance(self, batch: Batch) -> dict[str, Tensor]:
+        """CI per site, shape (batch, positions, C) (or (batch, C) without positions), in [0, 1]."""
+        _, inputs = self.run_target(batch)
+        lower, _ = self.ci_from_logits(self.ci_logits(inputs))
+        return lower
+
+    def run_pass(self, batch: Batch, p: Pass) -> Tensor:
+        """One masked forward of the target (gradients flow to components and masks)."""
+        with self._installed():
+            for name, s in self._stand_ins.items():
+                if name in p.masks:
+                    s.state = SiteState("masked", p.masks[name], p.routed.get(name), p.delta.get(name))
+                else:
+                    s.state = SiteState("masked", None, _none_routed(batch, s), None)
+            return call_target(self.target, batch)
+
+    def run_passes(self, batch: Batch, passes: list[Pass], stack: bool = True) -> list[Tensor]:
+        """Several masked passes; with `stack`, one forward over the batch repeated len(passes) times."""
+        if not stack or len(passes) == 1:
+            return [self.run_pass(batch, p) for p in passes]
+        n = len(passes)
+        merged = Pass(masks={}, routed={}, delta={})
+        sites = [s for s in self.site_names if any(s in p.masks for p in passes)]
+        for s in sites:
+            like = next(p.masks[s] for p in passes if s in p.masks)
+            lead = like.shape[:-1]
+            masks, routed, delta = [], [], []
+            for p in passes:
+                present = s in p.masks
+                masks.append(p.masks[s] if present else torch.ones_like(like))
+                r = p.routed.get(s) if present else None
+                routed.append(
+                    torch.full(lead, present, dtype=torch.bool, device=like.device) if r is None else r.expand(lead)
+                )
+                d = p.delta.get(s) if present else None
+                delta.append(torch.ones(lead, dtype=like.dtype, device=like.device) if d is None else d)
+            merged.masks[s] = torch.cat(masks)
+            routed_all = torch.cat(routed)
+            merged.routed[s] = None if bool(routed_all.all()) else routed_all
+            if self.config.masks.delta_component and any(s in p.delta for p in passes):
+                merged.delta[s] = torch.cat(delta)
+        out = self.run_pass(repeat_batch(batch, n), merged)
+        return list(out.chunk(n, dim=0))
+
+    def ones_pass(self, ci: dict[str, Tensor]) -> Pass:
+        """Every subcomponent fully on (mask 1), delta fully on: the decomposed model's own output."""
+        masks = {s: torch.ones_like(g) for s, g in ci.items()}
+        delta = {s: torch.ones_like(g[..., 0]) for s, g in ci.items()} if self.config.masks.delta_component else {}
+        return Pass(masks=masks, delta=delta)
+
+    def forward_with_ablation(
+        self,
+        batch: Batch,
+        ablate: dict[str, list[int]],
+        positions: list[int] | Tensor | None = None,
+        base: str = "ones",
+    ) -> Tensor:
+        """Run the target with chosen subcomponents set to mask 0 at chosen positions (None: all).
+
+        base='ones' keeps every other subcomponent at mask 1; base='ci' uses the CI as mask.
+        Example: `dec.forward_with_ablation(tokens, {"blocks.0.attn.k_proj": [3]}, positions=[-1])`
+        """
+        for s in ablate:
+            self.component(s)
+        with torch.no_grad():
+            _, inputs = self.run_target(batch)
+            ci, _ = self.ci_from_logits(self.ci_logits(inputs))
+            p = self.ones_pass(ci)
+            if base == "ci":
+                p.masks = {s: g.clone() for s, g in ci.items()}
+            elif base != "ones":
+                raise ValueError(f"base must be 'ones' or 'ci', got {base!r}")
+            for s, idx in ablate.items():
+                m = p.masks[s]
+                if positions is None:
+                    m[..., idx] = 0.0
+                else:
+                    if m.dim() < 3:
+                        raise ValueError(f"site {s} has no position dimension; pass positions=None")
+                    pos = torch.as_tensor(positions)
+                    sel = m[:, pos]
+                    sel[..., idx] = 0.0
+                    m[:, pos] = sel
+            return self.run_pass(batch, p)
+
+    # ---- losses that need only parameters -------------------------------------------------
+    def faithfulness(self) -> Tensor:
+        """Mean over every decomposed entry of (W - (V U)^T)^2."""
+        total, count = 0.0, 0
+        for name in self.site_names:
+            s = self._stand_ins[name]
+            w = target_weight(s.original, s.kind).detach()
+            diff = w - self.components[_key(name)].weight()
+            total = total + diff.pow(2).sum()
+            count += diff.numel()
+        return total / count
+
+    # ---- persistence ---------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write config.yaml, decomposition.safetensors and the target (atomically, file by file)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(directory / "config.yaml", lambda p: Path(p).write_text(self.config.to_yaml()))
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        atomic_write_bytes(directory / "decomposition.safetensors", lambda p: save_file(state, p))
+        if self.config.target is not None:
+            tstate = {k: v.detach().contiguous() for k, v in self.target.state_dict().items()}
+            atomic_write_bytes(directory / "target.safetensors", lambda p: save_file(tstate, p))
+        else:
+            atomic_write_bytes(directory / "target_module.pt", lambda p: torch.save(self.target, p))
+        return directory
+
+
+def _none_routed(batch: Batch, stand_in: SiteModule) -> Tensor:
+    return torch.zeros((), dtype=torch.bool)
+
+
+def load(directory: str | Path, target: nn.Module | None = None) -> Decomposition:
+    """Load a saved Decomposition. `target` overrides the saved target (it must have the same sites).
+
+    Example: `dec = tspd.load("runs/tms-5-2")`
+    """
+    from tspd.targets import build_target
+
+    directory = Path(directory)
+    if not (directory / "decomposition.safetensors").exists():
+        raise FileNotFoundError(f"{directory} holds no decomposition.safetensors: is it a tspd run folder?")
+    config = RunConfig.from_yaml(directory / "config.yaml")
+    if target is None:
+        if config.target is not None:
+            target = build_target(config.target, train=False)
+            target.load_state_dict(load_file(directory / "target.safetensors"))
+        elif (directory / "target_module.pt").exists():
+            target = torch.load(directory / "target_module.pt", weights_only=False)
+        else:
+            raise FileNotFoundError(f"{directory} has no saved target; pass load(directory, target=model)")
+    dec = Decomposition(target, config)
+    dec.load_state_dict(load_file(directory / "decomposition.safetensors"))
+    return dec

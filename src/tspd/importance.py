@@ -1,0 +1,158 @@
+"""Causal-importance functions (SPEC §3) and the two leaky hard sigmoids.
+
+Every CI function maps a site's input to pre-sigmoid logits z of shape (..., C):
+- mlp:        per-subcomponent MLP 1 -> hidden -> 1 on the inner activation h_c = v_c . x
+- vector_mlp: per-subcomponent MLP d_in -> hidden -> 1 on x, batched over C
+- shared_mlp: one MLP d_in -> hidden... -> C on x
+- attention:  sequence-aware; one causal attention layer over the site's input sequence, then a
+              per-subcomponent (or shared) MLP on concat(a_n, x_n + p_n)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tspd.config import CIConfig
+
+
+class _LowerLeakyHardSigmoid(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, leak: float) -> Tensor:
+        ctx.save_for_backward(z)
+        ctx.leak = leak
+        return z.clamp(0.0, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (z,) = ctx.saved_tensors
+        # (0, 1]: unchanged. z <= 0: leak * grad only when descent would raise z (grad < 0), so
+        # reconstruction can revive a dead subcomponent but sparsity cannot push it further down.
+        # z > 1: zero, as for a hard sigmoid.
+        inside = (z > 0) & (z <= 1)
+        revive = (z <= 0) & (grad < 0)
+        out = torch.where(inside, grad, torch.where(revive, ctx.leak * grad, torch.zeros_like(grad)))
+        return out, None
+
+
+def lower_leaky_hard_sigmoid(z: Tensor, leak: float = 0.01) -> Tensor:
+    """Forward clamp(z, 0, 1); custom backward (SPEC §3). Used for masks and reconstruction."""
+    return _LowerLeakyHardSigmoid.apply(z, leak)
+
+
+def upper_leaky_hard_sigmoid(z: Tensor, leak: float = 0.01) -> Tensor:
+    """0 below 0, identity on [0, 1], 1 + leak (z - 1) above 1. Used for the minimality penalty."""
+    return torch.where(z > 1, 1 + leak * (z - 1), z.clamp(min=0.0))
+
+
+class PerComponentMLP(nn.Module):
+    """C independent MLPs d_in -> hidden -> 1 (GELU), evaluated with one matmul."""
+
+    def __init__(self, d_in: int, C: int, hidden: int):
+        super().__init__()
+        self.C, self.hidden = C, hidden
+        self.w1 = nn.Parameter(torch.randn(d_in, C * hidden) / math.sqrt(d_in))
+        self.b1 = nn.Parameter(torch.zeros(C * hidden))
+        self.w2 = nn.Parameter(torch.randn(C, hidden) / math.sqrt(hidden))
+        self.b2 = nn.Parameter(torch.zeros(C))
+
+    def forward(self, x: Tensor) -> Tensor:
+        hid = F.gelu(x @ self.w1 + self.b1).unflatten(-1, (self.C, self.hidden))
+        return (hid * self.w2).sum(-1) + self.b2
+
+
+class ScalarMLP(nn.Module):
+    """C independent MLPs 1 -> hidden -> 1 (GELU), one per inner activation h_c."""
+
+    def __init__(self, C: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(C, hidden))
+        self.b1 = nn.Parameter(torch.zeros(C, hidden))
+        self.w2 = nn.Parameter(torch.randn(C, hidden) / math.sqrt(hidden))
+        self.b2 = nn.Parameter(torch.zeros(C))
+
+    def forward(self, h: Tensor) -> Tensor:
+        hid = F.gelu(h.unsqueeze(-1) * self.w1 + self.b1)
+        return (hid * self.w2).sum(-1) + self.b2
+
+
+class SharedMLP(nn.Module):
+    """One MLP d_in -> hidden... -> C (GELU between layers)."""
+
+    def __init__(self, d_in: int, C: int, hidden: list[int]):
+        super().__init__()
+        dims = [d_in, *hidden, C]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.gelu(x)
+        return x
+
+
+class AttentionCI(nn.Module):
+    """Sequence-aware CI: one causal attention head over the site's input sequence (SPEC §3).
+
+        q_n = Wq x_n, k_j = Wk x_j, v_j = Wv (x_j + p_j)
+        a_n = sum_{j<=n} softmax_j(q_n.k_j / sqrt(d) + rho[n-j]) v_j
+        z_n = head(concat(a_n, x_n + p_n))
+    """
+
+    def __init__(self, d_in: int, C: int, hidden: int, d_attn: int, max_len: int, pos_emb: bool, head: str):
+        super().__init__()
+        self.d_attn, self.max_len = d_attn, max_len
+        self.q = nn.Linear(d_in, d_attn, bias=False)
+        self.k = nn.Linear(d_in, d_attn, bias=False)
+        self.v = nn.Linear(d_in, d_attn, bias=False)
+        self.rel_bias = nn.Parameter(torch.zeros(max_len))
+        self.pos = nn.Parameter(torch.zeros(max_len, d_in)) if pos_emb else None
+        d_head_in = d_attn + d_in
+        self.head = PerComponentMLP(d_head_in, C, hidden) if head == "vector_mlp" else SharedMLP(d_head_in, C, [hidden])
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 3:
+            raise ValueError(
+                f"the attention CI needs site inputs of shape (batch, positions, d); got {tuple(x.shape)}. "
+                "Use ci.kind=mlp, vector_mlp or shared_mlp for inputs without positions."
+            )
+        T = x.shape[1]
+        if T > self.max_len:
+            raise ValueError(f"sequence length {T} exceeds ci.attention.max_len={self.max_len}; raise it in the config")
+        xp = x + self.pos[:T] if self.pos is not None else x
+        q, k, v = self.q(x), self.k(x), self.v(xp)
+        n = torch.arange(T, device=x.device)
+        offset = n[:, None] - n[None, :]
+        bias = self.rel_bias[offset.clamp(min=0)].masked_fill(offset < 0, float("-inf"))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.d_attn) + bias.to(q.dtype)
+        attended = scores.softmax(-1) @ v
+        return self.head(torch.cat([attended, xp], dim=-1))
+
+
+class CIFunction(nn.Module):
+    """The CI function of one site: site input (or, for 'mlp', inner activations) -> logits (..., C)."""
+
+    def __init__(self, cfg: CIConfig, d_in: int, C: int):
+        super().__init__()
+        self.kind = cfg.kind
+        hidden = cfg.hidden[0] if cfg.hidden else 16
+        if cfg.kind == "mlp":
+            self.net: nn.Module = ScalarMLP(C, hidden)
+        elif cfg.kind == "vector_mlp":
+            self.net = PerComponentMLP(d_in, C, hidden)
+        elif cfg.kind == "shared_mlp":
+            self.net = SharedMLP(d_in, C, cfg.hidden)
+        else:
+            a = cfg.attention
+            self.net = AttentionCI(d_in, C, hidden, a.d_attn, a.max_len, a.pos_emb, a.head)
+
+    @property
+    def uses_inner(self) -> bool:
+        return self.kind == "mlp"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)

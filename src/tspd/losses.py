@@ -1,0 +1,151 @@
+"""Every loss term of SPEC §5 as a small function; training and evaluation call the same ones.
+
+Reconstruction terms are described as lists of `Pass`es (masks + routing) so that passes from
+several terms can be stacked along the batch dimension and run as one forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tspd.config import RunConfig
+from tspd.decomposition import Batch, Decomposition
+from tspd.masks import Pass, delta_masks, sample_sources, stochastic_masks, subset_routing
+
+RECON_TERMS = (
+    "stochastic_recon",
+    "stochastic_recon_layerwise",
+    "stochastic_recon_subset",
+    "ci_masked_recon",
+)
+
+
+def select_positions(t: Tensor, positions: list[int] | None) -> Tensor:
+    if positions is None or t.dim() < 3:
+        return t
+    return t[:, positions]
+
+
+def divergence(target_out: Tensor, out: Tensor, kind: str, positions: list[int] | None = None) -> Tensor:
+    """D(target, masked): KL(target || masked) summed over the last dim and averaged over the rest,
+    or the MSE averaged over every entry. `positions` restricts dim 1 first."""
+    target_out = select_positions(target_out, positions).float()
+    out = select_positions(out, positions).float()
+    if kind == "mse":
+        return (out - target_out).pow(2).mean()
+    log_p = target_out.log_softmax(-1)
+    log_q = out.log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def importance_minimality(ci_upper: dict[str, Tensor], p: float, eps: float) -> Tensor:
+    """sum over sites and subcomponents of mean over batch and positions of (g_upper + eps)^p."""
+    total = 0.0
+    for g in ci_upper.values():
+        total = total + (g + eps).pow(p).flatten(0, -2).mean(0).sum()
+    return total
+
+
+def annealed_p(cfg: RunConfig, step: int) -> float:
+    m = cfg.minimality
+    if m.p_end is None:
+        return m.p_start
+    frac = step / max(cfg.train.steps, 1)
+    span = m.anneal_end_frac - m.anneal_start_frac
+    if span <= 0:
+        t = 1.0 if frac >= m.anneal_end_frac else 0.0
+    else:
+        t = min(max((frac - m.anneal_start_frac) / span, 0.0), 1.0)
+    return m.p_start + t * (m.p_end - m.p_start)
+
+
+def recon_passes(term: str, dec: Decomposition, ci: dict[str, Tensor], gen: torch.Generator) -> list[Pass]:
+    """The masked passes whose mean divergence is the reconstruction term `term`."""
+    cfg = dec.config
+    use_delta = cfg.masks.delta_component
+    sites = dec.site_names
+    if term == "ci_masked_recon":
+        # Our choice: the delta (when on) is fully on in the CI-masked pass.
+        delta = {s: torch.ones_like(g[..., 0]) for s, g in ci.items()} if use_delta else {}
+        return [Pass(masks=dict(ci), delta=delta)]
+    passes = []
+    for _ in range(cfg.masks.n_samples):
+        if term == "stochastic_recon":
+            masks = stochastic_masks(ci, cfg.masks.kind, gen)
+            passes.append(Pass(masks=masks, delta=delta_masks(ci, gen) if use_delta else {}))
+        elif term == "stochastic_recon_layerwise":
+            for s in sites:
+                m = stochastic_masks({s: ci[s]}, cfg.masks.kind, gen)
+                passes.append(Pass(masks=m, delta=delta_masks({s: ci[s]}, gen) if use_delta else {}))
+        elif term == "stochastic_recon_subset":
+            lead = tuple(next(iter(ci.values())).shape[:-1])
+            routed = subset_routing(sites, lead, cfg.masks.subset_granularity, gen)
+            masks = stochastic_masks(ci, cfg.masks.kind, gen)
+            passes.append(Pass(masks=masks, routed=routed, delta=delta_masks(ci, gen) if use_delta else {}))
+        else:
+            raise ValueError(f"unknown reconstruction term {term!r}")
+    return passes
+
+
+def adversarial_recon(
+    dec: Decomposition, batch: Batch, target_out: Tensor, ci: dict[str, Tensor], gen: torch.Generator
+) -> Tensor:
+    """D under masks g + (1 - g) a, with a in [0, 1] chosen by sign-gradient ascent on D
+    (CI detached during the search; the returned loss has gradients to CI and components)."""
+    cfg = dec.config
+    kind, positions = cfg.output.divergence, cfg.output.positions
+    sources = {s: sample_sources(g, "continuous", gen) for s, g in ci.items()}
+    delta = {s: torch.ones_like(g[..., 0]) for s, g in ci.items()} if cfg.masks.delta_component else {}
+    for _ in range(cfg.adversarial.n_steps):
+        srcs = {s: a.detach().requires_grad_(True) for s, a in sources.items()}
+        masks = {s: ci[s].detach() + (1 - ci[s].detach()) * srcs[s] for s in ci}
+        loss = divergence(target_out, dec.run_pass(batch, Pass(masks=masks, delta=delta)), kind, positions)
+        grads = torch.autograd.grad(loss, list(srcs.values()), allow_unused=True)
+        sources = {
+            s: (a.detach() + cfg.adversarial.step_size * (g.sign() if g is not None else 0)).clamp(0, 1)
+            for (s, a), g in zip(srcs.items(), grads)
+        }
+    masks = {s: ci[s] + (1 - ci[s]) * sources[s] for s in ci}
+    return divergence(target_out, dec.run_pass(batch, Pass(masks=masks, delta=delta)), kind, positions)
+
+
+def compute_losses(
+    dec: Decomposition, batch: Batch, step: int, gen: torch.Generator
+) -> tuple[Tensor, dict[str, float], dict[str, Tensor]]:
+    """All weighted terms for one step: (total, {term: value}, ci_lower). CI is computed once."""
+    cfg = dec.config
+    coeffs = cfg.losses
+    target_out, inputs = dec.run_target(batch)
+    ci_lower, ci_upper = dec.ci_from_logits(dec.ci_logits(inputs))
+    terms: dict[str, Tensor] = {}
+    if coeffs.faithfulness > 0:
+        terms["faithfulness"] = dec.faithfulness()
+    active = [t for t in RECON_TERMS if getattr(coeffs, t) > 0]
+    all_passes, owners = [], []
+    for t in active:
+        ps = recon_passes(t, dec, ci_lower, gen)
+        all_passes += ps
+        owners += [t] * len(ps)
+    if all_passes:
+        outs = dec.run_passes(batch, all_passes, stack=cfg.train.stack_passes)
+        for t in active:
+            vals = [
+                divergence(target_out, o, cfg.output.divergence, cfg.output.positions)
+                for o, owner in zip(outs, owners)
+                if owner == t
+            ]
+            terms[t] = torch.stack(vals).mean()
+    if coeffs.adversarial_recon > 0:
+        terms["adversarial_recon"] = adversarial_recon(dec, batch, target_out, ci_lower, gen)
+    if coeffs.importance_minimality > 0:
+        p = annealed_p(cfg, step)
+        terms["importance_minimality"] = importance_minimality(ci_upper, p, cfg.minimality.eps)
+    total = sum(getattr(coeffs, t) * v for t, v in terms.items())
+    return total, {t: float(v.detach()) for t, v in terms.items()}, ci_lower
+
+
+def l0(ci: Tensor, threshold: float) -> Tensor:
+    """Mean number of subcomponents with CI > threshold per token."""
+    return (ci > threshold).float().sum(-1).mean()
+

@@ -1,0 +1,69 @@
+"""Mask sampling and routing (SPEC §4).
+
+A mask is m = g + (1 - g) r with r ~ U(0, 1) (continuous) or Bernoulli(0.5) (binomial).
+Routing says, per site, where the components replace the target weight in one pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Pass:
+    """One masked forward: per routed site its masks (..., C), where it is routed (leading shape
+    bool, None = everywhere), and the delta mask. Sites absent from `masks` use the target weight."""
+
+    masks: dict[str, Tensor]
+    routed: dict[str, Tensor | None] = field(default_factory=dict)
+    delta: dict[str, Tensor] = field(default_factory=dict)
+
+
+def sample_sources(like: Tensor, kind: str, generator: torch.Generator) -> Tensor:
+    """r in m = g + (1 - g) r."""
+    r = torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+    if kind == "binomial":
+        r = (r < 0.5).to(like.dtype)
+    return r
+
+
+def stochastic_masks(ci: dict[str, Tensor], kind: str, generator: torch.Generator) -> dict[str, Tensor]:
+    return {s: g + (1 - g) * sample_sources(g, kind, generator) for s, g in ci.items()}
+
+
+def delta_masks(ci: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+    """One U(0, 1) scalar per (example, position) for each site's delta component."""
+    return {s: torch.rand(g.shape[:-1], generator=generator, dtype=g.dtype, device=g.device) for s, g in ci.items()}
+
+
+def subset_routing(
+    sites: list[str], lead_shape: tuple[int, ...], granularity: str, generator: torch.Generator
+) -> dict[str, Tensor]:
+    """Random subset of sites: k ~ U{1..n_sites}, then a uniform k-subset.
+
+    granularity 'per_batch' draws one subset for the pass, 'per_example' one per example (dim 0),
+    'per_position' one per (example, position). Returns a bool tensor of `lead_shape` per site.
+    """
+    n = len(sites)
+    if granularity == "per_batch":
+        draw_shape: tuple[int, ...] = ()
+    elif granularity == "per_example":
+        draw_shape = lead_shape[:1]
+    elif granularity == "per_position":
+        draw_shape = lead_shape
+    else:
+        raise ValueError(f"unknown subset granularity {granularity!r}: use per_batch, per_example or per_position")
+    k = torch.randint(1, n + 1, draw_shape, generator=generator)
+    # A uniform random k-subset: the k sites with the smallest of n i.i.d. uniform keys.
+    ranks = torch.rand((*draw_shape, n), generator=generator).argsort(-1).argsort(-1)
+    chosen = ranks < k.unsqueeze(-1)
+    out = {}
+    for i, s in enumerate(sites):
+        c = chosen[..., i]
+        while c.dim() < len(lead_shape):
+            c = c.unsqueeze(-1)
+        out[s] = c.expand(lead_shape)
+    return out

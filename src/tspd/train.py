@@ -1,0 +1,212 @@
+"""The training loop: schedules, clipping, logging, evaluation, atomic checkpoints, exact resume.
+
+Example:
+    >>> import tspd
+    >>> from tspd.targets.tms import train_tms
+    >>> from tspd.data.tms import TMSData
+    >>> target = train_tms(5, 2, 0.05, steps=200)
+    >>> cfg = tspd.RunConfig.model_validate({"sites": [{"pattern": "linear*", "C": 10}],
+    ...                                      "output": {"divergence": "mse"}, "train": {"steps": 20}})
+    >>> dec = tspd.decompose(target, TMSData(5, 0.05, 256), cfg, progress=False)
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from tqdm import tqdm
+
+from tspd.analysis.metrics import evaluate
+from tspd.config import RunConfig
+from tspd.decomposition import Batch, Decomposition, atomic_write_bytes
+from tspd.losses import annealed_p, compute_losses, l0
+from tspd.seeding import generator
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the last good checkpoint is left untouched."""
+
+
+class DataStream:
+    """Batches by step from a callable `data(step)` (or `data()`), or from an iterable.
+
+    A callable of the step is exactly resumable, and its evaluation batches are steps -1, -2, ...
+    (never used for training). From an iterable, the first `n_eval` batches are held out for
+    evaluation and training reads on from there; a resume skips the batches already used, which is
+    exact when the iterable replays the same sequence.
+    """
+
+    def __init__(self, data: Callable[..., Batch] | Iterable[Batch], n_eval: int, start_step: int = 0):
+        self._call: Callable[[int], Batch] | None = None
+        if callable(data) and not hasattr(data, "__iter__"):
+            n_params = len(inspect.signature(data).parameters)
+            self._call = (lambda step: data(step)) if n_params >= 1 else (lambda step: data())
+            self.eval_batches = [self._call(-(i + 1)) for i in range(n_eval)]
+            return
+        self._iter = iter(data)
+        self.eval_batches = list(itertools.islice(self._iter, n_eval))
+        for _ in range(start_step):
+            next(self._iter)
+
+    def batch(self, step: int) -> Batch:
+        if self._call is not None:
+            return self._call(step)
+        try:
+            return next(self._iter)
+        except StopIteration:
+            raise RuntimeError(f"the data iterable ran out at step {step}; make it longer or infinite") from None
+
+
+def lr_at(cfg: RunConfig, step: int) -> float:
+    t = cfg.train
+    warm = int(t.warmup_frac * t.steps)
+    if step < warm:
+        return t.lr * (step + 1) / warm
+    frac = (step - warm) / max(t.steps - warm, 1)
+    cos = 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+    return t.lr * (t.final_lr_frac + (1 - t.final_lr_frac) * cos)
+
+
+def make_optimizer(dec: Decomposition) -> torch.optim.Optimizer:
+    t = dec.config.train
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(dec.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.Adam(dec.parameters(), lr=t.lr)
+
+
+def faithfulness_warmup(dec: Decomposition) -> None:
+    """Fit V U to W on the faithfulness loss alone, with its own optimiser (not checkpointed)."""
+    t = dec.config.train
+    params = [p for c in dec.components.values() for p in c.parameters()]
+    opt = torch.optim.AdamW(params, lr=t.faithfulness_warmup_lr, weight_decay=0.1)
+    for _ in range(t.faithfulness_warmup_steps):
+        loss = dec.faithfulness()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def _save_checkpoint(run_dir: Path, dec: Decomposition, opt: torch.optim.Optimizer, step: int) -> None:
+    state = {
+        "step": step,
+        "decomposition": dec.state_dict(),
+        "optimizer": opt.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "config": dec.config.model_dump(mode="json"),
+    }
+    atomic_write_bytes(run_dir / CHECKPOINT, lambda p: torch.save(state, p))
+
+
+def _load_checkpoint(run_dir: Path, dec: Decomposition, opt: torch.optim.Optimizer) -> int:
+    state = torch.load(run_dir / CHECKPOINT, weights_only=False)
+    saved = RunConfig.model_validate(state["config"])
+    if saved.model_dump(exclude={"train"}) != dec.config.model_dump(exclude={"train"}):
+        raise ValueError(
+            f"{run_dir / CHECKPOINT} was written with a different config; resume with the run's own "
+            f"config.yaml, or start a new run folder"
+        )
+    dec.load_state_dict(state["decomposition"])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"])
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines from steps a resumed run will redo."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) < step]
+    atomic_write_bytes(path, lambda p: Path(p).write_text("".join(k + "\n" for k in keep)))
+
+
+def decompose(
+    target: torch.nn.Module,
+    data: Callable[..., Batch] | Iterable[Batch],
+    config: RunConfig,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> Decomposition:
+    """Decompose `target`'s sites (config.sites) on batches from `data`; returns the Decomposition.
+
+    With `run_dir`, writes config.yaml, metrics.jsonl, eval.json, checkpoints and the final
+    decomposition there; `resume=True` continues from the last checkpoint, bit-identically on CPU.
+    `stop_after=k` stops (after checkpointing) once step k is done, as a kill would.
+    """
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    torch.manual_seed(config.seed)
+    dec = Decomposition(target, config)
+    opt = make_optimizer(dec)
+    run_path = Path(run_dir) if run_dir is not None else None
+    start = 0
+    if run_path is not None:
+        run_path.mkdir(parents=True, exist_ok=True)
+        if resume and (run_path / CHECKPOINT).exists():
+            start = _load_checkpoint(run_path, dec, opt)
+        elif resume:
+            raise FileNotFoundError(f"--resume given but {run_path / CHECKPOINT} does not exist; drop --resume to start")
+        atomic_write_bytes(run_path / "config.yaml", lambda p: Path(p).write_text(config.to_yaml()))
+        _truncate_metrics(run_path / METRICS, start)
+    if start == 0:
+        faithfulness_warmup(dec)
+    stream = DataStream(data, config.train.eval_batches, start)
+    eval_batches = stream.eval_batches
+    metrics_file = open(run_path / METRICS, "a") if run_path is not None else None
+    t = config.train
+    last_good = start
+    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=not progress, desc="spd", dynamic_ncols=True)
+    try:
+        for step in bar:
+            lr = lr_at(config, step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            batch = stream.batch(step)
+            total, terms, ci = compute_losses(dec, batch, step, generator(config.seed, step, 202))
+            if not torch.isfinite(total):
+                where = f"; the last good checkpoint (step {last_good}) in {run_path} is intact" if run_path else ""
+                raise TrainingDiverged(
+                    f"loss became {total.item()} at step {step} (terms: {terms}){where}. Lower train.lr, set "
+                    "train.grad_clip, or check the data for NaN/Inf, then resume with --resume."
+                )
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            if t.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(dec.parameters(), t.grad_clip)
+            opt.step()
+            done = step + 1
+            if step % t.log_every == 0 or done == t.steps:
+                row: dict[str, Any] = {"step": step, "lr": lr, "p": annealed_p(config, step), "loss": total.item(), **terms}
+                row["l0"] = {s: float(l0(g.detach(), config.eval.active_threshold)) for s, g in ci.items()}
+                bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()} | {"L0": f"{sum(row['l0'].values()):.1f}"})
+                if metrics_file:
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
+            if done % t.eval_every == 0 or done == t.steps:
+                ev = evaluate(dec, eval_batches)
+                if metrics_file:
+                    metrics_file.write(json.dumps({"step": step, "eval": ev}) + "\n")
+                    metrics_file.flush()
+                    atomic_write_bytes(run_path / "eval.json", lambda p: Path(p).write_text(json.dumps(ev, indent=2)))
+            if run_path is not None and (done % t.checkpoint_every == 0 or done == t.steps or done == stop_after):
+                _save_checkpoint(run_path, dec, opt, done)
+                last_good = done
+            if stop_after is not None and done >= stop_after:
+                return dec
+    finally:
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
+    if run_path is not None:
+        dec.save(run_path)
+    return dec
