@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/tspd run tms-5-2 --out runs/demo-tms-5-2
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q || [ $$? -eq 5 ]  # 5: no test collected
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

@@ -64,6 +64,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(evaluate_run(args.run_dir), indent=2))
 
 
+def cmd_config_keys(args: argparse.Namespace) -> None:
+    from tspd.config import TMSDataConfig, TMSTargetConfig, describe_keys
+
+    rows = describe_keys() + describe_keys(TMSTargetConfig, "target.") + describe_keys(TMSDataConfig, "data.")
+    print("| key | default | meaning |\n|---|---|---|")
+    for key, default, text in rows:
+        print(f"| `{key}` | `{default}` | {text} |")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tspd", description="Stochastic Parameter Decomposition for transformers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a finished run and print its metrics")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("config-keys", help="print every config key with its default and meaning (markdown)")
+    p.set_defaults(func=cmd_config_keys)
     return parser
 
 

@@ -185,22 +185,35 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
         key, value = item.split("=", 1)
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            if isinstance(node, list):
-                node = node[int(part)]
-                continue
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            node = nxt
-        last = parts[-1]
-        if isinstance(node, list):
-            node[int(last)] = yaml.safe_load(value)
-        else:
-            node[last] = yaml.safe_load(value)
+        try:
+            _set_path(out, key, value)
+        except (TypeError, IndexError, ValueError, AttributeError) as err:
+            raise ConfigError(
+                f"override {item!r}: cannot set {key!r} ({err}); keys are dotted paths such as train.steps "
+                "or sites.0.C (see `tspd config-keys`)"
+            ) from None
     return out
+
+
+def _set_path(out: dict[str, Any], key: str, value: str) -> None:
+    node: Any = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        else:
+            raise TypeError(f"{part!r} is below a plain value")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = yaml.safe_load(value)
+    elif isinstance(node, dict):
+        node[last] = yaml.safe_load(value)
+    else:
+        raise TypeError(f"{last!r} is below a plain value")
 
 
 def _explain(err: ValidationError, source: str) -> str:
@@ -212,3 +225,17 @@ def _explain(err: ValidationError, source: str) -> str:
         else:
             lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
+
+
+def describe_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every config field, for docs (`tspd config-keys`)."""
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        sub = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
+        if sub is not None:
+            rows += describe_keys(sub, key + ".")
+            continue
+        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        rows.append((key, default, field.description or ""))
+    return rows

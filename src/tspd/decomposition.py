@@ -111,14 +111,14 @@ class Decomposition(nn.Module):
             self._stand_ins[name] = SiteModule(name, module, kind, comps, config.masks.delta_component)
         p = next(target.parameters(), None)
         if p is not None:
-            self.to(device=p.device)
+            self.to(device=p.device, dtype=p.dtype if p.is_floating_point() else None)
 
     # ---- the target, temporarily wired to the stand-ins ------------------------------------
     @contextlib.contextmanager
     def _installed(self) -> Iterator[None]:
         target = self.target
         flags = [(p, p.requires_grad) for p in target.parameters()]
-        was_training = target.training
+        modes = [(m, m.training) for m in target.modules()]
         swapped = []
         try:
             for p, _ in flags:
@@ -136,7 +136,8 @@ class Decomposition(nn.Module):
                 parent._modules[child] = original
             for p, flag in flags:
                 p.requires_grad_(flag)
-            target.train(was_training)
+            for m, mode in modes:
+                m.training = mode
             for s in self._stand_ins.values():
                 s.state, s.recorded = SiteState(), None
 
@@ -192,7 +193,7 @@ class Decomposition(nn.Module):
                 if name in p.masks:
                     s.state = SiteState("masked", p.masks[name], p.routed.get(name), p.delta.get(name))
                 else:
-                    s.state = SiteState("masked", None, _none_routed(batch, s), None)
+                    s.state = SiteState("masked", None, torch.zeros((), dtype=torch.bool), None)
             return call_target(self.target, batch)
 
     def run_passes(self, batch: Batch, passes: list[Pass], stack: bool = True) -> list[Tensor]:
@@ -214,7 +215,8 @@ class Decomposition(nn.Module):
                     torch.full(lead, present, dtype=torch.bool, device=like.device) if r is None else r.expand(lead)
                 )
                 d = p.delta.get(s) if present else None
-                delta.append(torch.ones(lead, dtype=like.dtype, device=like.device) if d is None else d)
+                # A pass without a delta mask for this site runs without the delta: mask 0.
+                delta.append(torch.zeros(lead, dtype=like.dtype, device=like.device) if d is None else d)
             merged.masks[s] = torch.cat(masks)
             routed_all = torch.cat(routed)
             merged.routed[s] = None if bool(routed_all.all()) else routed_all
@@ -290,10 +292,6 @@ class Decomposition(nn.Module):
         else:
             atomic_write_bytes(directory / "target_module.pt", lambda p: torch.save(self.target, p))
         return directory
-
-
-def _none_routed(batch: Batch, stand_in: SiteModule) -> Tensor:
-    return torch.zeros((), dtype=torch.bool)
 
 
 def load(directory: str | Path, target: nn.Module | None = None) -> Decomposition:

@@ -174,10 +174,12 @@ def decompose(
             batch = stream.batch(step)
             total, terms, ci = compute_losses(dec, batch, step, generator(config.seed, step, 202))
             if not torch.isfinite(total):
-                where = f"; the last good checkpoint (step {last_good}) in {run_path} is intact" if run_path else ""
+                has_ckpt = run_path is not None and (run_path / CHECKPOINT).exists()
+                where = f"; the last good checkpoint (step {last_good}) in {run_path} is intact" if has_ckpt else ""
                 raise TrainingDiverged(
                     f"loss became {total.item()} at step {step} (terms: {terms}){where}. Lower train.lr, set "
-                    "train.grad_clip, or check the data for NaN/Inf, then resume with --resume."
+                    "train.grad_clip, or check the data for NaN/Inf, then "
+                    + ("resume with --resume." if has_ckpt else "start again.")
                 )
             opt.zero_grad(set_to_none=True)
             total.backward()

@@ -25,6 +25,8 @@ def tms_metrics(dec: Decomposition, batches: list[Batch], site: str = "linear1",
     alive = max_ci > thr
     cols = V.T[:, None, :] * U[:, :, None]  # (C, d, n): column i of subcomponent c
     cols = cols[alive]
+    if cols.shape[0] == 0:
+        return {"site": site, "n_features": W.shape[1], "mmcs": 0.0, "ml2r": 0.0, "alive": 0, "alive_threshold": thr}
     w_norm = W.norm(dim=0)  # (n,)
     c_norm = cols.norm(dim=1)  # (C_alive, n)
     cos = (cols * W[None]).sum(1) / (c_norm * w_norm[None]).clamp_min(1e-12)

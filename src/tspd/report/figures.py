@@ -29,6 +29,11 @@ def tms_figure(dec: Decomposition, batches: list[Batch], path: str | Path, site:
     max_ci = torch.stack([dec.causal_importance(b)[site].flatten(0, -2).amax(0) for b in batches]).amax(0)
     alive = (max_ci > dec.config.eval.alive_threshold).nonzero().squeeze(1)
     ratio = (V.T[alive].abs() * U[alive].norm(dim=1, keepdim=True)) / W.norm(dim=0).clamp_min(1e-12)
+    if len(alive) == 0:
+        fig, ax = plt.subplots(figsize=(4, 2))
+        ax.text(0.5, 0.5, f"{site}: no alive subcomponent", ha="center", va="center")
+        ax.axis("off")
+        return save_figure(fig, path)
     order = ratio.argmax(1).argsort()
     ratio = ratio[order]
     fig, ax = plt.subplots(figsize=(max(4, 0.25 * W.shape[1] + 2), max(3, 0.25 * len(alive) + 1.5)))

@@ -1,0 +1,261 @@
+"""Public API: save/load, ablation, evaluation and TMS metrics, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tspd
+from conftest import TwoLayer, assert_same_state, make_cfg, make_gpt2, set_exact_factors, snapshot_state
+from tspd import cli
+from tspd.analysis.metrics import evaluate
+from tspd.analysis.tms import tms_metrics
+from tspd.data.tms import TMSData, sparse_features
+from tspd.targets.tms import TMSModel, train_tms
+
+
+def _trained_dec(target, cfg, tmp_path, data):
+    return tspd.decompose(target, data, cfg, run_dir=tmp_path, progress=False)
+
+
+# ---- 4 (continued). the target survives decompose / save / load -------------------------------------
+def test_save_load_roundtrip_keeps_target_and_outputs(tmp_path):
+    torch.manual_seed(0)
+    target = TwoLayer(6, 4, 6)
+    before = snapshot_state(target)
+    modules = dict(target.named_modules())
+    cfg = make_cfg([("linear*", 5)], ci={"kind": "shared_mlp", "hidden": [8, 8]}, output={"divergence": "mse"}, train={"steps": 3})
+    dec = _trained_dec(target, cfg, tmp_path / "run", lambda step: torch.randn(8, 6))
+    dec.save(tmp_path / "copy")
+
+    x = torch.randn(4, 6)
+    ci = dec.causal_importance(x)
+    out = dec.run_pass(x, dec.ones_pass(ci))
+    for folder in ("run", "copy"):
+        for loaded in (tspd.load(tmp_path / folder), tspd.load(tmp_path / folder, target=target)):
+            assert loaded.site_names == dec.site_names
+            assert loaded.config == cfg
+            assert_same_state(dec.state_dict(), loaded.state_dict())
+            ci2 = loaded.causal_importance(x)
+            assert all(torch.equal(ci[s], ci2[s]) for s in ci)
+            torch.testing.assert_close(loaded.run_pass(x, loaded.ones_pass(ci2)), out, rtol=0, atol=0)
+
+    assert_same_state(before, snapshot_state(target))
+    after = dict(target.named_modules())
+    assert after.keys() == modules.keys() and all(after[k] is modules[k] for k in modules)
+    assert all(p.requires_grad and p.grad is None for p in target.parameters())
+    # the state dict of a Decomposition holds only its own tensors
+    assert all(k.startswith(("components.", "ci_fns.")) for k in dec.state_dict())
+
+
+def test_gpt2_target_untouched_by_decompose(tmp_path, tokens):
+    model = make_gpt2(0)
+    before = snapshot_state(model)
+    modules = dict(model.named_modules())
+    ref = model(tokens).logits
+    cfg = make_cfg(
+        [("transformer.h.0.mlp.c_fc", 4), ("transformer.wte", 4)],
+        ci={"kind": "attention", "attention": {"max_len": 16, "d_attn": 4}},
+        losses={"stochastic_recon_subset": 1.0, "ci_masked_recon": 1.0},
+        masks={"delta_component": True, "subset_granularity": "per_position"},
+        train={"steps": 2, "eval_batches": 1},
+    )
+    g = torch.Generator().manual_seed(0)
+    dec = tspd.decompose(model, lambda step: torch.randint(0, 100, (2, 8), generator=g), cfg, run_dir=tmp_path, progress=False)
+    loaded = tspd.load(tmp_path, target=model)
+    assert_same_state(dec.state_dict(), loaded.state_dict())
+    assert_same_state(before, snapshot_state(model))
+    after = dict(model.named_modules())
+    assert after.keys() == modules.keys() and all(after[k] is modules[k] for k in modules)
+    torch.testing.assert_close(model(tokens).logits, ref, rtol=0, atol=0)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="decomposition.safetensors"):
+        tspd.load(tmp_path)
+
+
+# ---- ablation -------------------------------------------------------------------------------------
+def test_forward_with_ablation_matches_manual_masks():
+    torch.manual_seed(0)
+    target = TwoLayer(6, 4, 6)
+    dec = tspd.Decomposition(target, make_cfg([("linear*", 5)]))
+    x = torch.randn(3, 7, 6)
+    ci = dec.causal_importance(x)
+    masks = {s: torch.ones_like(g) for s, g in ci.items()}
+    masks["linear1"][:, [1, -1], 2] = 0.0
+    masks["linear1"][:, [1, -1], 4] = 0.0
+    manual = dec.run_pass(x, tspd.masks.Pass(masks=masks))
+    out = dec.forward_with_ablation(x, {"linear1": [2, 4]}, positions=[1, -1])
+    torch.testing.assert_close(out, manual, rtol=0, atol=0)
+    # base='ci' starts from the CI instead of ones
+    masks_ci = {s: g.clone() for s, g in ci.items()}
+    masks_ci["linear2"][..., 0] = 0.0
+    out_ci = dec.forward_with_ablation(x, {"linear2": [0]}, base="ci")
+    torch.testing.assert_close(out_ci, dec.run_pass(x, tspd.masks.Pass(masks=masks_ci)), rtol=0, atol=0)
+    with pytest.raises(KeyError):
+        dec.forward_with_ablation(x, {"linear7": [0]})
+    with pytest.raises(ValueError, match="base"):
+        dec.forward_with_ablation(x, {"linear1": [0]}, base="zeros")
+
+
+def test_ablating_all_but_nothing_is_identity_with_exact_factors():
+    torch.manual_seed(0)
+    target = TwoLayer(6, 4, 6)
+    dec = tspd.Decomposition(target, make_cfg([("linear*", 6)]))
+    for s in dec.site_names:
+        set_exact_factors(dec, s)
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(dec.forward_with_ablation(x, {}), target(x), rtol=0, atol=1e-5)
+    # removing the dead (V = 0) subcomponents changes nothing; removing a live one does
+    torch.testing.assert_close(dec.forward_with_ablation(x, {"linear1": [4, 5]}), target(x), rtol=0, atol=1e-5)
+    assert (dec.forward_with_ablation(x, {"linear1": [0]}) - target(x)).abs().max() > 1e-3
+
+
+# ---- evaluation and TMS metrics -----------------------------------------------------------------------
+def _tms_exact(C: int, alive: bool = True):
+    torch.manual_seed(0)
+    target = TMSModel(5, 2)
+    dec = tspd.Decomposition(target, make_cfg([("linear1", C)], output={"divergence": "mse"}))
+    W = target.linear1.weight.detach()  # 2 x 5
+    comps = dec.component("linear1")
+    with torch.no_grad():
+        comps.V.copy_(torch.eye(5, C))  # subcomponent c < 5 reads feature c
+        comps.U.zero_()
+        comps.U[:5] = W.T
+        net = dec.ci_fns["linear1"].net
+        net.w2.zero_()
+        net.b2.fill_(5.0 if alive else -5.0)
+    return target, dec
+
+
+def test_tms_metrics_known_answer():
+    target, dec = _tms_exact(C=8)
+    batches = [TMSData(5, 0.1, 64)(0)]
+    m = tms_metrics(dec, batches, "linear1")
+    assert m["mmcs"] == pytest.approx(1.0, abs=1e-6)
+    assert m["ml2r"] == pytest.approx(1.0, abs=1e-6)
+    assert m["alive"] == 8 and m["n_features"] == 5
+    # scaling one subcomponent's U by 2 moves ML2R by (2 - 1) / 5, not MMCS
+    with torch.no_grad():
+        dec.component("linear1").U[0] *= 2
+    m2 = tms_metrics(dec, batches, "linear1")
+    assert m2["mmcs"] == pytest.approx(1.0, abs=1e-6)
+    assert m2["ml2r"] == pytest.approx(1.2, abs=1e-6)
+
+
+def test_evaluate_reports_consistent_metrics():
+    target, dec = _tms_exact(C=6)
+    batches = [TMSData(5, 0.1, 64)(i) for i in range(2)]
+    ev = evaluate(dec, batches)
+    assert ev["l0"]["linear1"] == pytest.approx(6.0)  # CI = 1 everywhere
+    assert ev["alive"]["linear1"] == 6 and ev["alive_total"] == 6
+    assert ev["faithfulness"] < 1e-12
+    for k in ("ci_masked_recon", "stochastic_recon", "ones_recon"):
+        assert ev[k] < 1e-10, k
+    _, dead = _tms_exact(C=6, alive=False)
+    ev_dead = evaluate(dead, batches)
+    assert ev_dead["l0_total"] == 0 and ev_dead["alive_total"] == 0
+    assert ev_dead["ci_masked_recon"] > 1e-4  # mask 0 everywhere loses linear1
+
+
+def test_tms_metrics_with_no_alive_subcomponent():
+    _, dec = _tms_exact(C=6, alive=False)
+    m = tms_metrics(dec, [TMSData(5, 0.1, 64)(0)], "linear1")
+    assert m["alive"] == 0
+
+
+def test_tms_figure_with_no_alive_subcomponent(tmp_path):
+    from tspd.report.figures import tms_figure
+
+    _, dec = _tms_exact(C=6, alive=False)
+    path = tms_figure(dec, [TMSData(5, 0.1, 64)(0)], tmp_path / "f.png")
+    assert path.exists()
+
+
+def test_tms_data_and_target():
+    a = TMSData(5, 0.3, 128, seed=1)
+    x = a(3)
+    assert x.shape == (128, 5)
+    assert torch.equal(x, TMSData(5, 0.3, 128, seed=1)(3))
+    assert not torch.equal(x, a(4))
+    assert float(x.min()) >= 0 and float(x.max()) <= 1
+    assert abs(float((x > 0).float().mean()) - 0.3) < 0.06
+    xs = sparse_features(4000, 5, 0.05, torch.Generator().manual_seed(0))
+    assert abs(float((xs > 0).float().mean()) - 0.05) < 0.01
+    model = train_tms(5, 2, 0.05, steps=30, batch_size=64, seed=0)
+    torch.testing.assert_close(model.linear2.weight, model.linear1.weight.T)  # tied
+    x = torch.rand(3, 5)
+    torch.testing.assert_close(model(x), torch.relu(x @ model.linear1.weight.T @ model.linear1.weight + model.linear2.bias))
+
+
+# ---- 11. CLI --------------------------------------------------------------------------------------------
+def test_cli_run_tms_smoke(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cli.main(
+        [
+            "run",
+            "tms-5-2",
+            "--out",
+            str(out),
+            "--set",
+            "train.steps=20",
+            "--set",
+            "target.train_steps=50",
+            "--set",
+            "train.batch_size=256",
+        ]
+    )
+    assert rc == 0
+    for name in ("results.json", "decomposition.safetensors", "tms_subcomponents.png", "config.yaml", "target.safetensors"):
+        assert (out / name).exists(), name
+    assert (out / "tms_subcomponents.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((out / "results.json").read_text())
+    assert 0.0 <= results["tms"]["mmcs"] <= 1.0 + 1e-6
+    assert "l0" in results["eval"] and "seconds" in results
+    cfg = tspd.RunConfig.from_yaml(out / "config.yaml")
+    assert cfg.train.steps == 20 and cfg.target.train_steps == 50
+    # the finished run loads through the Python API, target included
+    dec = tspd.load(out)
+    assert dec.site_names == ["linear1", "linear2"]
+    # and `tspd eval` re-evaluates it
+    capsys.readouterr()
+    assert cli.main(["eval", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["tms"]["n_features"] == 5
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert cli.main(["decompose", "does-not-exist", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "does-not-exist" in err and "tms-5-2" in err
+    assert cli.main(["run", "tms-5-2", "--out", str(tmp_path / "y"), "--set", "train.stepz=3"]) == 2
+    assert "unknown key" in capsys.readouterr().err
+    assert not (tmp_path / "y" / "decomposition.safetensors").exists()
+    with pytest.raises(SystemExit):
+        cli.main(["frobnicate"])
+
+
+def test_cli_decompose_then_resume_and_train_target(tmp_path, capsys):
+    out = tmp_path / "dec"
+    sets = ["--set", "train.steps=4", "--set", "target.train_steps=10", "--set", "train.batch_size=64",
+            "--set", "train.faithfulness_warmup_steps=5", "--set", "train.checkpoint_every=2"]
+    assert cli.main(["decompose", "tms-5-2", "--out", str(out), *sets]) == 0
+    first = tspd.load(out)
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 4
+    # --resume with no config reads the run folder's own config; the run is already finished
+    assert cli.main(["decompose", "--resume", "--out", str(out)]) == 0
+    assert_same_state(first.state_dict(), tspd.load(out).state_dict())
+    # decompose with neither a config nor --resume is a usage error
+    assert cli.main(["decompose", "--out", str(tmp_path / "none")]) == 2
+    assert "CONFIG" in capsys.readouterr().err
+
+    tdir = tmp_path / "target"
+    assert cli.main(["train-target", "tms-5-2", "--out", str(tdir), "--seed", "3", "--set", "train_steps=10"]) == 0
+    assert (tdir / "target.safetensors").exists() and (tdir / "target.yaml").exists()
+    import yaml
+
+    saved = yaml.safe_load((tdir / "target.yaml").read_text())
+    assert saved["seed"] == 3 and saved["train_steps"] == 10

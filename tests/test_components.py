@@ -1,0 +1,252 @@
+"""Parameterisation of sites (SPEC §2): masked forwards, faithfulness, Conv1D and Embedding sites."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tspd
+from conftest import OneLinear, TwoLayer, make_cfg, make_gpt2, set_exact_factors
+from tspd.components import Components, SiteError, resolve_sites, target_weight
+from tspd.masks import Pass
+
+
+def _ones(dec, batch):
+    _, inputs = dec.run_target(batch)
+    ci = dec.causal_importance(batch)
+    return dec.ones_pass(ci), inputs
+
+
+# ---- 1. masked forward with all-ones masks --------------------------------------------------
+def test_all_ones_masks_give_x_V_U_plus_bias():
+    torch.manual_seed(0)
+    target = OneLinear(5, 3)
+    dec = tspd.Decomposition(target, make_cfg([("linear1", 7)]))
+    x = torch.randn(4, 5)
+    U, V = dec.components_of("linear1")
+    assert V.shape == (5, 7) and U.shape == (7, 3)
+    p, _ = _ones(dec, x)
+    out = dec.run_pass(x, p)
+    expected = x @ V @ U + target.linear1.bias
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    # ...and the random init is not the target weight, so this is not the target output.
+    assert not torch.allclose(out, target(x), atol=1e-3)
+
+
+def test_masks_scale_inner_activations():
+    torch.manual_seed(0)
+    target = OneLinear(5, 3)
+    dec = tspd.Decomposition(target, make_cfg([("linear1", 6)]))
+    x = torch.randn(4, 5)
+    m = torch.rand(4, 6)
+    out = dec.run_pass(x, Pass(masks={"linear1": m}))
+    U, V = dec.components_of("linear1")
+    torch.testing.assert_close(out, ((x @ V) * m) @ U + target.linear1.bias, rtol=1e-6, atol=1e-6)
+    # zero masks leave only the (frozen) bias
+    out0 = dec.run_pass(x, Pass(masks={"linear1": torch.zeros(4, 6)}))
+    torch.testing.assert_close(out0, target.linear1.bias.expand(4, 3).detach())
+
+
+def test_delta_component_with_all_ones_masks_reproduces_target():
+    torch.manual_seed(0)
+    target = TwoLayer(6, 4, 6)
+    dec = tspd.Decomposition(target, make_cfg([("linear*", 9)], masks={"delta_component": True}))
+    x = torch.randn(8, 6)
+    p, _ = _ones(dec, x)
+    assert set(p.delta) == {"linear1", "linear2"}
+    out = dec.run_pass(x, p)
+    torch.testing.assert_close(out, target(x), rtol=0, atol=1e-5)
+    # With the delta switched off (delta mask 0) the output is the components' own, which differs.
+    p0 = Pass(masks=p.masks, delta={s: torch.zeros_like(d) for s, d in p.delta.items()})
+    assert not torch.allclose(dec.run_pass(x, p0), target(x), atol=1e-3)
+
+
+def test_unrouted_sites_use_target_weight():
+    torch.manual_seed(0)
+    target = TwoLayer(6, 4, 6)
+    dec = tspd.Decomposition(target, make_cfg([("linear*", 5)]))
+    x = torch.randn(8, 6)
+    # No site in the pass: the target itself.
+    torch.testing.assert_close(dec.run_pass(x, Pass(masks={})), target(x), rtol=0, atol=0)
+    # Routed nowhere: the target itself.
+    p = Pass(
+        masks={"linear1": torch.rand(8, 5), "linear2": torch.rand(8, 5)},
+        routed={"linear1": torch.zeros(8, dtype=torch.bool), "linear2": torch.zeros(8, dtype=torch.bool)},
+    )
+    torch.testing.assert_close(dec.run_pass(x, p), target(x), rtol=0, atol=0)
+
+
+def test_mixed_routing_rows():
+    """Routed rows use the components, the others the target weight."""
+    torch.manual_seed(0)
+    target = OneLinear(5, 3)
+    dec = tspd.Decomposition(target, make_cfg([("linear1", 4)]))
+    x = torch.randn(6, 5)
+    m = torch.rand(6, 4)
+    routed = torch.tensor([True, False, True, False, False, True])
+    out = dec.run_pass(x, Pass(masks={"linear1": m}, routed={"linear1": routed}))
+    U, V = dec.components_of("linear1")
+    comp = ((x @ V) * m) @ U + target.linear1.bias
+    torch.testing.assert_close(out[routed], comp[routed], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[~routed], target(x)[~routed], rtol=1e-6, atol=1e-6)
+
+
+# ---- 2. faithfulness of an exact factorisation -----------------------------------------------
+@pytest.mark.parametrize("C", [4, 9])  # exactly the rank, and more than the rank
+def test_faithfulness_zero_for_exact_factorisation(C):
+    torch.manual_seed(0)
+    target = TwoLayer(6, 4, 6)  # linear1: 4x6 (rank 4); linear2: 6x4 (rank 4)
+    dec = tspd.Decomposition(target, make_cfg([("linear*", C)]))
+    assert float(dec.faithfulness().detach()) > 1e-3  # random init is far from W
+    for s in dec.site_names:
+        set_exact_factors(dec, s)
+    assert float(dec.faithfulness().detach()) < 1e-10
+    x = torch.randn(5, 6)
+    p, _ = _ones(dec, x)
+    torch.testing.assert_close(dec.run_pass(x, p), target(x), rtol=0, atol=1e-5)
+
+
+def test_faithfulness_is_mean_over_all_entries():
+    torch.manual_seed(0)
+    target = TwoLayer(6, 4, 6)
+    dec = tspd.Decomposition(target, make_cfg([("linear*", 3)]))
+    diffs = [
+        (target_weight(dec._stand_ins[s].original, "linear") - dec.component(s).weight()).detach().flatten()
+        for s in dec.site_names
+    ]
+    expected = torch.cat(diffs).pow(2).mean()
+    torch.testing.assert_close(dec.faithfulness().detach(), expected)
+
+
+def test_components_weight_layout_and_inner():
+    c = Components("linear", d_in=5, d_out=3, C=4, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 5)
+    assert c.weight().shape == (3, 5)
+    torch.testing.assert_close(c.inner(x), x @ c.V)
+    torch.testing.assert_close(c.weight(), (c.V @ c.U).T)
+    e = Components("embedding", d_in=10, d_out=3, C=4)
+    ids = torch.tensor([[1, 7], [0, 9]])
+    torch.testing.assert_close(e.inner(ids), e.V[ids])
+
+
+# ---- 3. Conv1D and Embedding sites on GPT-2 ---------------------------------------------------
+def test_gpt2_conv1d_sites_exact_factorisation_matches_hf(tokens):
+    model = make_gpt2(0)
+    ref = model(tokens).logits
+    cfg = make_cfg([("transformer.h.*.mlp.c_fc", 32), ("transformer.h.*.attn.c_attn", 40)])
+    dec = tspd.Decomposition(model, cfg)
+    assert dec.site_names == [
+        "transformer.h.0.attn.c_attn",
+        "transformer.h.0.mlp.c_fc",
+        "transformer.h.1.attn.c_attn",
+        "transformer.h.1.mlp.c_fc",
+    ]
+    # Conv1D stores d_in x d_out; the site must see it in nn.Linear layout.
+    U, V = dec.components_of("transformer.h.0.mlp.c_fc")
+    assert V.shape == (32, 32) and U.shape == (32, 128)
+    U, V = dec.components_of("transformer.h.0.attn.c_attn")
+    assert V.shape == (32, 40) and U.shape == (40, 96)
+    for s in dec.site_names:
+        set_exact_factors(dec, s)
+    assert float(dec.faithfulness().detach()) < 1e-10
+    p, _ = _ones(dec, tokens)
+    out = dec.run_pass(tokens, p)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+    # the original modules are back in place afterwards
+    assert type(model.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"
+    torch.testing.assert_close(model(tokens).logits, ref, rtol=0, atol=0)
+
+
+def test_gpt2_conv1d_delta_component_matches_hf(tokens):
+    model = make_gpt2(1)
+    ref = model(tokens).logits
+    cfg = make_cfg([("transformer.h.*.mlp.c_fc", 8), ("transformer.h.0.attn.c_attn", 8)], masks={"delta_component": True})
+    dec = tspd.Decomposition(model, cfg)
+    p, _ = _ones(dec, tokens)
+    out = dec.run_pass(tokens, p)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+    # without delta the random low-rank components do not reproduce the model
+    p.delta = {}
+    assert (dec.run_pass(tokens, p) - ref).abs().max() > 1e-2
+
+
+def test_gpt2_embedding_site(tokens):
+    model = make_gpt2(2)
+    ref = model(tokens).logits
+    dec = tspd.Decomposition(model, make_cfg([("transformer.wte", 32)], ci={"kind": "vector_mlp"}))
+    U, V = dec.components_of("transformer.wte")
+    assert V.shape == (100, 32) and U.shape == (32, 32)  # V is vocab x C
+    # CI has shape (batch, positions, C) and lies in [0, 1]
+    ci = dec.causal_importance(tokens)["transformer.wte"]
+    assert ci.shape == (3, 10, 32)
+    assert float(ci.min()) >= 0 and float(ci.max()) <= 1
+    # h = V[token]: the inner activation is a row lookup
+    _, inputs = dec.run_target(tokens)
+    assert torch.equal(inputs["transformer.wte"], tokens)
+    torch.testing.assert_close(dec.component("transformer.wte").inner(tokens), V[tokens])
+    set_exact_factors(dec, "transformer.wte")
+    assert float(dec.faithfulness().detach()) < 1e-10
+    p, _ = _ones(dec, tokens)
+    torch.testing.assert_close(dec.run_pass(tokens, p), ref, rtol=0, atol=1e-4)
+    # ablating every subcomponent at one position changes the logits from that position on only
+    out = dec.forward_with_ablation(tokens, {"transformer.wte": list(range(32))}, positions=[4])
+    torch.testing.assert_close(out[:, :4], ref[:, :4], rtol=0, atol=1e-4)
+    assert (out[:, 4:] - ref[:, 4:]).abs().max() > 1e-3
+
+
+def test_gpt2_embedding_site_with_delta(tokens):
+    model = make_gpt2(3)
+    ref = model(tokens).logits
+    dec = tspd.Decomposition(model, make_cfg([("transformer.wte", 5)], masks={"delta_component": True}))
+    p, _ = _ones(dec, tokens)
+    torch.testing.assert_close(dec.run_pass(tokens, p), ref, rtol=0, atol=1e-4)
+
+
+def test_gpt2_dict_batch(tokens):
+    model = make_gpt2(0)
+    batch = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}
+    ref = model(**batch).logits
+    dec = tspd.Decomposition(model, make_cfg([("transformer.h.0.mlp.c_fc", 4)], masks={"delta_component": True}))
+    out, inputs = dec.run_target(batch)
+    torch.testing.assert_close(out, ref)
+    assert inputs["transformer.h.0.mlp.c_fc"].shape == (3, 10, 32)
+    p = dec.ones_pass(dec.causal_importance(batch))
+    torch.testing.assert_close(dec.run_pass(batch, p), ref, rtol=0, atol=1e-4)
+
+
+# ---- site resolution -----------------------------------------------------------------------
+def test_site_pattern_matching_nothing_lists_modules():
+    target = TwoLayer()
+    with pytest.raises(SiteError) as err:
+        resolve_sites(target, [("linear3", 4)])
+    msg = str(err.value)
+    assert "linear3" in msg and "linear1" in msg and "linear2" in msg
+    with pytest.raises(SiteError, match="linear1"):
+        tspd.Decomposition(target, make_cfg([("nope.*", 4)]))
+
+
+def test_site_pattern_on_unsupported_module():
+    with pytest.raises(SiteError) as err:
+        resolve_sites(TwoLayer(), [("act", 4)])
+    assert "ReLU" in str(err.value) and "linear1" in str(err.value)
+
+
+def test_resolve_sites_globs_in_module_order():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3), nn.Linear(3, 2))
+    assert resolve_sites(model, [("3", 2), ("0", 5), ("2", 4)]) == [("0", 5), ("2", 4), ("3", 2)]
+    gpt = make_gpt2(0)
+    sites = resolve_sites(gpt, [("transformer.h.*.mlp.c_*", 3)])
+    assert [n for n, _ in sites] == [
+        "transformer.h.0.mlp.c_fc",
+        "transformer.h.0.mlp.c_proj",
+        "transformer.h.1.mlp.c_fc",
+        "transformer.h.1.mlp.c_proj",
+    ]
+    assert all(c == 3 for _, c in sites)
+
+
+def test_component_unknown_site_raises():
+    dec = tspd.Decomposition(OneLinear(), make_cfg([("linear1", 2)]))
+    with pytest.raises(KeyError):
+        dec.component("linear9")

@@ -1,0 +1,170 @@
+"""RunConfig: validation, YAML round trip, dotted overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import tspd
+from tspd.config import ConfigError, RunConfig, apply_overrides
+
+MINIMAL = {"sites": [{"pattern": "linear1", "C": 8}]}
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_minimal_config_defaults():
+    cfg = RunConfig.model_validate(MINIMAL)
+    assert cfg.sites[0].pattern == "linear1" and cfg.sites[0].C == 8
+    assert cfg.ci.kind == "mlp" and cfg.ci.leak == 0.01
+    assert cfg.masks.kind == "continuous" and cfg.masks.delta_component is False
+    assert cfg.output.divergence == "kl" and cfg.output.positions is None
+    assert cfg.target is None and cfg.data is None
+
+
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({**MINIMAL, "sedd": 1}, "sedd"),
+        ({**MINIMAL, "train": {"stpes": 3}}, "train.stpes"),
+        ({**MINIMAL, "ci": {"attention": {"heads": 2}}}, "ci.attention.heads"),
+        ({"sites": [{"pattern": "a", "C": 2, "c": 3}]}, "sites.0.c"),
+    ],
+)
+def test_unknown_key_raises_config_error(raw, key):
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_dict(raw)
+    assert "unknown key" in str(err.value)
+    assert key in str(err.value)
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("sites: [{pattern: linear1, C: 4}]\nlosses: {faithfullness: 1.0}\n")
+    with pytest.raises(ConfigError, match="unknown key") as err:
+        RunConfig.from_yaml(path)
+    assert "losses.faithfullness" in str(err.value) and "bad.yaml" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"sites": []},
+        {"sites": [{"pattern": "a", "C": 0}]},
+        {**MINIMAL, "ci": {"kind": "transformer"}},
+        {**MINIMAL, "masks": {"subset_granularity": "per_token"}},
+        {**MINIMAL, "minimality": {"anneal_start_frac": 0.8, "anneal_end_frac": 0.2}},
+        {**MINIMAL, "losses": {"faithfulness": -1}},
+    ],
+)
+def test_invalid_values_raise_config_error(raw):
+    with pytest.raises(ConfigError):
+        RunConfig.from_dict(raw)
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        RunConfig.from_yaml(tmp_path / "nope.yaml")
+    p = tmp_path / "list.yaml"
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        RunConfig.from_yaml(p)
+
+
+# ---- 12. YAML round trip and overrides ------------------------------------------------------------
+def _rich_config() -> RunConfig:
+    return RunConfig.from_dict(
+        {
+            "seed": 7,
+            "target": {"kind": "tms", "n_features": 5, "d_hidden": 2, "train_steps": 10},
+            "data": {"kind": "tms", "feature_probability": 0.1},
+            "sites": [{"pattern": "linear1", "C": 8}, {"pattern": "linear2", "C": 3}],
+            "ci": {"kind": "attention", "hidden": [16, 8], "attention": {"d_attn": 4, "max_len": 64, "head": "shared_mlp"}},
+            "masks": {"kind": "binomial", "n_samples": 2, "subset_granularity": "per_position", "delta_component": True},
+            "losses": {"stochastic_recon_subset": 0.5, "importance_minimality": 3.0e-3, "adversarial_recon": 0.25},
+            "minimality": {"p_start": 0.9, "p_end": 0.1, "eps": 1e-12},
+            "output": {"divergence": "kl", "positions": [-1]},
+            "train": {"steps": 123, "lr": 1.0e-3, "grad_clip": 0.5, "threads": 2},
+            "eval": {"active_threshold": 0.4},
+        }
+    )
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = _rich_config()
+    path = tmp_path / "cfg.yaml"
+    path.write_text(cfg.to_yaml())
+    back = RunConfig.from_yaml(path)
+    assert back == cfg
+    assert back.model_dump() == cfg.model_dump()
+    assert back.to_yaml() == cfg.to_yaml()
+    assert back.minimality.eps == 1e-12 and back.output.positions == [-1]
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_recipes_load_and_round_trip(path, tmp_path):
+    cfg = RunConfig.from_yaml(path)
+    out = tmp_path / "c.yaml"
+    out.write_text(cfg.to_yaml())
+    assert RunConfig.from_yaml(out) == cfg
+
+
+def test_overrides_set_nested_values(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(_rich_config().to_yaml())
+    cfg = RunConfig.from_yaml(
+        path,
+        [
+            "train.steps=20",
+            "losses.faithfulness=2",
+            "ci.attention.d_attn=12",
+            "masks.delta_component=false",
+            "output.positions=[0, -1]",
+            "sites.1.C=5",
+            "target.train_steps=50",
+            "minimality.p_end=null",
+            "ci.kind = mlp",
+        ],
+    )
+    assert cfg.train.steps == 20
+    assert cfg.losses.faithfulness == 2.0
+    assert cfg.ci.attention.d_attn == 12
+    assert cfg.masks.delta_component is False
+    assert cfg.output.positions == [0, -1]
+    assert cfg.sites[1].C == 5 and cfg.sites[0].C == 8
+    assert cfg.target.train_steps == 50
+    assert cfg.minimality.p_end is None
+    assert cfg.ci.kind == "mlp"
+    # values not overridden are kept
+    assert cfg.seed == 7 and cfg.masks.kind == "binomial"
+
+
+def test_with_overrides_and_apply_overrides_copy():
+    cfg = RunConfig.model_validate(MINIMAL)
+    new = cfg.with_overrides(["train.steps=10", "seed=3"])
+    assert new.train.steps == 10 and new.seed == 3
+    assert cfg.train.steps == 1000 and cfg.seed == 0  # original unchanged
+    raw = {"a": {"b": 1}}
+    out = apply_overrides(raw, ["a.b=2", "a.c.d=x"])
+    assert out == {"a": {"b": 2, "c": {"d": "x"}}}
+    assert raw == {"a": {"b": 1}}
+
+
+def test_override_errors():
+    with pytest.raises(ConfigError, match="key.path=value"):
+        RunConfig.from_dict(MINIMAL, ["train.steps"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        RunConfig.from_dict(MINIMAL, ["train.stepz=3"])
+    with pytest.raises(ConfigError):
+        RunConfig.from_dict(MINIMAL, ["train.steps=-1"])
+
+
+@pytest.mark.parametrize("override", ["seed.x=1", "sites.5.C=3", "sites.x.C=3"])
+def test_bad_override_path_is_config_error(override):
+    with pytest.raises(ConfigError):
+        RunConfig.from_dict({**MINIMAL, "seed": 0}, [override])
+
+
+def test_config_error_is_value_error():
+    assert issubclass(ConfigError, ValueError)
+    assert tspd.ConfigError is ConfigError
