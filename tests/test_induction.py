@@ -1,0 +1,85 @@
+"""The induction task's data generator and the toy target's forward (SPEC §6.1)."""
+
+import torch
+
+from tspd.data.induction import ROLES, InductionData, InductionTask
+from tspd.seeding import generator
+from tspd.targets.induction import InductionTransformer, phase_change_step
+
+
+def test_sequences_have_the_induction_structure():
+    task = InductionTask(n_tokens=20, seq_len=16)
+    tokens, labels, first_s = task.sample(500, generator(0, 1))
+    assert tokens.shape == (500, 16)
+    assert (tokens[:, 0] == task.bos).all()
+    assert (tokens[:, -1] == task.special).all()
+    rows = torch.arange(500)
+    assert (tokens[rows, first_s] == task.special).all()
+    assert ((first_s >= 1) & (first_s <= 16 - 3)).all()
+    # exactly two S per sequence, and the label is the token after the first S
+    assert ((tokens == task.special).sum(1) == 2).all()
+    assert torch.equal(labels, tokens[rows, first_s + 1])
+    assert (labels < task.n_tokens).all()
+    # the first S position is spread over its whole range
+    assert set(first_s.tolist()) == set(range(1, 14))
+
+
+def test_roles_mark_first_s_m_and_final_s():
+    task = InductionTask(n_tokens=20, seq_len=8)
+    roles = task.roles(torch.tensor([1, 5]))
+    other = ROLES.index("other")
+    assert roles[0].tolist() == [other, 0, 1, other, other, other, other, 2]
+    assert roles[1].tolist() == [other, other, other, other, other, 0, 1, 2]
+
+
+def test_data_source_is_deterministic_in_step():
+    data = InductionData(InductionTask(n_tokens=20, seq_len=16), batch_size=4, seed=3)
+    assert torch.equal(data(7), data(7))
+    assert not torch.equal(data(7), data(8))
+
+
+def test_positions_enter_queries_and_keys_only():
+    """The residual stream carries no position: with attention zeroed out, the logits at every
+    position depend on that position's token alone."""
+    model = InductionTransformer(vocab_size=22, d_model=16, seq_len=16)
+    tokens = torch.tensor([[20, 3, 3, 3, 7, 3]])
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.o_proj.weight.zero_()
+        logits = model(tokens)
+    assert torch.allclose(logits[0, 1], logits[0, 2]) and torch.allclose(logits[0, 1], logits[0, 5])
+    assert not torch.allclose(logits[0, 1], logits[0, 4])
+
+
+def test_hand_built_previous_token_and_copy_heads_solve_the_task():
+    """Set the weights by hand to the 2-step circuit and check the forward predicts M."""
+    task = InductionTask(n_tokens=6, seq_len=10)
+    V, d, T = task.vocab_size, 16, task.seq_len
+    model = InductionTransformer(vocab_size=V, d_model=d, seq_len=T)
+    big = 30.0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        # dims 0..7: token identity; dims 8..15: previous token's identity (written by layer 0)
+        model.embed.weight[:V, :V] = torch.eye(V)
+        a0, a1 = model.blocks[0].attn, model.blocks[1].attn
+        # layer 0: position n attends to n-1 (positional q/k only); copies token dims to dims 8+
+        for n in range(T):
+            a0.pos_q[n, n % 8] = big
+            a0.pos_k[n, (n + 1) % 8] = big
+        a0.v_proj.weight[:V, :V] = torch.eye(V)
+        a0.o_proj.weight[8 : 8 + V, :V] = torch.eye(V)
+        # layer 1: query = current token, key = previous token; copies the attended token
+        a1.q_proj.weight[:V, :V] = big * torch.eye(V)
+        a1.k_proj.weight[:V, 8 : 8 + V] = torch.eye(V)
+        a1.v_proj.weight[:V, :V] = torch.eye(V)
+        a1.o_proj.weight[:V, :V] = 10 * torch.eye(V)
+        model.unembed.weight[:V, :V] = torch.eye(V)
+    tokens, labels, _ = task.sample(200, generator(0, 2))
+    acc = (model(tokens)[:, -1].argmax(-1) == labels).float().mean()
+    assert acc > 0.8, float(acc)
+
+
+def test_phase_change_step_finds_the_sharpest_drop():
+    history = [{"step": s, "loss": l} for s, l in [(100, 4.0), (200, 3.9), (300, 3.8), (400, 0.5), (500, 0.1)]]
+    assert phase_change_step(history) == 400
