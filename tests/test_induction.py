@@ -83,3 +83,20 @@ def test_hand_built_previous_token_and_copy_heads_solve_the_task():
 def test_phase_change_step_finds_the_sharpest_drop():
     history = [{"step": s, "loss": l} for s, l in [(100, 4.0), (200, 3.9), (300, 3.8), (400, 0.5), (500, 0.1)]]
     assert phase_change_step(history) == 400
+
+
+def test_train_target_writes_history_and_curve_and_refuses_an_untrained_target(tmp_path):
+    """200 steps are far too few for the induction phase change: the command must say so, and
+    still leave the loss history and curve for inspection."""
+    import json
+
+    import pytest
+
+    from tspd.experiments import train_target
+
+    with pytest.raises(RuntimeError, match="max_steps"):
+        train_target("induction", tmp_path, overrides=["max_steps=200", "seq_len=16", "batch_size=32"])
+    summary = json.loads((tmp_path / "target_history.json").read_text())
+    assert [h["step"] for h in summary["history"]] == [100, 200]
+    assert summary["final"]["accuracy"] < 0.99
+    assert (tmp_path / "target_loss_curve.png").stat().st_size > 1000

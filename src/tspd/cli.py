@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_decompose)
 
     p = sub.add_parser("train-target", help="train a toy target and save it")
-    p.add_argument("kind", choices=["tms-5-2", "tms-40-10"], help="which toy target")
+    p.add_argument("kind", choices=["tms-5-2", "tms-40-10", "induction"], help="which toy target")
     p.add_argument("--out", required=True, help="folder for the target")
     p.add_argument("--seed", type=int, default=None, help="target seed")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a target key, e.g. train_steps=2000")

@@ -125,8 +125,27 @@ class TMSDataConfig(Strict):
     feature_probability: float = Field(0.05, gt=0, le=1, description="probability each feature is present")
 
 
-TargetConfig = Annotated[Union[TMSTargetConfig], Field(discriminator="kind")]
-DataConfig = Annotated[Union[TMSDataConfig], Field(discriminator="kind")]
+class InductionTargetConfig(Strict):
+    kind: Literal["induction"] = "induction"
+    n_tokens: int = Field(128, gt=1, description="ordinary tokens (BOS and S come on top)")
+    seq_len: int = Field(64, ge=4, description="sequence length")
+    d_model: int = Field(16, gt=0, description="residual width")
+    batch_size: int = Field(256, gt=0, description="batch of the target's training")
+    lr: float = Field(1e-3, gt=0, description="AdamW lr of the target's training")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay of the target's training")
+    warmup_steps: int = Field(200, ge=0, description="linear lr warm-up steps")
+    max_steps: int = Field(30000, gt=0, description="give up after this many steps")
+    target_accuracy: float = Field(0.99, gt=0, le=1, description="stop once held-out last-position accuracy reaches this")
+    seed: int = Field(0, description="seed of the target's init and training data")
+    path: str | None = Field(None, description="load trained weights from this safetensors file instead of training")
+
+
+class InductionDataConfig(Strict):
+    kind: Literal["induction"] = "induction"
+
+
+TargetConfig = Annotated[Union[TMSTargetConfig, InductionTargetConfig], Field(discriminator="kind")]
+DataConfig = Annotated[Union[TMSDataConfig, InductionDataConfig], Field(discriminator="kind")]
 
 
 class RunConfig(Strict):

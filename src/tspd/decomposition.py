@@ -77,6 +77,12 @@ def atomic_write_bytes(path: Path, write) -> None:
             os.unlink(tmp)
 
 
+def save_state(module: nn.Module, path: Path) -> None:
+    """A module's state dict as safetensors, written atomically."""
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    atomic_write_bytes(path, lambda p: save_file(state, p))
+
+
 class Decomposition(nn.Module):
     """A target model's chosen weights written as sums of rank-1 subcomponents, with CI functions.
 
@@ -284,11 +290,9 @@ class Decomposition(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(directory / "config.yaml", lambda p: Path(p).write_text(self.config.to_yaml()))
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        atomic_write_bytes(directory / "decomposition.safetensors", lambda p: save_file(state, p))
+        save_state(self, directory / "decomposition.safetensors")
         if self.config.target is not None:
-            tstate = {k: v.detach().contiguous() for k, v in self.target.state_dict().items()}
-            atomic_write_bytes(directory / "target.safetensors", lambda p: save_file(tstate, p))
+            save_state(self.target, directory / "target.safetensors")
         else:
             atomic_write_bytes(directory / "target_module.pt", lambda p: torch.save(self.target, p))
         return directory

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from tspd.config import RunConfig, apply_overrides
-from tspd.decomposition import Decomposition, atomic_write_bytes, load
+from tspd.decomposition import Decomposition, atomic_write_bytes, load, save_state
 from tspd.targets import build_data, build_target
 from tspd.train import DataStream, decompose
 
@@ -30,8 +30,7 @@ def _target_for(cfg: RunConfig, out: Path):
         target.load_state_dict(load_file(path))
         return target
     target = build_target(cfg.target)
-    state = {k: v.detach().contiguous() for k, v in target.state_dict().items()}
-    atomic_write_bytes(path, lambda p: save_file(state, p))
+    save_state(target, path)
     return target
 
 
@@ -54,13 +53,39 @@ def train_target(recipe: str | Path, out: str | Path, seed: int | None = None, o
     target_raw = apply_overrides(raw["target"], overrides or [])
     if seed is not None:
         target_raw["seed"] = seed
+    target_raw.pop("path", None)
     cfg = RunConfig.from_dict({**raw, "target": target_raw})
     out = Path(out)
-    target = build_target(cfg.target)
-    state = {k: v.detach().contiguous() for k, v in target.state_dict().items()}
-    atomic_write_bytes(out / "target.safetensors", lambda p: save_file(state, p))
+    if cfg.target.kind == "induction":
+        target = _train_induction_target(cfg.target, out)
+    else:
+        target = build_target(cfg.target)
+    save_state(target, out / "target.safetensors")
     atomic_write_bytes(out / "target.yaml", lambda p: Path(p).write_text(yaml.safe_dump(cfg.target.model_dump())))
     return out / "target.safetensors"
+
+
+def _train_induction_target(tcfg, out: Path):
+    """Train the induction target, writing its history and the loss-curve figure beside it."""
+    from tspd.data.induction import InductionTask
+    from tspd.report.figures import loss_curve_figure
+    from tspd.targets.induction import phase_change_step, train_induction
+
+    task = InductionTask(tcfg.n_tokens, tcfg.seq_len)
+    model, history = train_induction(
+        task, tcfg.d_model, tcfg.batch_size, tcfg.lr, tcfg.weight_decay, tcfg.warmup_steps, tcfg.max_steps,
+        tcfg.target_accuracy, seed=tcfg.seed, progress=True,
+    )
+    final = history[-1] if history else {}
+    summary = {"phase_change_step": phase_change_step(history), "final": final, "history": history}
+    atomic_write_bytes(out / "target_history.json", lambda p: Path(p).write_text(json.dumps(summary, indent=1)))
+    loss_curve_figure(history, summary["phase_change_step"], out / "target_loss_curve.png")
+    if final.get("accuracy", 0.0) < tcfg.target_accuracy:
+        raise RuntimeError(
+            f"the induction target reached accuracy {final.get('accuracy')} < {tcfg.target_accuracy} in "
+            f"{tcfg.max_steps} steps; raise target.max_steps or change target.seed"
+        )
+    return model
 
 
 def evaluate_run(run_dir: str | Path) -> dict:

@@ -44,3 +44,22 @@ def tms_figure(dec: Decomposition, batches: list[Batch], path: str | Path, site:
     ax.set_title(f"{site}: |u_c v_c[i]| / |W[:, i]|")
     fig.colorbar(im, ax=ax)
     return save_figure(fig, path)
+
+
+def loss_curve_figure(history: list[dict], phase_change: int | None, path: str | Path) -> Path:
+    """Held-out loss and accuracy by step, with the phase change (sharpest loss drop) marked."""
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [h["loss"] for h in history], color="tab:blue", label="loss (last position)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [h["accuracy"] for h in history], color="tab:orange", label="accuracy")
+    ax2.set_ylabel("accuracy")
+    ax2.set_ylim(0, 1.02)
+    if phase_change is not None:
+        ax.axvline(phase_change, color="k", ls="--", lw=1)
+        ax.annotate(f"phase change ~ step {phase_change}", (phase_change, ax.get_ylim()[1]), ha="left", va="top", fontsize=8)
+    ax.set_title("induction target training")
+    fig.legend(loc="center right", fontsize=8)
+    return save_figure(fig, path)

@@ -16,6 +16,29 @@ def build_target(cfg, train: bool = True) -> nn.Module:
         return train_tms(
             cfg.n_features, cfg.d_hidden, cfg.feature_probability, cfg.train_steps, cfg.train_batch_size, cfg.train_lr, cfg.seed
         )
+    if cfg.kind == "induction":
+        from tspd.data.induction import InductionTask
+        from tspd.targets.induction import InductionTransformer, train_induction
+
+        task = InductionTask(cfg.n_tokens, cfg.seq_len)
+        if not train:
+            return InductionTransformer(task.vocab_size, cfg.d_model, 2, cfg.seq_len)
+        if cfg.path is not None:
+            from pathlib import Path
+
+            from safetensors.torch import load_file
+
+            path = Path(cfg.path)
+            if not path.exists():
+                raise FileNotFoundError(f"target.path {path} does not exist; train one with `tspd train-target induction`")
+            model = InductionTransformer(task.vocab_size, cfg.d_model, 2, cfg.seq_len)
+            model.load_state_dict(load_file(path))
+            return model
+        model, _ = train_induction(
+            task, cfg.d_model, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.max_steps,
+            cfg.target_accuracy, seed=cfg.seed, progress=True,
+        )
+        return model
     raise ValueError(f"unknown target kind {cfg.kind!r}")
 
 
@@ -25,4 +48,8 @@ def build_data(cfg, target_cfg, batch_size: int, seed: int):
         from tspd.data.tms import TMSData
 
         return TMSData(target_cfg.n_features, cfg.feature_probability, batch_size, seed)
+    if cfg.kind == "induction":
+        from tspd.data.induction import InductionData, InductionTask
+
+        return InductionData(InductionTask(target_cfg.n_tokens, target_cfg.seq_len), batch_size, seed)
     raise ValueError(f"unknown data kind {cfg.kind!r}")
