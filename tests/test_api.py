@@ -47,7 +47,7 @@ def test_save_load_roundtrip_keeps_target_and_outputs(tmp_path):
     assert after.keys() == modules.keys() and all(after[k] is modules[k] for k in modules)
     assert all(p.requires_grad and p.grad is None for p in target.parameters())
     # the state dict of a Decomposition holds only its own tensors
-    assert all(k.startswith(("components.", "ci_fns.")) for k in dec.state_dict())
+    assert all(k.startswith(("factors.", "ci_fns.")) for k in dec.state_dict())
 
 
 def test_gpt2_target_untouched_by_decompose(tmp_path, tokens):

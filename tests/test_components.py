@@ -24,7 +24,7 @@ def test_all_ones_masks_give_x_V_U_plus_bias():
     target = OneLinear(5, 3)
     dec = tspd.Decomposition(target, make_cfg([("linear1", 7)]))
     x = torch.randn(4, 5)
-    U, V = dec.components_of("linear1")
+    U, V = dec.components("linear1")
     assert V.shape == (5, 7) and U.shape == (7, 3)
     p, _ = _ones(dec, x)
     out = dec.run_pass(x, p)
@@ -41,7 +41,7 @@ def test_masks_scale_inner_activations():
     x = torch.randn(4, 5)
     m = torch.rand(4, 6)
     out = dec.run_pass(x, Pass(masks={"linear1": m}))
-    U, V = dec.components_of("linear1")
+    U, V = dec.components("linear1")
     torch.testing.assert_close(out, ((x @ V) * m) @ U + target.linear1.bias, rtol=1e-6, atol=1e-6)
     # zero masks leave only the (frozen) bias
     out0 = dec.run_pass(x, Pass(masks={"linear1": torch.zeros(4, 6)}))
@@ -86,7 +86,7 @@ def test_mixed_routing_rows():
     m = torch.rand(6, 4)
     routed = torch.tensor([True, False, True, False, False, True])
     out = dec.run_pass(x, Pass(masks={"linear1": m}, routed={"linear1": routed}))
-    U, V = dec.components_of("linear1")
+    U, V = dec.components("linear1")
     comp = ((x @ V) * m) @ U + target.linear1.bias
     torch.testing.assert_close(out[routed], comp[routed], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out[~routed], target(x)[~routed], rtol=1e-6, atol=1e-6)
@@ -143,9 +143,9 @@ def test_gpt2_conv1d_sites_exact_factorisation_matches_hf(tokens):
         "transformer.h.1.mlp.c_fc",
     ]
     # Conv1D stores d_in x d_out; the site must see it in nn.Linear layout.
-    U, V = dec.components_of("transformer.h.0.mlp.c_fc")
+    U, V = dec.components("transformer.h.0.mlp.c_fc")
     assert V.shape == (32, 32) and U.shape == (32, 128)
-    U, V = dec.components_of("transformer.h.0.attn.c_attn")
+    U, V = dec.components("transformer.h.0.attn.c_attn")
     assert V.shape == (32, 40) and U.shape == (40, 96)
     for s in dec.site_names:
         set_exact_factors(dec, s)
@@ -175,7 +175,7 @@ def test_gpt2_embedding_site(tokens):
     model = make_gpt2(2)
     ref = model(tokens).logits
     dec = tspd.Decomposition(model, make_cfg([("transformer.wte", 32)], ci={"kind": "vector_mlp"}))
-    U, V = dec.components_of("transformer.wte")
+    U, V = dec.components("transformer.wte")
     assert V.shape == (100, 32) and U.shape == (32, 32)  # V is vocab x C
     # CI has shape (batch, positions, C) and lies in [0, 1]
     ci = dec.causal_importance(tokens)["transformer.wte"]

@@ -123,7 +123,7 @@ def _check_only_decomposition_grads(dec, target, flags_before):
     target_ids = {id(p) for p in target.parameters()}
     assert not any(id(p) in target_ids for p in dec.parameters())
     for s in dec.site_names:
-        U, V = dec.components_of(s)
+        U, V = dec.components(s)
         assert U.grad is not None and float(U.grad.abs().sum()) > 0, s
         assert V.grad is not None and float(V.grad.abs().sum()) > 0, s
     ci_grads = [p.grad for p in dec.ci_fns.parameters()]

@@ -97,7 +97,7 @@ class Decomposition(nn.Module):
         gen = torch.Generator().manual_seed(config.seed)
         self.site_names: list[str] = []
         self.site_kinds: dict[str, str] = {}
-        self.components = nn.ModuleDict()
+        self.factors = nn.ModuleDict()
         self.ci_fns = nn.ModuleDict()
         self._stand_ins: dict[str, SiteModule] = {}
         modules = dict(target.named_modules())
@@ -112,7 +112,7 @@ class Decomposition(nn.Module):
                 ci_fn = CIFunction(config.ci, ci_in, C)
             self.site_names.append(name)
             self.site_kinds[name] = kind
-            self.components[_key(name)] = comps
+            self.factors[_key(name)] = comps
             self.ci_fns[_key(name)] = ci_fn
             self._stand_ins[name] = SiteModule(name, module, kind, comps, config.masks.delta_component)
         p = next(target.parameters(), None)
@@ -150,9 +150,9 @@ class Decomposition(nn.Module):
     def component(self, site: str) -> Components:
         if site not in self._stand_ins:
             raise KeyError(f"unknown site {site!r}; sites are {self.site_names}")
-        return self.components[_key(site)]
+        return self.factors[_key(site)]
 
-    def components_of(self, site: str) -> tuple[Tensor, Tensor]:
+    def components(self, site: str) -> tuple[Tensor, Tensor]:
         """(U, V) of a site, with W ~ (V U)^T in the target's nn.Linear layout."""
         c = self.component(site)
         return c.U, c.V
@@ -174,7 +174,7 @@ class Decomposition(nn.Module):
             x = site_inputs[name]
             fn = self.ci_fns[_key(name)]
             if fn.uses_inner or self.site_kinds[name] == "embedding":
-                x = self.components[_key(name)].inner(x)
+                x = self.factors[_key(name)].inner(x)
             z[name] = fn(x)
         return z
 
@@ -279,7 +279,7 @@ class Decomposition(nn.Module):
         for name in self.site_names:
             s = self._stand_ins[name]
             w = target_weight(s.original, s.kind).detach()
-            diff = w - self.components[_key(name)].weight()
+            diff = w - self.factors[_key(name)].weight()
             total = total + diff.pow(2).sum()
             count += diff.numel()
         return total / count

@@ -86,7 +86,7 @@ def make_optimizer(dec: Decomposition) -> torch.optim.Optimizer:
 def faithfulness_warmup(dec: Decomposition) -> None:
     """Fit V U to W on the faithfulness loss alone, with its own optimiser (not checkpointed)."""
     t = dec.config.train
-    params = [p for c in dec.components.values() for p in c.parameters()]
+    params = [p for c in dec.factors.values() for p in c.parameters()]
     opt = torch.optim.AdamW(params, lr=t.faithfulness_warmup_lr, weight_decay=0.1)
     for _ in range(t.faithfulness_warmup_steps):
         loss = dec.faithfulness()

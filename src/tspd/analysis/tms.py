@@ -16,7 +16,7 @@ def tms_metrics(dec: Decomposition, batches: list[Batch], site: str = "linear1",
     ratio |u_c* v_c*[i]| / |W[:, i]| of the best match c*. Only alive subcomponents are candidates.
     """
     thr = dec.config.eval.alive_threshold if alive_threshold is None else alive_threshold
-    U, V = dec.components_of(site)
+    U, V = dec.components(site)
     W = dec._stand_ins[site].original.weight  # d x n
     max_ci = None
     for batch in batches:

@@ -24,7 +24,7 @@ def save_figure(fig, path: str | Path) -> Path:
 def tms_figure(dec: Decomposition, batches: list[Batch], path: str | Path, site: str = "linear1") -> Path:
     """Per alive subcomponent c and feature i, |u_c v_c[i]| / |W[:, i]|: a permutation of ones when
     SPD found one subcomponent per feature."""
-    U, V = dec.components_of(site)
+    U, V = dec.components(site)
     W = dec._stand_ins[site].original.weight
     max_ci = torch.stack([dec.causal_importance(b)[site].flatten(0, -2).amax(0) for b in batches]).amax(0)
     alive = (max_ci > dec.config.eval.alive_threshold).nonzero().squeeze(1)
