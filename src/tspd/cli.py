@@ -65,9 +65,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_config_keys(args: argparse.Namespace) -> None:
-    from tspd.config import TMSDataConfig, TMSTargetConfig, describe_keys
+    from tspd.config import InductionTargetConfig, TMSDataConfig, TMSTargetConfig, describe_keys
 
-    rows = describe_keys() + describe_keys(TMSTargetConfig, "target.") + describe_keys(TMSDataConfig, "data.")
+    rows = describe_keys()
+    for kind_cfg in (TMSTargetConfig, InductionTargetConfig):
+        rows += [(f"target.{k} ({kind_cfg().kind})", d, t) for k, d, t in describe_keys(kind_cfg)]
+    rows += [(f"data.{k} (tms)", d, t) for k, d, t in describe_keys(TMSDataConfig)]
     print("| key | default | meaning |\n|---|---|---|")
     for key, default, text in rows:
         print(f"| `{key}` | `{default}` | {text} |")
