@@ -109,9 +109,9 @@ class SiteState:
 class SiteModule(nn.Module):
     """Stands in for a target module while a Decomposition runs a pass."""
 
-    def __init__(self, name: str, original: nn.Module, kind: SiteKind, components: Components, use_delta: bool):
+    def __init__(self, original: nn.Module, kind: SiteKind, components: Components, use_delta: bool):
         super().__init__()
-        self.name, self.kind, self.use_delta = name, kind, use_delta
+        self.kind, self.use_delta = kind, use_delta
         # Held outside the module tree so parameters() of the stand-in never lists the target's.
         self.__dict__["original"] = original
         self.__dict__["components"] = components

@@ -114,7 +114,7 @@ class Decomposition(nn.Module):
             self.site_kinds[name] = kind
             self.factors[_key(name)] = comps
             self.ci_fns[_key(name)] = ci_fn
-            self._stand_ins[name] = SiteModule(name, module, kind, comps, config.masks.delta_component)
+            self._stand_ins[name] = SiteModule(module, kind, comps, config.masks.delta_component)
         p = next(target.parameters(), None)
         if p is not None:
             self.to(device=p.device, dtype=p.dtype if p.is_floating_point() else None)

@@ -8,6 +8,13 @@ from tspd.decomposition import Batch, Decomposition
 
 
 @torch.no_grad()
+def alive_mask(dec: Decomposition, batches: list[Batch], site: str, threshold: float) -> torch.Tensor:
+    """(C,) bool: subcomponents of `site` whose CI exceeds `threshold` on some input of `batches`."""
+    max_ci = torch.stack([dec.causal_importance(b)[site].flatten(0, -2).amax(0) for b in batches]).amax(0)
+    return max_ci > threshold
+
+
+@torch.no_grad()
 def tms_metrics(dec: Decomposition, batches: list[Batch], site: str = "linear1", alive_threshold: float | None = None) -> dict:
     """MMCS and ML2R between the feature columns of W (d x n) and the subcomponents of `site`.
 
@@ -18,11 +25,7 @@ def tms_metrics(dec: Decomposition, batches: list[Batch], site: str = "linear1",
     thr = dec.config.eval.alive_threshold if alive_threshold is None else alive_threshold
     U, V = dec.components(site)
     W = dec._stand_ins[site].original.weight  # d x n
-    max_ci = None
-    for batch in batches:
-        g = dec.causal_importance(batch)[site].flatten(0, -2).amax(0)
-        max_ci = g if max_ci is None else torch.maximum(max_ci, g)
-    alive = max_ci > thr
+    alive = alive_mask(dec, batches, site, thr)
     cols = V.T[:, None, :] * U[:, :, None]  # (C, d, n): column i of subcomponent c
     cols = cols[alive]
     if cols.shape[0] == 0:

@@ -26,8 +26,9 @@ def tms_figure(dec: Decomposition, batches: list[Batch], path: str | Path, site:
     SPD found one subcomponent per feature."""
     U, V = dec.components(site)
     W = dec._stand_ins[site].original.weight
-    max_ci = torch.stack([dec.causal_importance(b)[site].flatten(0, -2).amax(0) for b in batches]).amax(0)
-    alive = (max_ci > dec.config.eval.alive_threshold).nonzero().squeeze(1)
+    from tspd.analysis.tms import alive_mask
+
+    alive = alive_mask(dec, batches, site, dec.config.eval.alive_threshold).nonzero().squeeze(1)
     ratio = (V.T[alive].abs() * U[alive].norm(dim=1, keepdim=True)) / W.norm(dim=0).clamp_min(1e-12)
     if len(alive) == 0:
         fig, ax = plt.subplots(figsize=(4, 2))
