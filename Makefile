@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/tspd run tms-5-2 --out runs/demo-tms-5-2
+	$(BIN)/tspd run induction --out runs/demo-induction
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q || [ $$? -eq 5 ]  # 5: no test collected

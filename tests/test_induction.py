@@ -1,5 +1,6 @@
 """The induction task's data generator and the toy target's forward (SPEC §6.1)."""
 
+import pytest
 import torch
 
 from tspd.data.induction import ROLES, InductionData, InductionTask
@@ -63,10 +64,14 @@ def test_hand_built_previous_token_and_copy_heads_solve_the_task():
         # dims 0..7: token identity; dims 8..15: previous token's identity (written by layer 0)
         model.embed.weight[:V, :V] = torch.eye(V)
         a0, a1 = model.blocks[0].attn, model.blocks[1].attn
-        # layer 0: position n attends to n-1 (positional q/k only); copies token dims to dims 8+
+        # layer 0: position n attends to n-1 through the positions alone: P[n] = e_{8 + n mod 8}
+        # (dims 8+ are empty in the embedding), q reads it as e_{n mod 8}, k as e_{(n+1) mod 8}.
         for n in range(T):
-            a0.pos_q[n, n % 8] = big
-            a0.pos_k[n, (n + 1) % 8] = big
+            a0.pos[n, 8 + n % 8] = 1.0
+        for j in range(8):
+            a0.q_proj.weight[j, 8 + j] = big
+            a0.k_proj.weight[(j + 1) % 8, 8 + j] = 1.0
+        # copies the attended token's identity to dims 8+
         a0.v_proj.weight[:V, :V] = torch.eye(V)
         a0.o_proj.weight[8 : 8 + V, :V] = torch.eye(V)
         # layer 1: query = current token, key = previous token; copies the attended token
@@ -97,6 +102,45 @@ def test_train_target_writes_history_and_curve_and_refuses_an_untrained_target(t
     with pytest.raises(RuntimeError, match="max_steps"):
         train_target("induction", tmp_path, overrides=["max_steps=200", "seq_len=16", "batch_size=32"])
     summary = json.loads((tmp_path / "target_history.json").read_text())
-    assert [h["step"] for h in summary["history"]] == [100, 200]
+    assert [h["step"] for h in summary["history"]] == [50, 100, 150, 200]
     assert summary["final"]["accuracy"] < 0.99
     assert (tmp_path / "target_loss_curve.png").stat().st_size > 1000
+
+
+def test_shipped_targets_solve_the_task_and_match_the_default_settings():
+    """The demo's targets: every shipped seed predicts M on >= 99 % of fresh sequences, and the
+    recipe's default target settings (seeds 0, 1, 2) select them."""
+    from safetensors.torch import load_file
+
+    from tspd.config import RunConfig
+    from tspd.experiments import shipped_target
+
+    from tspd.cli import CONFIGS_DIR
+
+    cfg = RunConfig.from_yaml(CONFIGS_DIR / "induction.yaml")
+    task = InductionTask(cfg.target.n_tokens, cfg.target.seq_len)
+    tokens, labels, _ = task.sample(1000, generator(123, 4, 5))
+    for seed in (0, 1, 2):
+        folder = shipped_target(cfg.target.model_copy(update={"seed": seed}))
+        assert folder is not None and folder.name == f"induction-seed{seed}"
+        model = InductionTransformer(task.vocab_size, cfg.target.d_model, 2, task.seq_len)
+        model.load_state_dict(load_file(folder / "target.safetensors"))
+        with torch.no_grad():
+            acc = (model(tokens)[:, -1].argmax(-1) == labels).float().mean()
+        assert acc >= 0.99, (seed, float(acc))
+    assert shipped_target(cfg.target.model_copy(update={"seed": 17})) is None
+    assert shipped_target(cfg.target.model_copy(update={"lr": 1e-3})) is None
+
+
+@pytest.mark.slow
+def test_train_target_reproduces_the_shipped_target(tmp_path):
+    """`tspd train-target induction --seed 0` gives the shipped weights (same torch, same CPU kind)."""
+    from safetensors.torch import load_file
+
+    from tspd.experiments import ASSETS_DIR, train_target
+
+    path = train_target("induction", tmp_path, seed=0)
+    new, shipped = load_file(path), load_file(ASSETS_DIR / "induction-seed0" / "target.safetensors")
+    assert new.keys() == shipped.keys()
+    for k in new:
+        torch.testing.assert_close(new[k], shipped[k], rtol=1e-4, atol=1e-5)

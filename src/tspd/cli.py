@@ -51,6 +51,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     overrides = list(args.set or [])
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
+        if Path(args.experiment).stem == "induction":
+            overrides.append(f"target.seed={args.seed}")
     out = args.out or f"runs/{Path(args.experiment).stem}"
     t0 = time.time()
     result = run_experiment(_recipe(args.experiment), out, overrides, resume=args.resume)
@@ -62,6 +64,48 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from tspd.experiments import evaluate_run
 
     print(json.dumps(evaluate_run(args.run_dir), indent=2))
+
+
+def cmd_census(args: argparse.Namespace) -> None:
+    from tspd.analysis.induction import check_circuit
+    from tspd.experiments import census_run
+    from tspd.report.induction import short
+
+    table = census_run(args.run_dir, n_sequences=args.n_sequences)
+    roles = table["roles"]
+    print(f"active: CI > {table['threshold']} on {table['n_sequences']} held-out sequences")
+    print(f"{'site':6}" + "".join(f"{r:>10}" for r in roles) + f"{'distinct':>10}")
+    for s, row in table["sites"].items():
+        print(f"{short(s):6}" + "".join(f"{row['mean_active'][r]:10.3f}" for r in roles) + f"{row['distinct_active']:10d}")
+    print(f"total distinct {table['total_distinct']}; active per token {table['active_per_token']:.3f}, per sequence "
+          f"{table['active_per_input']:.2f}")
+    print(f"faithfulness {table['faithfulness']:.3g}; KL CI-masked {table['recon_kl_ci_masked']:.3g}, stochastic "
+          f"{table['recon_kl_stochastic']:.3g}; attention KL {table['attention_kl']}")
+    print(f"accuracy target {table['accuracy']['target']:.4f}, CI-masked {table['accuracy']['ci_masked']:.4f}")
+    for name, ok in check_circuit(table).items():
+        print(f"  [{'pass' if ok else 'FAIL'}] {name}")
+    print(f"written {Path(args.run_dir) / 'census.json'} and census_heatmap.png")
+
+
+def cmd_causal(args: argparse.Namespace) -> None:
+    from tspd.experiments import causal_run
+
+    print(json.dumps(causal_run(args.run_dir), indent=2))
+
+
+def cmd_baseline(args: argparse.Namespace) -> None:
+    from tspd.experiments import baseline_run
+
+    result = baseline_run(args.run_dir)
+    print(f"SVD baseline needs {result['pieces_needed']} rank-1 pieces to reach SPD's KL {result['spd_kl']:.3g} "
+          f"(SPD: {result['spd_active_per_token']:.2f} active per token, {result['spd_active_per_input']:.2f} per "
+          f"sequence, {result['spd_total_distinct']} in total); written {Path(args.run_dir) / 'baseline.json'}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from tspd.report.induction import induction_report
+
+    print(f"written {induction_report(args.run_dir)}")
 
 
 def cmd_config_keys(args: argparse.Namespace) -> None:
@@ -97,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run an experiment end to end (target, decomposition, metrics, figures)")
     p.add_argument("experiment", help="recipe name (tms-5-2, tms-40-10) or a config path")
     p.add_argument("--out", help="run folder (default runs/<experiment>)")
-    p.add_argument("--seed", type=int, help="decomposition seed")
+    p.add_argument("--seed", type=int, help="decomposition seed (induction: the target seed too)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint")
     p.set_defaults(func=cmd_run)
@@ -105,6 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a finished run and print its metrics")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("census", help="induction runs: the circuit census (paper's Table 1) -> census.json")
+    p.add_argument("run_dir")
+    p.add_argument("--n-sequences", type=int, default=2000, help="held-out sequences to evaluate")
+    p.set_defaults(func=cmd_census)
+
+    p = sub.add_parser("causal", help="induction runs: ablate each site's active subcomponents -> causal.json")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_causal)
+
+    p = sub.add_parser("baseline", help="induction runs: greedy rank-1 SVD baseline (paper's Figure 2) -> baseline.json")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_baseline)
+
+    p = sub.add_parser("report", help="induction runs: (re)write report.html from the run's JSON files")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("config-keys", help="print every config key with its default and meaning (markdown)")
     p.set_defaults(func=cmd_config_keys)

@@ -20,8 +20,29 @@ from tspd.targets import build_data, build_target
 from tspd.train import DataStream, decompose
 
 
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+TARGET_EXTRAS = ("target_history.json", "target_loss_curve.png")
+
+
+def _target_settings(tcfg) -> dict:
+    return {k: v for k, v in tcfg.model_dump().items() if k != "path"}
+
+
+def shipped_target(tcfg) -> Path | None:
+    """The shipped trained target (src/tspd/assets/<kind>-seed<N>/) whose saved settings equal
+    `tcfg`'s (ignoring `path`), or None."""
+    for folder in sorted(ASSETS_DIR.glob(f"{tcfg.kind}-*")):
+        meta = folder / "target.yaml"
+        if meta.exists() and yaml.safe_load(meta.read_text()) == _target_settings(tcfg):
+            return folder
+    return None
+
+
 def _target_for(cfg: RunConfig, out: Path):
-    """Reuse the run folder's target when it exists (resume), else build it and save it first."""
+    """Reuse the run folder's target when it exists (resume); else load target.path, else a
+    shipped target with the same settings, else train one; save it in the run folder first."""
+    import shutil
+
     if cfg.target is None:
         raise ValueError("the config has no `target` section; the CLI needs one (the Python API takes a model)")
     path = out / "target.safetensors"
@@ -29,7 +50,19 @@ def _target_for(cfg: RunConfig, out: Path):
         target = build_target(cfg.target, train=False)
         target.load_state_dict(load_file(path))
         return target
-    target = build_target(cfg.target)
+    if cfg.target.kind == "induction" and cfg.target.path is None:
+        folder = shipped_target(cfg.target)
+        if folder is not None:
+            print(f"using the shipped induction target {folder.name} (settings match)")
+            target = build_target(cfg.target, train=False)
+            target.load_state_dict(load_file(folder / "target.safetensors"))
+            for name in TARGET_EXTRAS:
+                if (folder / name).exists():
+                    shutil.copyfile(folder / name, out / name)
+        else:
+            target = _train_induction_target(cfg.target, out)
+    else:
+        target = build_target(cfg.target)
     save_state(target, path)
     return target
 
@@ -61,21 +94,16 @@ def train_target(recipe: str | Path, out: str | Path, seed: int | None = None, o
     else:
         target = build_target(cfg.target)
     save_state(target, out / "target.safetensors")
-    atomic_write_bytes(out / "target.yaml", lambda p: Path(p).write_text(yaml.safe_dump(cfg.target.model_dump())))
+    atomic_write_bytes(out / "target.yaml", lambda p: Path(p).write_text(yaml.safe_dump(_target_settings(cfg.target))))
     return out / "target.safetensors"
 
 
 def _train_induction_target(tcfg, out: Path):
     """Train the induction target, writing its history and the loss-curve figure beside it."""
-    from tspd.data.induction import InductionTask
     from tspd.report.figures import loss_curve_figure
-    from tspd.targets.induction import phase_change_step, train_induction
+    from tspd.targets.induction import phase_change_step, train_from_config
 
-    task = InductionTask(tcfg.n_tokens, tcfg.seq_len)
-    model, history = train_induction(
-        task, tcfg.d_model, tcfg.batch_size, tcfg.lr, tcfg.weight_decay, tcfg.warmup_steps, tcfg.max_steps,
-        tcfg.target_accuracy, seed=tcfg.seed, progress=True,
-    )
+    model, history = train_from_config(tcfg, progress=True)
     final = history[-1] if history else {}
     summary = {"phase_change_step": phase_change_step(history), "final": final, "history": history}
     atomic_write_bytes(out / "target_history.json", lambda p: Path(p).write_text(json.dumps(summary, indent=1)))
@@ -98,6 +126,8 @@ def evaluate_run(run_dir: str | Path) -> dict:
     data = build_data(cfg.data, cfg.target, cfg.train.batch_size, cfg.seed)
     batches = DataStream(data, cfg.train.eval_batches).eval_batches
     result = {"eval": evaluate(dec, batches)}
+    if cfg.target is not None and cfg.target.kind == "induction":
+        result["induction"] = induction_analysis(run_dir, dec)
     if cfg.target is not None and cfg.target.kind == "tms":
         from tspd.analysis.tms import tms_metrics
         from tspd.report.figures import tms_figure
@@ -106,6 +136,82 @@ def evaluate_run(run_dir: str | Path) -> dict:
         tms_figure(dec, batches, run_dir / "tms_subcomponents.png")
     atomic_write_bytes(run_dir / "results.json", lambda p: Path(p).write_text(json.dumps(result, indent=2)))
     return result
+
+
+def _write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2)))
+
+
+def census_run(run_dir: str | Path, dec: Decomposition | None = None, n_sequences: int = 2000) -> dict:
+    """The circuit census of an induction run: writes census.json and census_heatmap.png."""
+    from tspd.analysis.induction import census
+    from tspd.report.figures import census_figure
+
+    run_dir = Path(run_dir)
+    dec = dec or load(run_dir)
+    table = census(dec, n_sequences=n_sequences, seed=dec.config.seed)
+    _write_json(run_dir / "census.json", table)
+    census_figure(table, run_dir / "census_heatmap.png")
+    return table
+
+
+def causal_run(run_dir: str | Path, dec: Decomposition | None = None, table: dict | None = None) -> dict:
+    """Ablate each site's active subcomponents: writes causal.json and causal_check.png."""
+    from tspd.analysis.induction import causal_check
+    from tspd.report.figures import causal_figure
+
+    run_dir = Path(run_dir)
+    dec = dec or load(run_dir)
+    table = table or json.loads((run_dir / "census.json").read_text())
+    check = causal_check(dec, table, seed=dec.config.seed)
+    _write_json(run_dir / "causal.json", check)
+    causal_figure(check, run_dir / "causal_check.png")
+    return check
+
+
+def baseline_run(run_dir: str | Path, dec: Decomposition | None = None, table: dict | None = None) -> dict:
+    """The greedy rank-1 SVD baseline at SPD's CI-masked KL: writes baseline.json and baseline.png.
+    Runs the census first when the run folder has no census.json."""
+    from tspd.analysis.induction import svd_baseline
+    from tspd.report.figures import baseline_figure
+
+    run_dir = Path(run_dir)
+    dec = dec or load(run_dir)
+    if table is None:
+        census_path = run_dir / "census.json"
+        table = json.loads(census_path.read_text()) if census_path.exists() else census_run(run_dir, dec)
+    result = svd_baseline(dec, table["recon_kl_ci_masked"], seed=dec.config.seed, progress=True)
+    result["spd_active_per_token"] = table["active_per_token"]
+    result["spd_active_per_input"] = table["active_per_input"]
+    result["spd_total_distinct"] = table["total_distinct"]
+    needed = result["pieces_needed"]
+    result["spd_fewer_per_input"] = needed is None or table["active_per_input"] < needed
+    _write_json(run_dir / "baseline.json", result)
+    baseline_figure(result, table, run_dir / "baseline.png")
+    return result
+
+
+def induction_analysis(run_dir: str | Path, dec: Decomposition | None = None) -> dict:
+    """Census, causal check, SVD baseline and report.html for an induction run."""
+    from tspd.analysis.induction import check_circuit
+    from tspd.report.induction import induction_report
+
+    run_dir = Path(run_dir)
+    dec = dec or load(run_dir)
+    table = census_run(run_dir, dec)
+    check = causal_run(run_dir, dec, table)
+    baseline = baseline_run(run_dir, dec, table)
+    checks = check_circuit(table)
+    induction_report(run_dir)
+    return {
+        "circuit_checks": checks,
+        "circuit_recovered": all(checks.values()),
+        "total_distinct": table["total_distinct"],
+        "accuracy": table["accuracy"],
+        "svd_pieces_needed": baseline["pieces_needed"],
+        "spd_active_per_input": table["active_per_input"],
+        "causal_accuracy_after_ablation": {s: r["active"]["accuracy"] for s, r in check["sites"].items()},
+    }
 
 
 def run_experiment(recipe: str | Path, out: str | Path, overrides: list[str] | None = None, resume: bool = False) -> dict:

@@ -18,7 +18,7 @@ def build_target(cfg, train: bool = True) -> nn.Module:
         )
     if cfg.kind == "induction":
         from tspd.data.induction import InductionTask
-        from tspd.targets.induction import InductionTransformer, train_induction
+        from tspd.targets.induction import InductionTransformer, train_from_config
 
         task = InductionTask(cfg.n_tokens, cfg.seq_len)
         if not train:
@@ -34,10 +34,7 @@ def build_target(cfg, train: bool = True) -> nn.Module:
             model = InductionTransformer(task.vocab_size, cfg.d_model, 2, cfg.seq_len)
             model.load_state_dict(load_file(path))
             return model
-        model, _ = train_induction(
-            task, cfg.d_model, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.max_steps,
-            cfg.target_accuracy, seed=cfg.seed, progress=True,
-        )
+        model, _ = train_from_config(cfg, progress=True)
         return model
     raise ValueError(f"unknown target kind {cfg.kind!r}")
 

@@ -1,8 +1,11 @@
 """The toy induction-head transformer of SPEC §6.1.
 
 2 layers, 1 head each, d_model 16, attention only (no MLP, no LayerNorm). Positions enter the
-queries and keys only: q_n = q_proj(x_n) + P_q[n], k_n = k_proj(x_n) + P_k[n]; the residual stream
-carries token information alone, so a layer-0 site's input at position n is the token embedding.
+queries and keys only, Shortformer style (position-infused attention, Press et al. 2021): each layer
+has a learned position embedding P added to the *inputs* of the query and key projections,
+q_n = q_proj(x_n + P[n]), k_n = k_proj(x_n + P[n]), v_n = v_proj(x_n). The residual stream carries
+token information alone; the Q and K weights therefore process the positional signal, which is why
+the paper finds Q0 active at M (the previous-token query).
 """
 
 from __future__ import annotations
@@ -21,15 +24,15 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d_model, d_model, bias=False)
         self.v_proj = nn.Linear(d_model, d_model, bias=False)
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
-        self.pos_q = nn.Parameter(torch.randn(seq_len, d_model) * 0.1)
-        self.pos_k = nn.Parameter(torch.randn(seq_len, d_model) * 0.1)
+        self.pos = nn.Parameter(torch.randn(seq_len, d_model) * 0.1)
         self.last_pattern: Tensor | None = None
         self.record_pattern = False
 
     def forward(self, x: Tensor) -> Tensor:
         T = x.shape[1]
-        q = self.q_proj(x) + self.pos_q[:T]
-        k = self.k_proj(x) + self.pos_k[:T]
+        xp = x + self.pos[:T]
+        q = self.q_proj(xp)
+        k = self.k_proj(xp)
         v = self.v_proj(x)
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
@@ -84,19 +87,21 @@ def last_position_loss_and_accuracy(logits: Tensor, labels: Tensor) -> tuple[Ten
 def train_induction(
     task=None,
     d_model: int = 16,
-    batch_size: int = 256,
-    lr: float = 1e-3,
+    batch_size: int = 128,
+    lr: float = 3e-3,
     weight_decay: float = 0.01,
     warmup_steps: int = 200,
     max_steps: int = 30000,
     target_accuracy: float = 0.99,
-    eval_every: int = 100,
+    settle_steps: int = 1000,
+    eval_every: int = 50,
     eval_size: int = 2000,
     seed: int = 0,
     progress: bool = False,
 ) -> tuple[InductionTransformer, list[dict]]:
     """Train with AdamW on the last-position loss until held-out last-position accuracy reaches
-    `target_accuracy` (checked every `eval_every` steps). Returns the model and its history."""
+    `target_accuracy` (checked every `eval_every` steps), then `settle_steps` more steps with the lr
+    decaying linearly to zero (capped by `max_steps`). Returns the model and its history (held-out loss and accuracy per evaluation)."""
     from tqdm import tqdm
 
     from tspd.data.induction import InductionTask
@@ -108,23 +113,39 @@ def train_induction(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     eval_tokens, eval_labels, _ = task.sample(eval_size, generator(seed, 0, 505))
     history: list[dict] = []
+    stop_at = max_steps
     bar = tqdm(range(max_steps), disable=not progress, desc="induction target")
     for step in bar:
+        if step >= stop_at:
+            break
+        scale = min(1.0, (step + 1) / max(warmup_steps, 1))
+        if stop_at < max_steps:  # settling: linear decay to zero sharpens and stabilises the solution
+            scale *= (stop_at - step) / (settle_steps + 1)
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / max(warmup_steps, 1))
+            group["lr"] = lr * scale
         tokens, labels, _ = task.sample(batch_size, generator(seed, step, 506))
         loss, acc = last_position_loss_and_accuracy(model(tokens), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if (step + 1) % eval_every == 0:
+        if (step + 1) % eval_every == 0 or step + 1 == stop_at:
             with torch.no_grad():
                 eval_loss, eval_acc = last_position_loss_and_accuracy(model(eval_tokens), eval_labels)
             history.append({"step": step + 1, "loss": float(eval_loss), "accuracy": float(eval_acc)})
             bar.set_postfix(loss=f"{float(eval_loss):.3f}", acc=f"{float(eval_acc):.3f}")
-            if eval_acc >= target_accuracy:
-                break
+            if eval_acc >= target_accuracy and stop_at == max_steps:
+                stop_at = min(max_steps, step + 1 + settle_steps)
     return model, history
+
+
+def train_from_config(cfg, progress: bool = False) -> tuple[InductionTransformer, list[dict]]:
+    """`train_induction` with the settings of an `InductionTargetConfig`."""
+    from tspd.data.induction import InductionTask
+
+    return train_induction(
+        InductionTask(cfg.n_tokens, cfg.seq_len), cfg.d_model, cfg.batch_size, cfg.lr, cfg.weight_decay,
+        cfg.warmup_steps, cfg.max_steps, cfg.target_accuracy, cfg.settle_steps, seed=cfg.seed, progress=progress,
+    )
 
 
 def phase_change_step(history: list[dict]) -> int | None:

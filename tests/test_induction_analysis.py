@@ -1,0 +1,111 @@
+"""The circuit census, its acceptance checks, the causal check, the SVD baseline and the one-command
+induction run (issue 4), on tiny settings."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from tspd.analysis.induction import EXPECTED_ROLE, check_circuit, count_active, pattern_kl
+from tspd.data.induction import ROLES
+
+
+def test_count_active_on_a_hand_built_ci_tensor():
+    # 2 sequences x 4 positions x 3 subcomponents; roles: other, first_s, m, final_s
+    roles = torch.tensor([[3, 0, 1, 2], [3, 0, 1, 2]])
+    ci = torch.zeros(2, 4, 3)
+    ci[:, 1, 0] = 0.9          # subcomponent 0 active at first_s in both sequences
+    ci[0, 2, 1] = 0.7          # subcomponent 1 active at m in one sequence of two
+    ci[0, 2, 2] = 0.5          # exactly at the threshold: not active (CI > threshold)
+    ci[1, 0, 2] = 0.2          # below threshold
+    mean, ever = count_active(ci, roles, threshold=0.5)
+    assert mean.tolist() == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    assert ever.tolist() == [True, True, False]
+
+
+def test_count_active_marks_a_missing_role_as_nan():
+    mean, _ = count_active(torch.ones(1, 2, 2), torch.tensor([[3, 3]]), threshold=0.5)
+    assert math.isnan(float(mean[0])) and float(mean[3]) == 2.0
+
+
+def _table(mean_active, distinct, total, acc=(1.0, 0.995)):
+    sites = {}
+    for s, role in EXPECTED_ROLE.items():
+        m = {r: 0.0 for r in ROLES}
+        m[role] = mean_active
+        sites[s] = {"mean_active": m, "distinct_active": distinct}
+    return {"sites": sites, "total_distinct": total, "accuracy": {"target": acc[0], "ci_masked": acc[1]}}
+
+
+def test_check_circuit_passes_the_paper_table_and_names_each_failure():
+    table = _table(1.0, 1, 16)
+    table["sites"]["blocks.1.attn.v_proj"]["mean_active"]["m"] = 5.0
+    assert all(check_circuit(table).values())
+    bad = _table(1.0, 3, 40, acc=(1.0, 0.95))
+    bad["sites"]["blocks.0.attn.q_proj"]["mean_active"]["other"] = 0.5
+    failed = {k for k, v in check_circuit(bad).items() if not v}
+    assert "blocks.0.attn.q_proj: other roles <= 0.25" in failed
+    assert "blocks.0.attn.k_proj: <= 2 distinct" in failed
+    assert "total distinct <= 30" in failed
+    assert "CI-masked accuracy within 1 point" in failed
+    # V1 needs mean active >= 1 at m, not 0.9
+    assert "blocks.1.attn.v_proj: expected role m" in failed
+
+
+def test_pattern_kl_is_zero_for_equal_patterns_and_positive_otherwise():
+    p = torch.softmax(torch.randn(3, 5, 5), -1)
+    q = torch.softmax(torch.randn(3, 5, 5), -1)
+    assert pattern_kl(p, p) == pytest.approx(0.0, abs=1e-6)
+    assert pattern_kl(p, q) > 0.01
+
+
+TINY = [
+    "target.n_tokens=8", "target.seq_len=8", "target.d_model=8", "target.max_steps=30", "target.target_accuracy=0.01",
+    "target.settle_steps=0", "sites.0.C=4", "sites.1.C=4", "sites.2.C=4", "ci.hidden=[4]", "ci.attention.d_attn=4",
+    "train.steps=4", "train.batch_size=8", "train.eval_every=4", "train.eval_batches=1", "train.checkpoint_every=4",
+    "train.faithfulness_warmup_steps=2", "train.log_every=2",
+]
+
+
+def test_run_induction_writes_every_artifact(tmp_path):
+    from tspd.cli import main
+
+    out = tmp_path / "run"
+    args = ["run", "induction", "--out", str(out), "--seed", "3"]
+    for kv in TINY:
+        args += ["--set", kv]
+    assert main(args) == 0
+    for name in ["config.yaml", "decomposition.safetensors", "target.safetensors", "target_history.json",
+                 "target_loss_curve.png", "census.json", "census_heatmap.png", "causal.json", "causal_check.png",
+                 "baseline.json", "baseline.png", "training_curves.png", "report.html", "results.json"]:
+        assert (out / name).exists(), name
+    census = json.loads((out / "census.json").read_text())
+    assert census["threshold"] == 0.5 and census["roles"] == list(ROLES)
+    assert set(census["sites"]) == set(EXPECTED_ROLE)
+    assert census["n_sequences"] >= 2000
+    assert set(census["attention_kl"]) == {"layer_0", "layer_1"}
+    for row in census["sites"].values():
+        assert set(row["mean_active"]) == set(ROLES)
+        assert row["distinct_active"] == len(row["active_ids"]) <= 4
+    assert census["total_distinct"] == sum(r["distinct_active"] for r in census["sites"].values())
+    baseline = json.loads((out / "baseline.json").read_text())
+    assert [c["pieces"] for c in baseline["curve"]] == list(range(len(baseline["curve"])))
+    if baseline["matched"]:
+        assert baseline["final_kl"] <= baseline["spd_kl"] < baseline["curve"][0]["kl"]
+        assert baseline["pieces_needed"] == len(baseline["curve"]) - 1
+    assert baseline["available_pieces"] == 6 * 8
+    html = (out / "report.html").read_text()
+    assert "Circuit census" in html and "data:image/png;base64," in html and "SVD" in html
+    cfg = (out / "config.yaml").read_text()
+    assert "seed: 3" in cfg
+
+
+def test_census_refuses_a_non_induction_run(tmp_path, capsys):
+    from tspd.cli import main
+
+    out = tmp_path / "tms"
+    assert main(["decompose", "tms-5-2", "--out", str(out), "--set", "train.steps=2", "--set", "target.train_steps=2",
+                 "--set", "train.eval_every=2", "--set", "train.batch_size=8"]) == 0
+    assert main(["census", str(out)]) == 2
+    assert "induction" in capsys.readouterr().err
