@@ -42,14 +42,15 @@ def test_check_circuit_passes_the_paper_table_and_names_each_failure():
     table = _table(1.0, 1, 16)
     table["sites"]["blocks.1.attn.v_proj"]["mean_active"]["m"] = 5.0
     assert all(check_circuit(table).values())
-    bad = _table(1.0, 3, 40, acc=(1.0, 0.95))
+    bad = _table(0.95, 3, 40, acc=(1.0, 0.95))
     bad["sites"]["blocks.0.attn.q_proj"]["mean_active"]["other"] = 0.5
     failed = {k for k, v in check_circuit(bad).items() if not v}
     assert "blocks.0.attn.q_proj: other roles <= 0.25" in failed
     assert "blocks.0.attn.k_proj: <= 2 distinct" in failed
     assert "total distinct <= 30" in failed
     assert "CI-masked accuracy within 1 point" in failed
-    # V1 needs mean active >= 1 at m, not 0.9
+    # 0.95 at the expected role passes for Q0..K1 (>= 0.9) but not for V1 (>= 1)
+    assert "blocks.0.attn.k_proj: expected role first_s" not in failed
     assert "blocks.1.attn.v_proj: expected role m" in failed
 
 
@@ -92,7 +93,7 @@ def test_run_induction_writes_every_artifact(tmp_path):
     baseline = json.loads((out / "baseline.json").read_text())
     assert [c["pieces"] for c in baseline["curve"]] == list(range(len(baseline["curve"])))
     if baseline["matched"]:
-        assert baseline["final_kl"] <= baseline["spd_kl"] < baseline["curve"][0]["kl"]
+        assert baseline["final_kl"] <= baseline["spd_kl"]
         assert baseline["pieces_needed"] == len(baseline["curve"]) - 1
     assert baseline["available_pieces"] == 6 * 8
     html = (out / "report.html").read_text()
@@ -109,3 +110,28 @@ def test_census_refuses_a_non_induction_run(tmp_path, capsys):
                  "--set", "train.eval_every=2", "--set", "train.batch_size=8"]) == 0
     assert main(["census", str(out)]) == 2
     assert "induction" in capsys.readouterr().err
+
+
+def test_svd_baseline_with_every_piece_is_the_target():
+    """Asked for a KL no approximation reaches, the greedy baseline adds every singular piece of
+    every site, and the sum of all of them is the weight itself: KL ~ 0 at the end, and the target's
+    weights are restored afterwards."""
+    from tspd.analysis.induction import svd_baseline
+    from tspd.cli import CONFIGS_DIR
+    from tspd.config import RunConfig
+    from tspd.decomposition import Decomposition
+    from tspd.targets.induction import InductionTransformer
+
+    cfg = RunConfig.from_yaml(CONFIGS_DIR / "induction.yaml", [kv for kv in TINY if kv.startswith(("target.", "sites.", "ci."))])
+    torch.manual_seed(0)
+    target = InductionTransformer(vocab_size=10, d_model=8, seq_len=8)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    dec = Decomposition(target, cfg)
+    result = svd_baseline(dec, spd_kl=-1.0, n_sequences=64)
+    assert not result["matched"] and result["pieces_needed"] is None
+    assert len(result["curve"]) == 1 + 6 * 8
+    assert result["curve"][0]["kl"] > 1e-3
+    assert result["final_kl"] < 1e-8
+    assert sorted(result["pieces_per_site"].values()) == [8] * 6
+    for k, v in target.state_dict().items():
+        assert torch.equal(v, before[k]), k

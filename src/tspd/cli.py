@@ -80,7 +80,8 @@ def cmd_census(args: argparse.Namespace) -> None:
     print(f"total distinct {table['total_distinct']}; active per token {table['active_per_token']:.3f}, per sequence "
           f"{table['active_per_input']:.2f}")
     print(f"faithfulness {table['faithfulness']:.3g}; KL CI-masked {table['recon_kl_ci_masked']:.3g}, stochastic "
-          f"{table['recon_kl_stochastic']:.3g}; attention KL {table['attention_kl']}")
+          f"{table['recon_kl_stochastic']:.3g}")
+    print(f"attention-pattern KL, all rows {table['attention_kl']}; at the circuit's rows {table['attention_kl_circuit_rows']}")
     print(f"accuracy target {table['accuracy']['target']:.4f}, CI-masked {table['accuracy']['ci_masked']:.4f}")
     for name, ok in check_circuit(table).items():
         print(f"  [{'pass' if ok else 'FAIL'}] {name}")

@@ -86,6 +86,16 @@ def pattern_kl(p: Tensor, q: Tensor, eps: float = 1e-10) -> float:
     return float((p * ((p + eps).log() - (q + eps).log())).sum(-1).mean())
 
 
+def circuit_rows_kl(p: list[Tensor], q: list[Tensor], first_s: Tensor, eps: float = 1e-10) -> dict[str, float]:
+    """Pattern KL at the query rows the circuit uses: layer 0 at M, layer 1 at the final S."""
+    rows = torch.arange(first_s.shape[0])
+    out = {}
+    for layer, qpos in ((0, first_s + 1), (1, torch.full_like(first_s, -1))):
+        a, b = p[layer][rows, qpos], q[layer][rows, qpos]
+        out[f"layer_{layer}"] = float((a * ((a + eps).log() - (b + eps).log())).sum(-1).mean())
+    return out
+
+
 def _last_kl(target_logits: Tensor, logits: Tensor) -> float:
     lp, lq = target_logits[:, -1].log_softmax(-1), logits[:, -1].log_softmax(-1)
     return float((lp.exp() * (lp - lq)).sum(-1).mean())
@@ -119,6 +129,7 @@ def census(dec: Decomposition, n_sequences: int = 2000, batch: int = 500, seed: 
     acc = {"target": 0.0, "ci_masked": 0.0}
     kl = {"ci_masked": 0.0, "stochastic": 0.0}
     att_kl = [0.0, 0.0]
+    att_kl_rows = {"layer_0": 0.0, "layer_1": 0.0}
     att = {"target": {}, "ci_masked": {}}
     n_batches = math.ceil(n_sequences / batch)
     from tspd.losses import recon_passes
@@ -151,6 +162,8 @@ def census(dec: Decomposition, n_sequences: int = 2000, batch: int = 500, seed: 
         kl["stochastic"] += _last_kl(target_logits, stoch_logits) * w
         for layer in range(2):
             att_kl[layer] += pattern_kl(pats_t[layer], pats_m[layer]) * w
+        for k, v in circuit_rows_kl(pats_t, pats_m, fs).items():
+            att_kl_rows[k] += v * w
         for name, pats in (("target", pats_t), ("ci_masked", pats_m)):
             for k, v in _circuit_attention(pats, fs).items():
                 att[name][k] = att[name].get(k, 0.0) + v * w
@@ -176,6 +189,7 @@ def census(dec: Decomposition, n_sequences: int = 2000, batch: int = 500, seed: 
         "recon_kl_ci_masked": kl["ci_masked"],
         "recon_kl_stochastic": kl["stochastic"],
         "attention_kl": {f"layer_{i}": v for i, v in enumerate(att_kl)},
+        "attention_kl_circuit_rows": att_kl_rows,
         "accuracy": acc,
         "active_per_input": float(torch.cat(per_input).mean()),
         "active_per_token": float(torch.cat(per_token).mean()),

@@ -56,8 +56,10 @@ def induction_report(run_dir: str | Path) -> Path:
             ["faithfulness (mean squared weight error)", census["faithfulness"]],
             ["KL, CI-masked model (last position)", census["recon_kl_ci_masked"]],
             ["KL, stochastic masks (last position)", census["recon_kl_stochastic"]],
-            ["attention-pattern KL, layer 0", census["attention_kl"]["layer_0"]],
-            ["attention-pattern KL, layer 1", census["attention_kl"]["layer_1"]],
+            ["attention-pattern KL, layer 0 (all query positions)", census["attention_kl"]["layer_0"]],
+            ["attention-pattern KL, layer 1 (all query positions)", census["attention_kl"]["layer_1"]],
+            ["attention-pattern KL at M, layer 0", census["attention_kl_circuit_rows"]["layer_0"]],
+            ["attention-pattern KL at the final S, layer 1", census["attention_kl_circuit_rows"]["layer_1"]],
             ["accuracy, target", acc["target"]],
             ["accuracy, CI-masked model", acc["ci_masked"]],
         ])
