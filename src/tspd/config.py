@@ -131,7 +131,7 @@ class InductionTargetConfig(Strict):
     seq_len: int = Field(64, ge=4, description="sequence length")
     d_model: int = Field(16, gt=0, description="residual width")
     batch_size: int = Field(128, gt=0, description="batch of the target's training")
-    lr: float = Field(3e-3, gt=0, description="AdamW lr of the target's training (1e-3 needs ~12x more steps)")
+    lr: float = Field(3e-3, gt=0, description="AdamW lr of the target's training")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay of the target's training")
     warmup_steps: int = Field(200, ge=0, description="linear lr warm-up steps")
     max_steps: int = Field(30000, gt=0, description="give up after this many steps")
