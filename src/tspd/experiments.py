@@ -24,6 +24,10 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 TARGET_EXTRAS = ("target_history.json", "target_loss_curve.png")
 
 
+def _write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2)))
+
+
 def _target_settings(tcfg) -> dict:
     return {k: v for k, v in tcfg.model_dump().items() if k != "path"}
 
@@ -106,7 +110,7 @@ def _train_induction_target(tcfg, out: Path):
     model, history = train_from_config(tcfg, progress=True)
     final = history[-1] if history else {}
     summary = {"phase_change_step": phase_change_step(history), "final": final, "history": history}
-    atomic_write_bytes(out / "target_history.json", lambda p: Path(p).write_text(json.dumps(summary, indent=1)))
+    _write_json(out / "target_history.json", summary)
     loss_curve_figure(history, summary["phase_change_step"], out / "target_loss_curve.png")
     if final.get("accuracy", 0.0) < tcfg.target_accuracy:
         raise RuntimeError(
@@ -134,12 +138,8 @@ def evaluate_run(run_dir: str | Path) -> dict:
 
         result["tms"] = tms_metrics(dec, batches, "linear1")
         tms_figure(dec, batches, run_dir / "tms_subcomponents.png")
-    atomic_write_bytes(run_dir / "results.json", lambda p: Path(p).write_text(json.dumps(result, indent=2)))
+    _write_json(run_dir / "results.json", result)
     return result
-
-
-def _write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2)))
 
 
 def census_run(run_dir: str | Path, dec: Decomposition | None = None, n_sequences: int = 2000) -> dict:
@@ -222,5 +222,5 @@ def run_experiment(recipe: str | Path, out: str | Path, overrides: list[str] | N
     t1 = time.time()
     result = evaluate_run(out)
     result["seconds"] = {"decomposition": round(t1 - t0, 1), "analysis": round(time.time() - t1, 1)}
-    atomic_write_bytes(Path(out) / "results.json", lambda p: Path(p).write_text(json.dumps(result, indent=2)))
+    _write_json(Path(out) / "results.json", result)
     return result

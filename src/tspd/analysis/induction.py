@@ -16,7 +16,6 @@ import math
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tspd.config import ConfigError
@@ -60,14 +59,14 @@ def count_active(ci: Tensor, roles: Tensor, threshold: float, n_roles: int = len
 
 
 @contextlib.contextmanager
-def recording_patterns(model: nn.Module) -> Iterator[list]:
-    """Inside the block, every forward of the induction target appends its attention patterns."""
+def recording_patterns(model: nn.Module) -> Iterator[None]:
+    """Inside the block, each forward of the induction target leaves its attention patterns in
+    `block.attn.last_pattern` (the attention modules are never swapped, so masked passes record too)."""
     attns = [b.attn for b in model.blocks]
-    got: list = []
     for a in attns:
         a.record_pattern = True
     try:
-        yield got
+        yield
     finally:
         for a in attns:
             a.record_pattern = False
@@ -138,8 +137,7 @@ def census(dec: Decomposition, n_sequences: int = 2000, batch: int = 500, seed: 
         sl = slice(i * batch, (i + 1) * batch)
         tok, lab, fs, rl = tokens[sl], labels[sl], first_s[sl], roles[sl]
         w = tok.shape[0] / n_sequences
-        target_logits, pats_t = _forward_patterns(dec, lambda: dec.target(tok))
-        _, inputs = dec.run_target(tok)
+        (target_logits, inputs), pats_t = _forward_patterns(dec, lambda: dec.run_target(tok))
         ci, _ = dec.ci_from_logits(dec.ci_logits(inputs))
         union = torch.zeros(tok.shape[0])
         tok_count = torch.zeros(tok.shape)
