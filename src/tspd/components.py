@@ -7,7 +7,7 @@ with W ~ (V U)^T. A masked pass computes ((x V) * m) U + b and never materialise
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -91,23 +91,37 @@ class Components(nn.Module):
 
 
 @dataclass
-class SiteState:
-    """What the stand-in module does on its next call.
+class Segment:
+    """How a site treats `rows` consecutive examples of a (possibly stacked) batch.
 
-    mode 'record': run the original module and remember the input.
-    mode 'masked': masks (..., C) multiply the inner activations; routed (leading shape, bool) says
-    where the components replace the target weight (None: everywhere); delta_mask (leading shape)
-    scales the delta component when it is on.
+    masks None: the target weight. Otherwise masks (..., C) multiply the inner activations; routed
+    (leading shape, bool) says where the components replace the target weight (None: everywhere);
+    delta (leading shape) scales the delta component W - (VU)^T (None: no delta).
     """
 
-    mode: Literal["record", "masked"] = "record"
+    rows: int
     masks: Tensor | None = None
     routed: Tensor | None = None
-    delta_mask: Tensor | None = None
+    delta: Tensor | None = None
+
+
+@dataclass
+class SiteState:
+    """What the stand-in module does on its next call: 'record' runs the original module and keeps
+    the input; 'masked' runs each segment of the batch (split along dim 0) as its Segment says."""
+
+    mode: Literal["record", "masked"] = "record"
+    segments: list[Segment] = field(default_factory=list)
 
 
 class SiteModule(nn.Module):
-    """Stands in for a target module while a Decomposition runs a pass."""
+    """Stands in for a target module while a Decomposition runs a pass.
+
+    The masked output is computed as d * (x W^T) + ((x V) * (m - d)) U + b, which equals
+    ((x V) * m) U + b + d * x (W - (VU)^T)^T (the delta component with mask d) without forming the
+    delta matrix; where a row is not routed, d = 1 and m - d = 0 give x W^T + b exactly, with exactly
+    zero gradient to U and V, so mixed routing needs no gather or scatter.
+    """
 
     def __init__(self, original: nn.Module, kind: SiteKind, components: Components, use_delta: bool):
         super().__init__()
@@ -126,37 +140,38 @@ class SiteModule(nn.Module):
         if st.mode == "record":
             self.recorded = x
             return self.original(x)
-        lead = x.shape if self.kind == "embedding" else x.shape[:-1]
-        routed = st.routed
-        if routed is None or bool(routed.all()):
-            return self._component_out(x, st.masks, st.delta_mask)
-        if not bool(routed.any()):
-            return self.original(x)
-        # Mixed routing: component path on routed rows only, target path on the rest.
-        flat_r = routed.reshape(-1)
-        xf = x.reshape(-1) if self.kind == "embedding" else x.reshape(-1, x.shape[-1])
-        mf = st.masks.reshape(-1, st.masks.shape[-1])
-        df = None if st.delta_mask is None else st.delta_mask.reshape(-1)
-        idx_r = flat_r.nonzero().squeeze(1)
-        idx_t = (~flat_r).nonzero().squeeze(1)
-        out_r = self._component_out(xf[idx_r], mf[idx_r], None if df is None else df[idx_r])
-        out_t = self.original(xf[idx_t])
-        out = out_r.new_empty((flat_r.shape[0], out_r.shape[-1]))
-        out[idx_r] = out_r
-        out[idx_t] = out_t.to(out.dtype)
-        return out.reshape(*lead, out.shape[-1])
+        segs = st.segments
+        if len(segs) == 1:
+            return self._segment_out(x, segs[0])
+        parts = x.split([seg.rows for seg in segs])
+        return torch.cat([self._segment_out(xi, seg) for xi, seg in zip(parts, segs)])
 
-    def _component_out(self, x: Tensor, masks: Tensor, delta_mask: Tensor | None) -> Tensor:
-        comps = self.components
-        out = (comps.inner(x) * masks) @ comps.U
+    def _target_linear(self, x: Tensor) -> Tensor:
+        """x W^T without the bias."""
+        if self.kind == "embedding":
+            return F.embedding(x, self.original.weight)
+        return F.linear(x, target_weight(self.original, self.kind))
+
+    def _segment_out(self, x: Tensor, seg: Segment) -> Tensor:
+        if seg.masks is None:
+            return self.original(x)
+        delta = seg.delta if self.use_delta else None
+        routed = seg.routed
+        if routed is not None:
+            if bool(routed.all()):
+                routed = None
+            elif not bool(routed.any()):
+                return self.original(x)
+        if routed is not None:
+            d = torch.where(routed, delta if delta is not None else 0.0, 1.0).to(seg.masks.dtype)
+            coeff = (seg.masks - d.unsqueeze(-1)) * routed.unsqueeze(-1)
+        elif delta is not None:
+            d = delta
+            coeff = seg.masks - d.unsqueeze(-1)
+        else:
+            d, coeff = None, seg.masks
+        out = (self.components.inner(x) * coeff) @ self.components.U
+        if d is not None:
+            out = out + d.unsqueeze(-1) * self._target_linear(x)
         b = self.bias()
-        if b is not None:
-            out = out + b
-        if self.use_delta and delta_mask is not None:
-            delta = target_weight(self.original, self.kind) - comps.weight()
-            if self.kind == "embedding":
-                delta_out = F.embedding(x, delta.T)
-            else:
-                delta_out = F.linear(x, delta)
-            out = out + delta_mask.unsqueeze(-1) * delta_out
-        return out
+        return out if b is None else out + b

@@ -101,7 +101,13 @@ class TrainConfig(Strict):
     eval_batches: int = Field(4, gt=0, description="batches per evaluation")
     checkpoint_every: int = Field(500, gt=0, description="write a resumable checkpoint every N steps (and at the end)")
     stack_passes: bool = Field(True, description="run passes that differ only in masks/routing as one batched forward")
+    reuse_prefix: bool = Field(
+        True, description="masked passes replay the target's outputs of the blocks before their first routed site"
+    )
     threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch's default)")
+    autocast: Literal["bf16"] | None = Field(
+        None, description="run the target and masked passes under bf16 autocast (CPU or GPU); None: the target's dtype"
+    )
 
 
 class EvalConfig(Strict):

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from tspd.components import Components, SiteModule, SiteState, resolve_sites, site_kind, target_weight
+from tspd.components import Components, Segment, SiteModule, SiteState, resolve_sites, site_kind, target_weight
 from tspd.config import RunConfig
 from tspd.importance import CIFunction, lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
 from tspd.masks import Pass
@@ -115,6 +115,10 @@ class Decomposition(nn.Module):
             self.factors[_key(name)] = comps
             self.ci_fns[_key(name)] = ci_fn
             self._stand_ins[name] = SiteModule(module, kind, comps, config.masks.delta_component)
+        # Held outside the module tree (like the target), so parameters() never lists the target's.
+        self.__dict__["_block_list"], self._block_of = _find_block_list(target, self.site_names)
+        self._block_outputs: list[Any] | None = None
+        self._block_batch: Batch | None = None
         p = next(target.parameters(), None)
         if p is not None:
             self.to(device=p.device, dtype=p.dtype if p.is_floating_point() else None)
@@ -159,12 +163,27 @@ class Decomposition(nn.Module):
 
     # ---- passes --------------------------------------------------------------------------
     def run_target(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        """The target's output and every site's input, without gradients."""
+        """The target's output and every site's input, without gradients. Also records the outputs
+        of the blocks before the last site's block, which `run_passes` on this batch replays."""
+        self._block_outputs, self._block_batch = None, None
+        n_record = max(self._block_of.values()) if self._block_of and self.config.train.reuse_prefix else 0
+        recorders = [_Record(self._block_list[i]) for i in range(n_record)]
+        order: list[int] = []
         with torch.no_grad(), self._installed():
             for s in self._stand_ins.values():
                 s.state = SiteState(mode="record")
-            out = call_target(self.target, batch)
+            for i, r in enumerate(recorders):
+                r.on_call = lambda i=i: order.append(i)
+                self._block_list._modules[str(i)] = r
+            try:
+                out = call_target(self.target, batch)
+            finally:
+                for i, r in enumerate(recorders):
+                    self._block_list._modules[str(i)] = r.block
             inputs = {n: s.recorded for n, s in self._stand_ins.items()}
+        # Replay is sound only for blocks called once each, in order, before any later block.
+        if recorders and order == list(range(n_record)):
+            self._block_outputs, self._block_batch = [r.output for r in recorders], batch
         return out, inputs
 
     def ci_logits(self, site_inputs: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -175,7 +194,7 @@ class Decomposition(nn.Module):
             fn = self.ci_fns[_key(name)]
             if fn.uses_inner or self.site_kinds[name] == "embedding":
                 x = self.factors[_key(name)].inner(x)
-            z[name] = fn(x)
+            z[name] = fn(x).float()
         return z
 
     def ci_from_logits(self, z: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -194,42 +213,74 @@ class Decomposition(nn.Module):
 
     def run_pass(self, batch: Batch, p: Pass) -> Tensor:
         """One masked forward of the target (gradients flow to components and masks)."""
-        with self._installed():
-            for name, s in self._stand_ins.items():
-                if name in p.masks:
-                    s.state = SiteState("masked", p.masks[name], p.routed.get(name), p.delta.get(name))
-                else:
-                    s.state = SiteState("masked", None, torch.zeros((), dtype=torch.bool), None)
-            return call_target(self.target, batch)
+        return self._run_stacked(batch, [p], skip_blocks=0)
 
     def run_passes(self, batch: Batch, passes: list[Pass], stack: bool = True) -> list[Tensor]:
-        """Several masked passes; with `stack`, one forward over the batch repeated len(passes) times."""
+        """Several masked passes. With `stack`, passes run as one forward over the batch repeated,
+        grouped by the first block they route through: a group whose first routed site sits in
+        block j replays the target's outputs of blocks 0..j-1 instead of recomputing them."""
         if not stack or len(passes) == 1:
             return [self.run_pass(batch, p) for p in passes]
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(passes):
+            groups.setdefault(self._first_block(p), []).append(i)
+        outs: list[Tensor | None] = [None] * len(passes)
+        if self._block_batch is not batch:
+            groups = {0: list(range(len(passes)))}  # no recorded prefix for this batch
+        for j, idxs in groups.items():
+            group_out = self._run_stacked(batch, [passes[i] for i in idxs], skip_blocks=j)
+            for i, o in zip(idxs, group_out.chunk(len(idxs), dim=0)):
+                outs[i] = o
+        return outs  # type: ignore[return-value]
+
+    def _first_block(self, p: Pass) -> int:
+        """Index of the first block (of the target's block list) any site of `p` is routed in; 0
+        when the target has no block list or the pass routes nothing."""
+        if not self._block_of:
+            return 0
+        blocks = [self._block_of[s] for s in p.masks if self._routes_anywhere(p, s)]
+        return min(blocks) if blocks else 0
+
+    @staticmethod
+    def _routes_anywhere(p: Pass, site: str) -> bool:
+        r = p.routed.get(site)
+        return r is None or bool(r.any())
+
+    def _run_stacked(self, batch: Batch, passes: list[Pass], skip_blocks: int) -> Tensor:
         n = len(passes)
-        merged = Pass(masks={}, routed={}, delta={})
-        sites = [s for s in self.site_names if any(s in p.masks for p in passes)]
-        for s in sites:
-            like = next(p.masks[s] for p in passes if s in p.masks)
-            lead = like.shape[:-1]
-            masks, routed, delta = [], [], []
-            for p in passes:
-                present = s in p.masks
-                masks.append(p.masks[s] if present else torch.ones_like(like))
-                r = p.routed.get(s) if present else None
-                routed.append(
-                    torch.full(lead, present, dtype=torch.bool, device=like.device) if r is None else r.expand(lead)
-                )
-                d = p.delta.get(s) if present else None
-                # A pass without a delta mask for this site runs without the delta: mask 0.
-                delta.append(torch.zeros(lead, dtype=like.dtype, device=like.device) if d is None else d)
-            merged.masks[s] = torch.cat(masks)
-            routed_all = torch.cat(routed)
-            merged.routed[s] = None if bool(routed_all.all()) else routed_all
-            if self.config.masks.delta_component and any(s in p.delta for p in passes):
-                merged.delta[s] = torch.cat(delta)
-        out = self.run_pass(repeat_batch(batch, n), merged)
-        return list(out.chunk(n, dim=0))
+        rows = batch_size(batch)
+        with self._installed():
+            for name, s in self._stand_ins.items():
+                segments: list[Segment] = []
+                for p in passes:
+                    if name in p.masks:
+                        seg = Segment(rows, p.masks[name], p.routed.get(name), p.delta.get(name))
+                    else:
+                        seg = Segment(rows)
+                    if segments and seg.masks is None and segments[-1].masks is None:
+                        segments[-1].rows += rows  # merge neighbouring target-weight segments
+                    else:
+                        segments.append(seg)
+                s.state = SiteState("masked", segments)
+            replaced = self._replay_blocks(skip_blocks, n)
+            try:
+                return call_target(self.target, repeat_batch(batch, n))
+            finally:
+                for parent, child, original in replaced:
+                    parent._modules[child] = original
+
+    def _replay_blocks(self, count: int, n: int) -> list[tuple[nn.Module, str, nn.Module]]:
+        """Swap blocks 0..count-1 for modules returning the target run's recorded outputs."""
+        if count == 0:
+            return []
+        if self._block_outputs is None or len(self._block_outputs) < count:
+            raise RuntimeError("block outputs were not recorded: call run_target on this batch first")
+        swapped = []
+        for i in range(count):
+            parent, child = self._block_list, str(i)
+            swapped.append((parent, child, parent._modules[child]))
+            parent._modules[child] = _Replay(self._block_outputs[i], n)
+        return swapped
 
     def ones_pass(self, ci: dict[str, Tensor]) -> Pass:
         """Every subcomponent fully on (mask 1), delta fully on: the decomposed model's own output."""
@@ -296,6 +347,52 @@ class Decomposition(nn.Module):
         else:
             atomic_write_bytes(directory / "target_module.pt", lambda p: torch.save(self.target, p))
         return directory
+
+
+class _Record(nn.Module):
+    """Wraps a block during the target run and keeps its output."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.__dict__["block"] = block
+        self.output: Any = None
+        self.on_call = lambda: None
+
+    def forward(self, *args, **kwargs):
+        self.on_call()
+        self.output = self.block(*args, **kwargs)
+        return self.output
+
+
+class _Replay(nn.Module):
+    """Stands in for a block upstream of every routed site: returns the target run's output,
+    repeated for the stacked passes."""
+
+    def __init__(self, output: Any, n: int):
+        super().__init__()
+        self.output, self.n = output, n
+
+    def forward(self, *args, **kwargs):
+        if isinstance(self.output, tuple):
+            return tuple(repeat_batch(o, self.n) if isinstance(o, Tensor) else o for o in self.output)
+        return repeat_batch(self.output, self.n)
+
+
+def _find_block_list(target: nn.Module, sites: list[str]) -> tuple[nn.ModuleList | None, dict[str, int]]:
+    """The ModuleList of blocks holding every site (e.g. `transformer.h`, `model.layers`) and each
+    site's block index; (None, {}) when no single list holds them all."""
+    for name, module in target.named_modules():
+        if not isinstance(module, nn.ModuleList):
+            continue
+        prefix = f"{name}." if name else ""
+        block_of = {}
+        for s in sites:
+            head = s[len(prefix):].split(".")[0] if s.startswith(prefix) else ""
+            if head.isdigit():
+                block_of[s] = int(head)
+        if len(block_of) == len(sites):
+            return module, block_of
+    return None, {}
 
 
 def load(directory: str | Path, target: nn.Module | None = None) -> Decomposition:

@@ -6,6 +6,8 @@ several terms can be stacked along the batch dimension and run as one forward.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -27,16 +29,34 @@ def select_positions(t: Tensor, positions: list[int] | None) -> Tensor:
     return t[:, positions]
 
 
+class Reference:
+    """The target's output prepared once per step for every divergence against it.
+
+    KL(p || q) = sum p log p - sum p log q: the first term is the same for every pass, so each pass
+    costs one log_softmax, one product and one sum.
+    """
+
+    def __init__(self, target_out: Tensor, kind: str, positions: list[int] | None = None):
+        self.kind, self.positions = kind, positions
+        t = select_positions(target_out, positions).float()
+        if kind == "mse":
+            self.target = t
+        else:
+            log_p = t.log_softmax(-1)
+            self.p = log_p.exp()
+            self.neg_entropy = (self.p * log_p).sum(-1).mean()
+
+    def divergence(self, out: Tensor) -> Tensor:
+        out = select_positions(out, self.positions).float()
+        if self.kind == "mse":
+            return (out - self.target).pow(2).mean()
+        return self.neg_entropy - (self.p * out.log_softmax(-1)).sum(-1).mean()
+
+
 def divergence(target_out: Tensor, out: Tensor, kind: str, positions: list[int] | None = None) -> Tensor:
     """D(target, masked): KL(target || masked) summed over the last dim and averaged over the rest,
     or the MSE averaged over every entry. `positions` restricts dim 1 first."""
-    target_out = select_positions(target_out, positions).float()
-    out = select_positions(out, positions).float()
-    if kind == "mse":
-        return (out - target_out).pow(2).mean()
-    log_p = target_out.log_softmax(-1)
-    log_q = out.log_softmax(-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    return Reference(target_out, kind, positions).divergence(out)
 
 
 def importance_minimality(ci_upper: dict[str, Tensor], p: float, eps: float) -> Tensor:
@@ -116,8 +136,9 @@ def compute_losses(
     """All weighted terms for one step: (total, {term: value}, ci_lower). CI is computed once."""
     cfg = dec.config
     coeffs = cfg.losses
-    target_out, inputs = dec.run_target(batch)
-    ci_lower, ci_upper = dec.ci_from_logits(dec.ci_logits(inputs))
+    with autocast_for(cfg, dec.target):
+        target_out, inputs = dec.run_target(batch)
+        ci_lower, ci_upper = dec.ci_from_logits(dec.ci_logits(inputs))
     terms: dict[str, Tensor] = {}
     if coeffs.faithfulness > 0:
         terms["faithfulness"] = dec.faithfulness()
@@ -128,13 +149,11 @@ def compute_losses(
         all_passes += ps
         owners += [t] * len(ps)
     if all_passes:
-        outs = dec.run_passes(batch, all_passes, stack=cfg.train.stack_passes)
+        ref = Reference(target_out, cfg.output.divergence, cfg.output.positions)
+        with autocast_for(cfg, dec.target):
+            outs = dec.run_passes(batch, all_passes, stack=cfg.train.stack_passes)
         for t in active:
-            vals = [
-                divergence(target_out, o, cfg.output.divergence, cfg.output.positions)
-                for o, owner in zip(outs, owners)
-                if owner == t
-            ]
+            vals = [ref.divergence(o) for o, owner in zip(outs, owners) if owner == t]
             terms[t] = torch.stack(vals).mean()
     if coeffs.adversarial_recon > 0:
         terms["adversarial_recon"] = adversarial_recon(dec, batch, target_out, ci_lower, gen)
@@ -143,6 +162,28 @@ def compute_losses(
         terms["importance_minimality"] = importance_minimality(ci_upper, p, cfg.minimality.eps)
     total = sum(getattr(coeffs, t) * v for t, v in terms.items())
     return total, {t: float(v.detach()) for t, v in terms.items()}, ci_lower
+
+
+def forward_passes(dec: Decomposition) -> int:
+    """Forward passes of the target one step needs: the target run plus every masked pass."""
+    cfg, n_sites = dec.config, len(dec.site_names)
+    per_term = {
+        "stochastic_recon": cfg.masks.n_samples,
+        "stochastic_recon_layerwise": cfg.masks.n_samples * n_sites,
+        "stochastic_recon_subset": cfg.masks.n_samples,
+        "ci_masked_recon": 1,
+        "adversarial_recon": cfg.adversarial.n_steps + 1,
+    }
+    return 1 + sum(n for t, n in per_term.items() if getattr(cfg.losses, t) > 0)
+
+
+def autocast_for(cfg: RunConfig, model: torch.nn.Module):
+    """bf16 autocast on the model's device when train.autocast says so, else a no-op context."""
+    if cfg.train.autocast != "bf16":
+        return contextlib.nullcontext()
+    p = next(model.parameters(), None)
+    device_type = p.device.type if p is not None else "cpu"
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
 
 def l0(ci: Tensor, threshold: float) -> Tensor:

@@ -6,6 +6,7 @@ Routing says, per site, where the components replace the target weight in one pa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -22,21 +23,35 @@ class Pass:
     delta: dict[str, Tensor] = field(default_factory=dict)
 
 
+def uniform(shape: tuple[int, ...] | torch.Size, generator: torch.Generator, dtype: torch.dtype, device) -> Tensor:
+    """U(0, 1) on the 2^16-point grid (k + 1/2) / 2^16. On CPU it takes four values from each 64-bit
+    draw of torch.randint, ~3x faster than torch.rand's draw per element; masks need no finer grid."""
+    if torch.device(device).type != "cpu":
+        return torch.rand(shape, generator=generator, dtype=dtype, device=device)
+    n = math.prod(shape)
+    bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), generator=generator, dtype=torch.int64)
+    return bits.view(torch.int16)[:n].to(dtype).add_(2**15 + 0.5).mul_(2.0**-16).view(shape)
+
+
 def sample_sources(like: Tensor, kind: str, generator: torch.Generator) -> Tensor:
     """r in m = g + (1 - g) r."""
-    r = torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+    r = uniform(like.shape, generator, like.dtype, like.device)
     if kind == "binomial":
         r = (r < 0.5).to(like.dtype)
     return r
 
 
 def stochastic_masks(ci: dict[str, Tensor], kind: str, generator: torch.Generator) -> dict[str, Tensor]:
-    return {s: g + (1 - g) * sample_sources(g, kind, generator) for s, g in ci.items()}
+    """m = g + (1 - g) r, computed as lerp(r, 1, g): one fused op forward and backward."""
+    masks = {}
+    for s, g in ci.items():
+        masks[s] = torch.lerp(sample_sources(g, kind, generator), torch.ones((), dtype=g.dtype, device=g.device), g)
+    return masks
 
 
 def delta_masks(ci: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
     """One U(0, 1) scalar per (example, position) for each site's delta component."""
-    return {s: torch.rand(g.shape[:-1], generator=generator, dtype=g.dtype, device=g.device) for s, g in ci.items()}
+    return {s: uniform(g.shape[:-1], generator, g.dtype, g.device) for s, g in ci.items()}
 
 
 def subset_routing(

