@@ -22,14 +22,14 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from tspd.config import RunConfig
-from tspd.decomposition import Batch, Decomposition, call_target
+from tspd.decomposition import Batch, Decomposition, call_target, fused_equivalents, restore_modules, swap_modules
 from tspd.losses import autocast_for, compute_losses, forward_passes
 from tspd.seeding import generator
 from tspd.train import faithfulness_warmup, make_optimizer, optimizer_step, tune_cpu_allocator
@@ -60,7 +60,6 @@ class Case:
     build: Callable[[], tuple[torch.nn.Module, Batch, RunConfig]]
     reference_ms: float | None = None
     reference_rss_gb: float | None = None
-    tokens_per_batch: Callable[[Batch], int] = field(default=lambda b: b.numel())
 
 
 def _reference_config(sites: list[dict], ci: dict, batch_size: int, extra: dict | None = None) -> RunConfig:
@@ -95,23 +94,14 @@ def _induction_case(ci_kind: str, batch_size: int, with_o: bool = False) -> Call
     return build
 
 
-def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
-    """A randomly initialised GPT-2: 2 layers, 4 heads, d 128, vocab 1024, context 128."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=128, vocab_size=1024, n_positions=128, bos_token_id=0, eos_token_id=0)
-    model = GPT2LMHeadModel(cfg)
-    model.eval()
-    return model
-
-
 def _tiny_gpt2_case(autocast: str | None) -> Callable:
     def build():
         sites = [{"pattern": "transformer.h.*.mlp.c_fc", "C": 256}, {"pattern": "transformer.h.*.mlp.c_proj", "C": 256}]
         extra = {"train": {"autocast": autocast}} if autocast else None
         cfg = _reference_config(sites, {"kind": "shared_mlp", "hidden": [64]}, 8, extra)
         tokens = torch.randint(0, 1024, (8, 128), generator=generator(0, 2))
+        from tspd.targets.huggingface import tiny_gpt2
+
         return tiny_gpt2(), tokens, cfg
 
     return build
@@ -155,6 +145,7 @@ def _time_target_fwd_bwd(target: torch.nn.Module, batch: Batch, cfg: RunConfig, 
     for p, _ in flags:
         p.requires_grad_(True)
     times = []
+    swapped = swap_modules(target, fused_equivalents(target))  # the same fused modules SPD passes use
     try:
         for i in range(reps + 1):
             t0 = time.perf_counter()
@@ -165,6 +156,7 @@ def _time_target_fwd_bwd(target: torch.nn.Module, batch: Batch, cfg: RunConfig, 
             if i > 0:
                 times.append(time.perf_counter() - t0)
     finally:
+        restore_modules(swapped)
         for p, f in flags:
             p.requires_grad_(f)
     return 1000 * statistics.median(times)
@@ -195,13 +187,14 @@ def run_case(name: str, steps: int = 20, warmup: int = 3, threads: int | None = 
     ms = 1000 * statistics.median(times)
     fwd_bwd = _time_target_fwd_bwd(target, batch, cfg, reps=max(3, steps // 2))
     n_passes = forward_passes(dec)
-    tokens = case.tokens_per_batch(batch) if isinstance(batch, torch.Tensor) and batch.dim() > 1 else None
+    # Token ids: every id is a token; float inputs (TMS): one example is one "token".
+    tokens = batch.shape[0] if batch.is_floating_point() else batch.numel()
     row = {
         "case": name,
         "description": case.description,
         "ms_per_step": round(ms, 2),
         "ms_per_step_min": round(1000 * min(times), 2),
-        "tokens_per_s": round(tokens / (ms / 1000)) if tokens else None,
+        "tokens_per_s": round(tokens / (ms / 1000)),
         "peak_rss_gb": round(_peak_rss_gb(), 3),
         "target_fwd_bwd_ms": round(fwd_bwd, 2),
         "overhead_factor": round(ms / fwd_bwd, 2),

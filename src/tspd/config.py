@@ -72,7 +72,7 @@ class MinimalityConfig(Strict):
     p_end: float | None = Field(None, gt=0, description="exponent p at the end of the anneal (None: constant p_start)")
     anneal_start_frac: float = Field(0.0, ge=0, le=1, description="fraction of training where p starts moving")
     anneal_end_frac: float = Field(1.0, ge=0, le=1, description="fraction of training where p reaches p_end")
-    eps: float = Field(1e-12, ge=0, description="epsilon in (g + eps)^p")
+    eps: float = Field(1e-12, gt=0, description="epsilon in (g + eps)^p (> 0: the gradient of g^p at g = 0 is infinite for p < 1)")
 
 
 class AdversarialConfig(Strict):

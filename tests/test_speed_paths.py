@@ -1,0 +1,153 @@
+"""The fast paths of an SPD step compute what the plain ones do: block replay, fused modules, the
+custom minimality gradient, the 16-bit uniform sampler, bf16 autocast; and the benchmark harness runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_cfg, make_gpt2, set_exact_factors
+
+import tspd
+from tspd.losses import compute_losses, importance_minimality, recon_passes
+from tspd.masks import Pass, uniform
+from tspd.targets.induction import InductionTransformer
+
+
+def _induction_dec(delta: bool) -> tspd.Decomposition:
+    torch.manual_seed(0)
+    target = InductionTransformer(20, 8, 2, 12)
+    cfg = make_cfg(
+        [("blocks.*.attn.q_proj", 4), ("blocks.*.attn.v_proj", 4)],
+        ci={"kind": "shared_mlp", "hidden": [8]},
+        masks={"delta_component": delta},
+    )
+    return tspd.Decomposition(target, cfg)
+
+
+@pytest.mark.parametrize("delta", [False, True])
+def test_block_replay_matches_full_passes_and_skips_block_0(delta):
+    dec = _induction_dec(delta)
+    tokens = torch.randint(0, 20, (5, 12), generator=torch.Generator().manual_seed(1))
+    calls = []
+    dec.target.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+
+    def run(stack):
+        dec.zero_grad(set_to_none=True)
+        _, inputs = dec.run_target(tokens)
+        ci, _ = dec.ci_from_logits(dec.ci_logits(inputs))
+        gen = torch.Generator().manual_seed(2)
+        passes = recon_passes("stochastic_recon_layerwise", dec, ci, gen) + recon_passes("stochastic_recon", dec, ci, gen)
+        calls.clear()
+        outs = dec.run_passes(tokens, passes, stack=stack)
+        n_calls = len(calls)
+        sum(o.pow(2).mean() for o in outs).backward()
+        return outs, {n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None}, n_calls
+
+    stacked, g_stacked, calls_stacked = run(True)
+    single, g_single, calls_single = run(False)
+    assert calls_single == 5  # every pass runs block 0
+    assert calls_stacked == 1  # one stacked forward for the passes routed in block 0; block 1's replay it
+    for a, b in zip(stacked, single):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert g_stacked.keys() == g_single.keys() and len(g_single) >= 8
+    for n in g_single:
+        torch.testing.assert_close(g_stacked[n], g_single[n], rtol=1e-4, atol=1e-6)
+
+
+def test_unrouted_rows_give_target_output_and_zero_component_gradient():
+    """Mixed routing uses d = 1, m - d = 0 on unrouted rows: exactly the target, no gradient to U, V."""
+    dec = _induction_dec(True)
+    tokens = torch.randint(0, 20, (4, 12), generator=torch.Generator().manual_seed(3))
+    ci = dec.causal_importance(tokens)
+    routed = {s: torch.zeros(4, 12, dtype=torch.bool) for s in ci}
+    masks = {s: torch.rand_like(g) for s, g in ci.items()}
+    out = dec.run_pass(tokens, Pass(masks=masks, routed=routed, delta={s: torch.rand(4, 12) for s in ci}))
+    torch.testing.assert_close(out, dec.target(tokens), rtol=0, atol=1e-6)
+    routed["blocks.1.attn.v_proj"][0] = True  # one example routed: gradient flows, from it alone
+    out = dec.run_pass(tokens, Pass(masks=masks, routed=routed))
+    out[1:].sum().backward()
+    assert dec.component("blocks.1.attn.v_proj").U.grad.abs().max() == 0
+
+
+def test_fused_gelu_matches_gpt2_and_is_restored():
+    model = make_gpt2(0)
+    tokens = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    dec = tspd.Decomposition(model, make_cfg([("transformer.h.*.mlp.c_fc", 4)], masks={"delta_component": True}))
+    ci = dec.causal_importance(tokens)
+    out = dec.run_pass(tokens, dec.ones_pass(ci))
+    torch.testing.assert_close(out, model(tokens).logits, rtol=0, atol=2e-5)
+    assert type(model.transformer.h[0].mlp.act).__name__ == "NewGELUActivation"
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_hf_sites_reproduce_module_outputs_with_all_ones_masks(arch):
+    pytest.importorskip("transformers")
+    from tspd.targets.huggingface import tiny_gpt2, tiny_llama
+
+    if arch == "gpt2":
+        model = tiny_gpt2(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=16)
+        sites = [("transformer.h.*.mlp.c_fc", 140), ("transformer.h.*.attn.c_attn", 100)]
+    else:
+        model = tiny_llama(n_layer=2, d_model=32, d_ff=48, vocab_size=64)
+        sites = [("model.layers.*.mlp.down_proj", 40), ("model.layers.*.self_attn.q_proj", 40)]
+    tokens = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    expected = model(tokens).logits
+    dec = tspd.Decomposition(model, make_cfg(sites))
+    for s in dec.site_names:
+        set_exact_factors(dec, s)
+    ci = dec.causal_importance(tokens)
+    torch.testing.assert_close(dec.run_pass(tokens, dec.ones_pass(ci)), expected, rtol=1e-4, atol=1e-4)
+    assert len(dec.site_names) == 4
+
+
+def test_minimality_gradient_matches_autograd():
+    g = torch.rand(3, 4, 5, dtype=torch.float64).mul(1.5).requires_grad_(True)
+    p, eps = 0.7, 1e-6
+    importance_minimality({"a": g}, p, eps).backward()
+    reference = torch.autograd.grad((g + eps).pow(p).flatten(0, -2).mean(0).sum(), g)[0]
+    torch.testing.assert_close(g.grad, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_uniform_is_uniform_on_the_open_interval_and_seeded():
+    u = uniform((200_000,), torch.Generator().manual_seed(0), torch.float32, "cpu")
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.var()) - 1 / 12) < 0.002
+    hist = torch.histc(u, bins=10, min=0, max=1) / u.numel()
+    assert float((hist - 0.1).abs().max()) < 0.005
+    again = uniform((200_000,), torch.Generator().manual_seed(0), torch.float32, "cpu")
+    assert torch.equal(u, again)
+
+
+def test_bf16_autocast_losses_agree_with_fp32():
+    """Tolerance: every loss term within 5 % (relative) or 2e-3 (absolute) of its fp32 value."""
+    model = make_gpt2(0)
+    tokens = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    terms = {}
+    for autocast in (None, "bf16"):
+        cfg = make_cfg(
+            [("transformer.h.*.mlp.c_fc", 16), ("transformer.h.*.mlp.c_proj", 16)],
+            ci={"kind": "shared_mlp", "hidden": [16]},
+            masks={"delta_component": True},
+            losses={"stochastic_recon_subset": 1.0, "ci_masked_recon": 1.0},
+            train={"autocast": autocast},
+        )
+        dec = tspd.Decomposition(model, cfg)
+        _, terms[autocast], _ = compute_losses(dec, tokens, 0, torch.Generator().manual_seed(5))
+    assert terms[None].keys() == terms["bf16"].keys() and len(terms[None]) == 6
+    for k, v in terms[None].items():
+        assert abs(terms["bf16"][k] - v) <= max(0.05 * abs(v), 2e-3), (k, v, terms["bf16"][k])
+
+
+def test_bench_case_runs_and_reports(tmp_path):
+    from tspd.bench import run_all, run_case
+
+    row = run_case("tms-5-2", steps=2, warmup=1, threads=1)
+    assert row["ms_per_step"] > 0 and row["forward_passes"] == 4 and row["peak_rss_gb"] > 0
+    report = run_all(["tms-5-2"], steps=2, warmup=1, threads=1, out=tmp_path / "b.json", progress=lambda _: None)
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved == report and saved["machine"]["torch"] == torch.__version__
+    assert saved["results"][0]["case"] == "tms-5-2" and "error" not in saved["results"][0]
+    with pytest.raises(KeyError, match="unknown benchmark case"):
+        run_case("nope")
