@@ -121,6 +121,12 @@ def cmd_config_keys(args: argparse.Namespace) -> None:
         print(f"| `{key}` | `{default}` | {text} |")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from tspd.bench import main as bench_main
+
+    bench_main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tspd", description="Stochastic Parameter Decomposition for transformers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="induction runs: (re)write report.html from the run's JSON files")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("bench", help="time SPD steps on the standard cases (see benchmarks/README.md)", add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="--cases, --steps, --warmup, --threads, --out")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("config-keys", help="print every config key with its default and meaning (markdown)")
     p.set_defaults(func=cmd_config_keys)
