@@ -388,9 +388,14 @@ class _Replay(nn.Module):
         self.output, self.n = output, n
 
     def forward(self, *args, **kwargs):
+        # A copy even for n = 1: the recorded output is replayed again by later groups, so a
+        # downstream in-place op must never reach it.
+        def copy(o):
+            return repeat_batch(o, self.n) if self.n > 1 else o.clone()
+
         if isinstance(self.output, tuple):
-            return tuple(repeat_batch(o, self.n) if isinstance(o, Tensor) else o for o in self.output)
-        return repeat_batch(self.output, self.n)
+            return tuple(copy(o) if isinstance(o, Tensor) else o for o in self.output)
+        return copy(self.output)
 
 
 def _find_block_list(target: nn.Module, sites: list[str]) -> tuple[nn.ModuleList | None, dict[str, int]]:
