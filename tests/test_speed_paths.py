@@ -151,3 +151,10 @@ def test_bench_case_runs_and_reports(tmp_path):
     assert saved["results"][0]["case"] == "tms-5-2" and "error" not in saved["results"][0]
     with pytest.raises(KeyError, match="unknown benchmark case"):
         run_case("nope")
+
+
+def test_cli_bench_rejects_an_unknown_case(capsys):
+    from tspd.cli import main
+
+    assert main(["bench", "--cases", "nope", "--steps", "1"]) == 2
+    assert "unknown benchmark case 'nope'" in capsys.readouterr().err
