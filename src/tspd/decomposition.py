@@ -142,6 +142,8 @@ class Decomposition(nn.Module):
             self.factors[_key(name)] = comps
             self.ci_fns[_key(name)] = ci_fn
             self._stand_ins[name] = SiteModule(module, kind, comps, config.masks.delta_component)
+        # Found once, not per pass: the module walk would otherwise sit on every pass's hot path.
+        self.__dict__["_fused"] = fused_equivalents(target)
         # Held outside the module tree (like the target), so parameters() never lists the target's.
         self.__dict__["_block_list"], self._block_of = _find_block_list(target, self.site_names)
         self._block_outputs: list[Any] | None = None
@@ -161,7 +163,7 @@ class Decomposition(nn.Module):
             for p, _ in flags:
                 p.requires_grad_(False)
             target.eval()
-            swapped = swap_modules(target, list(self._stand_ins.items()) + fused_equivalents(target))
+            swapped = swap_modules(target, list(self._stand_ins.items()) + self._fused)
             yield
         finally:
             restore_modules(swapped)
@@ -242,11 +244,10 @@ class Decomposition(nn.Module):
         if not stack or len(passes) == 1:
             return [self.run_pass(batch, p) for p in passes]
         groups: dict[int, list[int]] = {}
+        replayable = self._block_batch is batch  # block outputs were recorded for this very batch
         for i, p in enumerate(passes):
-            groups.setdefault(self._first_block(p), []).append(i)
+            groups.setdefault(self._first_block(p) if replayable else 0, []).append(i)
         outs: list[Tensor | None] = [None] * len(passes)
-        if self._block_batch is not batch:
-            groups = {0: list(range(len(passes)))}  # no recorded prefix for this batch
         for j, idxs in groups.items():
             group_out = self._run_stacked(batch, [passes[i] for i in idxs], skip_blocks=j)
             for i, o in zip(idxs, group_out.chunk(len(idxs), dim=0)):
