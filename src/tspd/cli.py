@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from tspd import distributed
 from tspd.config import ConfigError, RunConfig
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -35,7 +36,8 @@ def cmd_decompose(args: argparse.Namespace) -> None:
             raise ConfigError("give a CONFIG.yaml (or --resume with an existing run folder)")
         cfg = RunConfig.from_yaml(_recipe(args.config), overrides)
     decompose_from_config(cfg, args.out, resume=args.resume)
-    print(f"decomposition written to {args.out}")
+    if distributed.world().main:
+        print(f"decomposition written to {args.out}")
 
 
 def cmd_train_target(args: argparse.Namespace) -> None:
@@ -56,6 +58,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     out = args.out or f"runs/{Path(args.experiment).stem}"
     t0 = time.time()
     result = run_experiment(_recipe(args.experiment), out, overrides, resume=args.resume)
+    if not distributed.world().main:  # under torchrun, rank 0 reports
+        return
     print(json.dumps(result, indent=2))
     print(f"done in {time.time() - t0:.0f} s; results in {out}")
 
@@ -193,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"tspd: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        distributed.leave()
     return 0
 
 

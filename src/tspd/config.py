@@ -104,7 +104,10 @@ class TrainConfig(Strict):
     reuse_prefix: bool = Field(
         True, description="masked passes replay the target's outputs of the blocks before their first routed site"
     )
-    threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch's default)")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads per process (None: torch's default)")
+    device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="where the CLI puts the target and the decomposition (under torchrun, cuda = the rank's local GPU)"
+    )
     autocast: Literal["bf16"] | None = Field(
         None, description="run the target and masked passes under bf16 autocast (CPU or GPU); None: the target's dtype"
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 from safetensors.torch import load_file
 
+from tspd import distributed
 from tspd.config import RunConfig, apply_overrides
 from tspd.decomposition import Decomposition, atomic_write_bytes, load, save_state
 from tspd.targets import build_data, build_target
@@ -61,25 +62,28 @@ def _target_for(cfg: RunConfig, out: Path):
             target = build_target(cfg.target, train=False)
             target.load_state_dict(load_file(folder / "target.safetensors"))
             for name in TARGET_EXTRAS:
-                if (folder / name).exists():
+                if (folder / name).exists() and distributed.world().main:
                     shutil.copyfile(folder / name, out / name)
         else:
             target = _train_induction_target(cfg.target, out)
     else:
         target = build_target(cfg.target)
-    save_state(target, path)
+    if distributed.world().main:
+        save_state(target, path)
     return target
 
 
-def decompose_from_config(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True) -> Decomposition:
-    """Build the config's target and data, then decompose into `out`."""
+def decompose_from_config(
+    cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True, stop_after: int | None = None
+) -> Decomposition:
+    """Build the config's target and data, then decompose into `out` (see tspd.train.decompose)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    target = _target_for(cfg, out)
+    target = _target_for(cfg, out).to(distributed.device_for(cfg.train.device))
     if cfg.data is None:
         raise ValueError("the config has no `data` section; the CLI needs one (the Python API takes a data source)")
     data = build_data(cfg.data, cfg.target, cfg.train.batch_size, cfg.seed)
-    return decompose(target, data, cfg, run_dir=out, resume=resume, progress=progress)
+    return decompose(target, data, cfg, run_dir=out, resume=resume, progress=progress, stop_after=stop_after)
 
 
 def train_target(recipe: str | Path, out: str | Path, seed: int | None = None, overrides: list[str] | None = None) -> Path:
@@ -110,8 +114,9 @@ def _train_induction_target(tcfg, out: Path):
     model, history = train_from_config(tcfg, progress=True)
     final = history[-1] if history else {}
     summary = {"phase_change_step": phase_change_step(history), "final": final, "history": history}
-    _write_json(out / "target_history.json", summary)
-    loss_curve_figure(history, summary["phase_change_step"], out / "target_loss_curve.png")
+    if distributed.world().main:  # every rank trains the same target; one writes it
+        _write_json(out / "target_history.json", summary)
+        loss_curve_figure(history, summary["phase_change_step"], out / "target_loss_curve.png")
     if final.get("accuracy", 0.0) < tcfg.target_accuracy:
         raise RuntimeError(
             f"the induction target reached accuracy {final.get('accuracy')} < {tcfg.target_accuracy} in "
@@ -220,6 +225,8 @@ def run_experiment(recipe: str | Path, out: str | Path, overrides: list[str] | N
     t0 = time.time()
     decompose_from_config(cfg, out, resume=resume)
     t1 = time.time()
+    if not distributed.world().main:
+        return {}
     result = evaluate_run(out)
     result["seconds"] = {"decomposition": round(t1 - t0, 1), "analysis": round(time.time() - t1, 1)}
     _write_json(Path(out) / "results.json", result)

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable
 import torch
 from tqdm import tqdm
 
+from tspd import distributed
 from tspd.analysis.metrics import evaluate
 from tspd.config import RunConfig
 from tspd.decomposition import Batch, Decomposition, atomic_write_bytes
@@ -117,6 +118,28 @@ def optimizer_step(dec: Decomposition, opt: torch.optim.Optimizer, total: torch.
     opt.step()
 
 
+class _Step(torch.nn.Module):
+    """One step's losses as a module call, so DistributedDataParallel can all-reduce its gradients."""
+
+    def __init__(self, dec: Decomposition):
+        super().__init__()
+        self.dec = dec
+
+    def forward(self, batch: Batch, step: int, gen: torch.Generator):
+        return compute_losses(self.dec, batch, step, gen)
+
+
+def _step_fn(dec: Decomposition, w: distributed.World, device: torch.device) -> torch.nn.Module:
+    if not w.parallel:
+        return _Step(dec)
+    from torch.nn.parallel import DistributedDataParallel
+
+    # The constructor broadcasts rank 0's parameters; the target is outside the module tree.
+    return DistributedDataParallel(
+        _Step(dec), device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False
+    )
+
+
 def _save_checkpoint(run_dir: Path, dec: Decomposition, opt: torch.optim.Optimizer, step: int) -> None:
     state = {
         "step": step,
@@ -164,7 +187,12 @@ def decompose(
     With `run_dir`, writes config.yaml, metrics.jsonl, eval.json, checkpoints and the final
     decomposition there; `resume=True` continues from the last checkpoint, bit-identically on CPU.
     `stop_after=k` stops (after checkpointing) once step k is done, as a kill would.
+    Under torchrun (several processes) it trains data-parallel: see tspd.distributed; rank 0
+    writes every file and every rank returns the same Decomposition.
     """
+    p = next(target.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    w = distributed.init(device)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     tune_cpu_allocator()
@@ -172,62 +200,74 @@ def decompose(
     dec = Decomposition(target, config)
     opt = make_optimizer(dec)
     run_path = Path(run_dir) if run_dir is not None else None
+    writes = run_path is not None and w.main
     start = 0
     if run_path is not None:
-        run_path.mkdir(parents=True, exist_ok=True)
         if resume and (run_path / CHECKPOINT).exists():
             start = _load_checkpoint(run_path, dec, opt)
         elif resume:
             raise FileNotFoundError(f"--resume given but {run_path / CHECKPOINT} does not exist; drop --resume to start")
+    if writes:
+        run_path.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(run_path / "config.yaml", lambda p: Path(p).write_text(config.to_yaml()))
         _truncate_metrics(run_path / METRICS, start)
     if start == 0:
         faithfulness_warmup(dec)
+    step_fn = _step_fn(dec, w, device)
     stream = DataStream(data, config.train.eval_batches, start)
-    eval_batches = stream.eval_batches
-    metrics_file = open(run_path / METRICS, "a") if run_path is not None else None
+    eval_batches = [distributed.to_device(b, device) for b in stream.eval_batches] if w.main else []
+    metrics_file = open(run_path / METRICS, "a") if writes else None
     t = config.train
     last_good = start
-    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=not progress, desc="spd", dynamic_ncols=True)
+    bar = tqdm(
+        range(start, t.steps), initial=start, total=t.steps, disable=not (progress and w.main), desc="spd", dynamic_ncols=True
+    )
+    # Each rank draws its own masks; a 1-process run keeps the stream it always had.
+    rank_stream = (w.rank,) if w.parallel else ()
     try:
         for step in bar:
             lr = lr_at(config, step)
             for group in opt.param_groups:
                 group["lr"] = lr
-            batch = stream.batch(step)
-            total, terms, ci = compute_losses(dec, batch, step, generator(config.seed, step, 202))
-            if not torch.isfinite(total):
+            batch = distributed.to_device(distributed.shard(stream.batch(step), w), device)
+            total, terms, ci = step_fn(batch, step, generator(config.seed, step, 202, *rank_stream))
+            loss = distributed.mean_over_ranks({"loss": float(total.detach())}, w, device)["loss"]
+            if not math.isfinite(loss):
                 has_ckpt = run_path is not None and (run_path / CHECKPOINT).exists()
                 where = f"; the last good checkpoint (step {last_good}) in {run_path} is intact" if has_ckpt else ""
                 raise TrainingDiverged(
-                    f"loss became {total.item()} at step {step} (terms: {terms}){where}. Lower train.lr, set "
+                    f"loss became {loss} at step {step} (terms: {terms}){where}. Lower train.lr, set "
                     "train.grad_clip, or check the data for NaN/Inf, then "
                     + ("resume with --resume." if has_ckpt else "start again.")
                 )
             optimizer_step(dec, opt, total)
             done = step + 1
             if step % t.log_every == 0 or done == t.steps:
-                row: dict[str, Any] = {"step": step, "lr": lr, "p": annealed_p(config, step), "loss": total.item(), **terms}
-                row["l0"] = {s: float(l0(g.detach(), config.eval.active_threshold)) for s, g in ci.items()}
+                l0s = {s: float(l0(g.detach(), config.eval.active_threshold)) for s, g in ci.items()}
+                terms = distributed.mean_over_ranks(terms, w, device)
+                row: dict[str, Any] = {"step": step, "lr": lr, "p": annealed_p(config, step), "loss": loss, **terms}
+                row["l0"] = distributed.mean_over_ranks(l0s, w, device)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()} | {"L0": f"{sum(row['l0'].values()):.1f}"})
                 if metrics_file:
                     metrics_file.write(json.dumps(row) + "\n")
                     metrics_file.flush()
-            if done % t.eval_every == 0 or done == t.steps:
+            if w.main and (done % t.eval_every == 0 or done == t.steps):
                 ev = evaluate(dec, eval_batches)
                 if metrics_file:
                     metrics_file.write(json.dumps({"step": step, "eval": ev}) + "\n")
                     metrics_file.flush()
                     atomic_write_bytes(run_path / "eval.json", lambda p: Path(p).write_text(json.dumps(ev, indent=2)))
-            if run_path is not None and (done % t.checkpoint_every == 0 or done == t.steps or done == stop_after):
+            if writes and (done % t.checkpoint_every == 0 or done == t.steps or done == stop_after):
                 _save_checkpoint(run_path, dec, opt, done)
                 last_good = done
             if stop_after is not None and done >= stop_after:
+                distributed.check_in_sync(list(dec.parameters()), w)
                 return dec
     finally:
         bar.close()
         if metrics_file:
             metrics_file.close()
-    if run_path is not None:
+    distributed.check_in_sync(list(dec.parameters()), w)
+    if writes:
         dec.save(run_path)
     return dec

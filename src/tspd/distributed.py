@@ -1,0 +1,118 @@
+"""Data-parallel training under torchrun: process group, batch shards, metric reduction.
+
+`torchrun --nproc_per_node=N -m tspd decompose CONFIG --out DIR` starts N processes; each calls
+`tspd.train.decompose`, which finds the torchrun environment here, joins the process group (gloo
+on CPU, NCCL on CUDA), wraps the step in DistributedDataParallel and takes rank `r`'s slice of
+every global batch. Every rank builds the same global batch from the step number, so a run with
+N ranks sees exactly the data of a 1-process run with the same `train.batch_size`; only the mask
+draws differ (each rank has its own stream). Outside torchrun every function here is a no-op.
+
+Example (2 CPU processes on one machine):
+    torchrun --standalone --nproc_per_node=2 -m tspd decompose induction --out runs/ddp
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from tspd.decomposition import Batch, batch_size
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """The rank that writes files and shows the progress bar."""
+        return self.rank == 0
+
+    @property
+    def parallel(self) -> bool:
+        return self.size > 1
+
+
+def world() -> World:
+    """This process's place in the torchrun job (rank 0 of 1 outside torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    size = int(os.environ.get("WORLD_SIZE", 1))
+    return World(int(os.environ.get("RANK", 0)), size, int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def device_for(requested: str) -> torch.device:
+    """`train.device` as a torch device; under torchrun, CUDA means this rank's local GPU."""
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device is 'cuda' but torch sees no CUDA device; set train.device=cpu")
+        return torch.device("cuda", world().local_rank)
+    return torch.device("cpu")
+
+
+def init(device: torch.device) -> World:
+    """Join the torchrun process group if this process is one of several and has not joined yet."""
+    w = world()
+    if not w.parallel or dist.is_initialized():
+        return w
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return world()
+
+
+def leave() -> None:
+    """Leave the process group, if this process joined one (the CLI calls it on exit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(batch: Batch, w: World) -> Batch:
+    """Rank `w.rank`'s contiguous slice of a global batch (the whole batch outside torchrun)."""
+    if not w.parallel:
+        return batch
+    n = batch_size(batch)
+    if n % w.size:
+        raise ValueError(
+            f"train.batch_size {n} does not split evenly over {w.size} processes; "
+            f"use a multiple of {w.size} (the global batch is divided among the ranks)"
+        )
+    per = n // w.size
+    lo = w.rank * per
+    if isinstance(batch, Tensor):
+        return batch[lo : lo + per]
+    return {k: v[lo : lo + per] for k, v in batch.items()}
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def mean_over_ranks(values: dict[str, float], w: World, device: torch.device) -> dict[str, float]:
+    """Average scalar metrics over the ranks (identity outside torchrun). Every rank must call it."""
+    if not w.parallel or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: float(v) / w.size for k, v in zip(keys, t.tolist())}
+
+
+def check_in_sync(params: list[Tensor], w: World) -> None:
+    """Raise if the ranks' parameters have drifted apart (they must stay bit-identical under DDP)."""
+    if not w.parallel:
+        return
+    local = torch.stack([p.detach().double().sum() for p in params]).cpu()
+    gathered: list[Tensor | None] = [None] * w.size
+    dist.all_gather_object(gathered, local)
+    for r, other in enumerate(gathered):
+        if not torch.equal(other, local):
+            raise RuntimeError(f"rank {w.rank}'s parameters differ from rank {r}'s: the DDP replicas drifted apart")

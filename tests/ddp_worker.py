@@ -1,0 +1,46 @@
+"""One rank of the 2-process DDP test (tests/test_distributed.py launches it with torchrun).
+
+Runs the tms-5-2 recipe through the library the CLI calls and saves what this rank saw: its final
+parameters, its step-0 batch slice and its step-0 stochastic masks, in OUT/rank<r>.pt.
+usage: ddp_worker.py OUT STEPS [STOP_AFTER] [--resume]
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+import tspd.losses
+import tspd.train
+from tspd import distributed
+from tspd.config import RunConfig
+from tspd.experiments import decompose_from_config
+
+out, steps = Path(sys.argv[1]), int(sys.argv[2])
+stop_after = int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] != "--resume" else None
+resume = "--resume" in sys.argv
+seen: dict[str, object] = {}
+
+real_masks, real_losses = tspd.losses.stochastic_masks, tspd.train.compute_losses
+
+
+def recording_masks(ci, kind, gen):
+    masks = real_masks(ci, kind, gen)
+    seen.setdefault("masks", {s: m.detach().clone() for s, m in masks.items()})
+    return masks
+
+
+def recording_losses(dec, batch, step, gen):
+    seen.setdefault("batch", batch.clone())
+    return real_losses(dec, batch, step, gen)
+
+
+tspd.losses.stochastic_masks = recording_masks
+tspd.train.compute_losses = recording_losses
+recipe = Path(__file__).resolve().parents[1] / "configs" / "tms-5-2.yaml"
+cfg = RunConfig.from_yaml(recipe, [f"train.steps={steps}", "train.checkpoint_every=5", "train.eval_every=1000"])
+dec = decompose_from_config(cfg, out, resume=resume, progress=False, stop_after=stop_after)
+w = distributed.world()
+state = {"params": {k: v.detach().clone() for k, v in dec.state_dict().items()}, **seen, "world": w.size}
+torch.save(state, out / f"rank{w.rank}.pt")
+distributed.leave()
