@@ -113,6 +113,34 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"written {induction_report(args.run_dir)}")
 
 
+def cmd_facts(args: argparse.Namespace) -> None:
+    from tspd.analysis import facts_study
+
+    if args.action == "screen":
+        r = facts_study.screen_model(args.model, args.out)
+        print(json.dumps({k: r[k] for k in ("overall", "accuracy", "by_template")}, indent=2))
+    elif args.action == "scan":
+        r = facts_study.scan_model(args.model, args.out)
+        print(f"MLP drop per layer: {[round(v, 3) for v in r['mlp']]}")
+        print(f"attention drop per layer: {[round(v, 3) for v in r['attn']]}")
+        print(f"largest MLP drop at layer {r['best_mlp_layer']}; scan.json and scan.png in {args.out}")
+    else:
+        if args.run_dir is None:
+            raise ConfigError("tspd facts ablate needs RUN_DIR (a finished language-model decomposition)")
+        r = facts_study.facts_ablate(args.run_dir, k=args.k)
+        f = r["faithfulness"]
+        print(f"faithfulness on held-out text: KL {f['kl_per_token']:.4f} nats/token, CE +{f['ce_increase']:.4f}, "
+              f"{f['active_per_token']:.1f} active/token")
+        for sport, row in r["sports"].items():
+            if "both" not in row:
+                print(f"{sport:18} skipped: {row['skipped']}")
+                continue
+            print(f"{sport:18} own {row['both']['target_effect']:7.3f}  others {row['both']['collateral_facts']:7.3f}  "
+                  f"random {row['random_target_effect']:7.3f}  svd {row['svd']['target_effect']:7.3f}  "
+                  f"text KL {row['text']['kl']:.4f}  {'PASS' if row['passes'] else 'fail'}")
+        print(f"facts.json, facts.html and figures in {args.run_dir}")
+
+
 def cmd_config_keys(args: argparse.Namespace) -> None:
     from tspd.config import InductionTargetConfig, TMSDataConfig, TMSTargetConfig, describe_keys
 
@@ -173,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     # Listed for --help only: main() hands `tspd bench ...` to the harness's parser (tspd.bench).
+    p = sub.add_parser("facts", help="the athlete -> sport facts study: screen, layer scan, ablation (SPEC 6.3)")
+    p.add_argument("action", choices=["screen", "scan", "ablate"])
+    p.add_argument("run_dir", nargs="?", help="ablate: the decomposition's run folder")
+    p.add_argument("--model", default="smollm2", help="screen/scan: smollm2, tiny-gpt2, tiny-llama or a model folder")
+    p.add_argument("--out", default="runs/facts", help="screen/scan: output folder")
+    p.add_argument("--k", type=int, default=4, help="ablate: at most this many subcomponents per sport")
+    p.set_defaults(func=cmd_facts)
     sub.add_parser("bench", help="time SPD steps on the standard cases (tspd bench --help; benchmarks/README.md)")
 
     p = sub.add_parser("config-keys", help="print every config key with its default and meaning (markdown)")

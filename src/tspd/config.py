@@ -154,8 +154,29 @@ class InductionDataConfig(Strict):
     kind: Literal["induction"] = "induction"
 
 
-TargetConfig = Annotated[Union[TMSTargetConfig, InductionTargetConfig], Field(discriminator="kind")]
-DataConfig = Annotated[Union[TMSDataConfig, InductionDataConfig], Field(discriminator="kind")]
+class HuggingFaceTargetConfig(Strict):
+    kind: Literal["huggingface"] = "huggingface"
+    model: str = Field(
+        description="'smollm2' (fetched offline, see `tspd assets`), 'tiny-gpt2' / 'tiny-llama' (random, for tests), "
+        "or a local Hugging Face folder (GPT-2 folders without tokenizer files get the offline GPT-2 tokenizer)"
+    )
+    seed: int = Field(0, description="init seed of the tiny random models")
+
+
+class TextDataConfig(Strict):
+    kind: Literal["text"] = "text"
+    source: str = Field("wiki", description="'wiki' (English Wikipedia lead sections, offline) or a .txt file or folder")
+    seq_len: int = Field(64, ge=2, description="tokens per chunk")
+    heldout_fraction: float = Field(0.1, gt=0, lt=1, description="documents kept out of training (evaluation text)")
+    facts_fraction: float = Field(
+        0.0, ge=0, le=1, description="share of each batch made of athlete -> sport sentences (discovery athletes only)"
+    )
+
+
+TargetConfig = Annotated[
+    Union[TMSTargetConfig, InductionTargetConfig, HuggingFaceTargetConfig], Field(discriminator="kind")
+]
+DataConfig = Annotated[Union[TMSDataConfig, InductionDataConfig, TextDataConfig], Field(discriminator="kind")]
 
 
 class RunConfig(Strict):

@@ -311,7 +311,8 @@ class Decomposition(nn.Module):
         positions: list[int] | Tensor | None = None,
         base: str = "ones",
     ) -> Tensor:
-        """Run the target with chosen subcomponents set to mask 0 at chosen positions (None: all).
+        """Run the target with chosen subcomponents set to mask 0 at chosen positions (None: all;
+        a list of positions for every example; or a bool (batch, positions) tensor per example).
 
         base='ones' keeps every other subcomponent at mask 1; base='ci' uses the CI as mask.
         Example: `dec.forward_with_ablation(tokens, {"blocks.0.attn.k_proj": [3]}, positions=[-1])`
@@ -326,10 +327,15 @@ class Decomposition(nn.Module):
                 p.masks = {s: g.clone() for s, g in ci.items()}
             elif base != "ones":
                 raise ValueError(f"base must be 'ones' or 'ci', got {base!r}")
+            where = positions if isinstance(positions, Tensor) and positions.dtype == torch.bool else None
             for s, idx in ablate.items():
                 m = p.masks[s]
                 if positions is None:
                     m[..., idx] = 0.0
+                elif where is not None:
+                    if where.shape != m.shape[:-1]:
+                        raise ValueError(f"positions mask has shape {tuple(where.shape)}; site {s} needs {tuple(m.shape[:-1])}")
+                    m[..., idx] = m[..., idx].masked_fill(where[..., None], 0.0)
                 else:
                     if m.dim() < 3:
                         raise ValueError(f"site {s} has no position dimension; pass positions=None")
@@ -358,8 +364,11 @@ class Decomposition(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(directory / "config.yaml", lambda p: Path(p).write_text(self.config.to_yaml()))
         save_state(self, directory / "decomposition.safetensors")
+        from tspd.targets import saved_with_run
+
         if self.config.target is not None:
-            save_state(self.target, directory / "target.safetensors")
+            if saved_with_run(self.config.target):
+                save_state(self.target, directory / "target.safetensors")
         else:
             atomic_write_bytes(directory / "target_module.pt", lambda p: torch.save(self.target, p))
         return directory
@@ -421,7 +430,7 @@ def load(directory: str | Path, target: nn.Module | None = None) -> Decompositio
 
     Example: `dec = tspd.load("runs/tms-5-2")`
     """
-    from tspd.targets import build_target
+    from tspd.targets import build_target, saved_with_run
 
     directory = Path(directory)
     if not (directory / "decomposition.safetensors").exists():
@@ -430,7 +439,8 @@ def load(directory: str | Path, target: nn.Module | None = None) -> Decompositio
     if target is None:
         if config.target is not None:
             target = build_target(config.target, train=False)
-            target.load_state_dict(load_file(directory / "target.safetensors"))
+            if saved_with_run(config.target):
+                target.load_state_dict(load_file(directory / "target.safetensors"))
         elif (directory / "target_module.pt").exists():
             target = torch.load(directory / "target_module.pt", weights_only=False)
         else:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tspd import distributed
 from tspd.config import RunConfig, apply_overrides
 from tspd.decomposition import Decomposition, atomic_write_bytes, load, save_state
-from tspd.targets import build_data, build_target
+from tspd.targets import build_data, build_target, saved_with_run
 from tspd.train import DataStream, decompose
 
 
@@ -50,6 +50,8 @@ def _target_for(cfg: RunConfig, out: Path):
 
     if cfg.target is None:
         raise ValueError("the config has no `target` section; the CLI needs one (the Python API takes a model)")
+    if not saved_with_run(cfg.target):
+        return build_target(cfg.target)
     path = out / "target.safetensors"
     if path.exists():
         target = build_target(cfg.target, train=False)

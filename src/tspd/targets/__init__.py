@@ -36,7 +36,17 @@ def build_target(cfg, train: bool = True) -> nn.Module:
             return model
         model, _ = train_from_config(cfg, progress=True)
         return model
+    if cfg.kind == "huggingface":
+        from tspd.targets.huggingface import load_lm
+
+        return load_lm(cfg.model, cfg.seed)[0]
     raise ValueError(f"unknown target kind {cfg.kind!r}")
+
+
+def saved_with_run(cfg) -> bool:
+    """Whether a run folder stores the target's weights. A Hugging Face target is named by the
+    config (a cached or local model, or a seeded tiny one), so its weights are not copied."""
+    return cfg is None or cfg.kind != "huggingface"
 
 
 def build_data(cfg, target_cfg, batch_size: int, seed: int):
@@ -49,4 +59,10 @@ def build_data(cfg, target_cfg, batch_size: int, seed: int):
         from tspd.data.induction import InductionData, InductionTask
 
         return InductionData(InductionTask(target_cfg.n_tokens, target_cfg.seq_len), batch_size, seed)
+    if cfg.kind == "text":
+        from tspd.data.mix import text_data
+
+        if target_cfg is None or target_cfg.kind != "huggingface":
+            raise ValueError("data kind 'text' needs a target of kind 'huggingface' (its tokenizer cuts the text)")
+        return text_data(cfg, target_cfg, batch_size, seed)
     raise ValueError(f"unknown data kind {cfg.kind!r}")

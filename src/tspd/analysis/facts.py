@@ -1,0 +1,324 @@
+"""The athlete -> sport facts study (SPEC §6.3; paper's Figures 3 and 4), on any causal LM.
+
+Prompts are "<template with an athlete's name>" and the answer is the sport's first token (with
+a leading space). A prompt is *right* when that token beats the other sports' tokens. The study:
+screen which prompts the model gets right, scan which layer holds the facts (remove a layer's
+contribution at the name tokens), then, on a decomposition of that layer, pick for each sport the
+subcomponents whose CI is high on its discovery athletes' names and low on other sports', ablate
+them at the name tokens of held-out athletes, and compare with random subcomponents and top
+singular directions of the same matrices at the same number of rank-1 pieces.
+
+Example:
+    >>> from tspd.analysis.facts import build_prompts
+    >>> # prompts = build_prompts(tokenizer, athletes, ["{name} plays the sport of"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from tspd.components import site_kind, target_weight
+from tspd.data.facts import Athlete
+from tspd.decomposition import Decomposition, call_target
+
+NAME_PARTS = ("first", "last", "both")
+
+
+@dataclass
+class TokenPrompt:
+    athlete: Athlete
+    template: str
+    ids: list[int]
+    first: list[int]  # token positions of the first name
+    last: list[int]  # token positions of the last name
+
+    @property
+    def text(self) -> str:
+        return self.template.format(name=self.athlete.name)
+
+
+@dataclass
+class PromptBatch:
+    """Right-padded token ids with the last real position and name-token masks of every prompt."""
+
+    ids: Tensor  # (n, T) long
+    last: Tensor  # (n,) long
+    names: dict[str, Tensor] = field(default_factory=dict)  # part -> (n, T) bool
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text)["input_ids"])
+
+
+def sport_tokens(tokenizer, answers: dict[str, str]) -> dict[str, int]:
+    """Each sport's answer token: the first token of its answer (" basketball"). Sports must not share it."""
+    ids = {s: _first_new_token(tokenizer, a) for s, a in answers.items()}
+    sports = list(answers)
+    clash = [(a, b) for i, a in enumerate(sports) for b in sports[i + 1 :] if ids[a] == ids[b]]
+    if clash:
+        raise ValueError(f"sports {clash} start with the same token; give them distinct answer words")
+    return ids
+
+
+def _first_new_token(tokenizer, text: str) -> int:
+    """The first token `text` adds (skipping a BOS the tokenizer puts at the start of every text)."""
+    empty = _encode(tokenizer, "")
+    ids = _encode(tokenizer, text)
+    return ids[len(empty)] if ids[: len(empty)] == empty else ids[0]
+
+
+def build_prompts(tokenizer, athletes: list[Athlete], templates: list[str]) -> list[TokenPrompt]:
+    """Every (athlete, template) prompt with the token positions of the first and last name.
+
+    Positions come from tokenising the text up to the end of each name part, which is exact for
+    BPE tokenizers that split at spaces (GPT-2, Llama/SmolLM2)."""
+    prompts = []
+    for a in athletes:
+        for tpl in templates:
+            if "{name}" not in tpl:
+                raise ValueError(f"template {tpl!r} has no {{name}} placeholder")
+            text = tpl.format(name=a.name)
+            start = tpl.index("{name}")
+            n0 = len(_encode(tokenizer, text[:start].rstrip(" "))) if start else len(_encode(tokenizer, ""))
+            n1 = len(_encode(tokenizer, text[: start + len(a.first)]))
+            n2 = len(_encode(tokenizer, text[: start + len(a.name)]))
+            ids = _encode(tokenizer, text)
+            if not n0 < n1 < n2 <= len(ids):
+                raise ValueError(f"could not locate the name tokens of {a.name!r} in {text!r}")
+            prompts.append(TokenPrompt(a, tpl, ids, list(range(n0, n1)), list(range(n1, n2))))
+    return prompts
+
+
+def batch_prompts(prompts: list[TokenPrompt], pad_id: int = 0) -> PromptBatch:
+    n, T = len(prompts), max(len(p.ids) for p in prompts)
+    ids = torch.full((n, T), pad_id, dtype=torch.long)
+    names = {part: torch.zeros(n, T, dtype=torch.bool) for part in NAME_PARTS}
+    for i, p in enumerate(prompts):
+        ids[i, : len(p.ids)] = torch.tensor(p.ids)
+        names["first"][i, p.first] = True
+        names["last"][i, p.last] = True
+    names["both"] = names["first"] | names["last"]
+    return PromptBatch(ids, torch.tensor([len(p.ids) - 1 for p in prompts]), names)
+
+
+def last_logprobs(logits: Tensor, last: Tensor) -> Tensor:
+    """Log-probabilities (n, vocab) at each prompt's last real position (padding is to the right,
+    so a causal model's logits there do not see it)."""
+    return torch.log_softmax(logits[torch.arange(len(last)), last].float(), dim=-1)
+
+
+@torch.no_grad()
+def answer_logprobs(
+    forward: Callable[[Tensor, slice], Tensor], batch: PromptBatch, answer_ids: Tensor, chunk: int = 64
+) -> Tensor:
+    """Log-probability (n, n_answers) of each answer token at each prompt's last position.
+    `forward(ids, rows)` returns logits for the rows `rows` of the batch."""
+    out = []
+    for lo in range(0, len(batch), chunk):
+        rows = slice(lo, lo + chunk)
+        lp = last_logprobs(forward(batch.ids[rows], rows), batch.last[rows])
+        out.append(lp[:, answer_ids])
+    return torch.cat(out)
+
+
+def screen(model: nn.Module, tokenizer, prompts: list[TokenPrompt], answers: dict[str, str]) -> dict:
+    """Which prompts the model gets right (its sport's token is the top one among the sports').
+
+    Returns {"right": [bool per prompt], "logprob": [...], "accuracy": {sport: fraction},
+    "by_template": {template: fraction}}."""
+    sports = list(answers)
+    tok_ids = sport_tokens(tokenizer, answers)
+    answers = torch.tensor([tok_ids[s] for s in sports])
+    batch = batch_prompts(prompts, _pad_id(tokenizer))
+    lp = answer_logprobs(lambda ids, rows: call_target(model, ids), batch, answers)
+    truth = torch.tensor([sports.index(p.athlete.sport) for p in prompts])
+    right = lp.argmax(-1) == truth
+    acc = {s: _mean([bool(r) for r, p in zip(right, prompts) if p.athlete.sport == s]) for s in sports}
+    by_tpl = {t: _mean([bool(r) for r, p in zip(right, prompts) if p.template == t]) for t in dict.fromkeys(p.template for p in prompts)}
+    return {
+        "right": right.tolist(),
+        "logprob": lp[torch.arange(len(prompts)), truth].tolist(),
+        "accuracy": acc,
+        "by_template": by_tpl,
+        "overall": float(right.float().mean()),
+    }
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return float(sum(xs) / len(xs)) if xs else float("nan")
+
+
+def _pad_id(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+# ---- where do the facts live? ---------------------------------------------------------------
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks (the longest ModuleList whose items have an MLP)."""
+    best = None
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) and all(hasattr(b, "mlp") for b in m):
+            if best is None or len(m) > len(best):
+                best = m
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no list of blocks with an `mlp` child; pass the layers explicitly")
+    return best
+
+
+def _attention(block: nn.Module) -> nn.Module:
+    for name in ("self_attn", "attn", "attention"):
+        if hasattr(block, name):
+            return getattr(block, name)
+    raise ValueError(f"block {type(block).__name__} has no self_attn/attn child")
+
+
+@contextlib.contextmanager
+def zero_output_at(module: nn.Module, where: Tensor) -> Iterator[None]:
+    """Remove `module`'s contribution at the positions `where` (n, T) bool: its output is zeroed there."""
+
+    def hook(_m, _args, out):
+        t = out[0] if isinstance(out, tuple) else out
+        t = t.masked_fill(where[..., None], 0.0)
+        return (t, *out[1:]) if isinstance(out, tuple) else t
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def layer_scan(model: nn.Module, batch: PromptBatch, answers: Tensor, part: str = "both") -> dict:
+    """Per layer, the mean drop in log-probability of the right sport when that layer's MLP (or
+    attention) output is removed at the name tokens. `answers` holds each prompt's answer token."""
+    rows = torch.arange(len(batch))
+
+    def right_lp() -> Tensor:
+        lp = last_logprobs(call_target(model, batch.ids), batch.last)
+        return lp[rows, answers]
+
+    clean = right_lp()
+    result: dict[str, list[float]] = {"mlp": [], "attn": []}
+    for block in transformer_blocks(model):
+        for kind, module in (("mlp", block.mlp), ("attn", _attention(block))):
+            with zero_output_at(module, batch.names[part]):
+                result[kind].append(float((clean - right_lp()).mean()))
+    result["clean_logprob"] = float(clean.mean())
+    result["best_mlp_layer"] = int(torch.tensor(result["mlp"]).argmax())
+    return result
+
+
+# ---- choosing and ablating subcomponents ------------------------------------------------------
+def name_ci(dec: Decomposition, batch: PromptBatch, part: str = "both", chunk: int = 64) -> dict[str, Tensor]:
+    """Per site, each prompt's max CI over its name tokens: (n_prompts, C)."""
+    out: dict[str, list[Tensor]] = {s: [] for s in dec.site_names}
+    for lo in range(0, len(batch), chunk):
+        ci = dec.causal_importance(batch.ids[lo : lo + chunk])
+        where = batch.names[part][lo : lo + chunk, :, None]
+        for s, g in ci.items():
+            out[s].append(g.float().masked_fill(~where, 0.0).amax(dim=1))
+    return {s: torch.cat(v) for s, v in out.items()}
+
+
+def select_for_sport(
+    ci: dict[str, Tensor], is_sport: Tensor, k: int = 4, min_ci: float = 0.5, min_gap: float = 0.25
+) -> list[tuple[str, int]]:
+    """The sport's subcomponents: mean name-token CI on its prompts >= min_ci and at least min_gap
+    above the mean on other sports' prompts; the k with the largest gap, as (site, index)."""
+    scored = []
+    for s, g in ci.items():
+        on, off = g[is_sport].mean(0), g[~is_sport].mean(0)
+        for c in torch.nonzero((on >= min_ci) & (on - off >= min_gap)).flatten().tolist():
+            scored.append((float(on[c] - off[c]), s, c))
+    scored.sort(reverse=True)
+    return [(s, c) for _, s, c in scored[:k]]
+
+
+def group(pieces: list[tuple[str, int]]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for s, c in pieces:
+        out.setdefault(s, []).append(c)
+    return out
+
+
+def ablated_forward(dec: Decomposition, pieces: list[tuple[str, int]], where: Tensor | None) -> Callable:
+    """forward(ids, rows) with `pieces` at mask 0 where `where[rows]` is True (None: everywhere),
+    every other subcomponent at mask 1."""
+    ablate = group(pieces)
+
+    def forward(ids: Tensor, rows: slice) -> Tensor:
+        return dec.forward_with_ablation(ids, ablate, positions=None if where is None else where[rows])
+
+    return forward
+
+
+@contextlib.contextmanager
+def svd_removed(dec: Decomposition, counts: dict[str, int], where: Tensor, rows_of: list[slice]) -> Iterator[None]:
+    """Remove the top `counts[site]` singular directions of each site's weight matrix from the
+    target at the positions `where` (the SVD baseline). `rows_of[0]` names the rows being run."""
+    modules = dict(dec.target.named_modules())
+    handles = []
+    for s, k in counts.items():
+        module = modules[s]
+        W = target_weight(module, site_kind(module)).detach().float()  # (d_out, d_in)
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        down, up = (Vh[:k].T * S[:k]), U[:, :k].T  # x @ down @ up = the top-k part of x W^T
+
+        def hook(_m, args, out, down=down, up=up):
+            x = args[0]
+            w = where[rows_of[0]][..., None].to(out.dtype)
+            return out - w * ((x.float() @ down) @ up).to(out.dtype)
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def svd_forward(dec: Decomposition, counts: dict[str, int], where: Tensor) -> Callable:
+    rows_of = [slice(None)]
+
+    def forward(ids: Tensor, rows: slice) -> Tensor:
+        rows_of[0] = rows
+        with svd_removed(dec, counts, where, rows_of), torch.no_grad():
+            return call_target(dec.target, ids)
+
+    return forward
+
+
+def alive_pieces(ci: dict[str, Tensor], threshold: float) -> list[tuple[str, int]]:
+    return [(s, c) for s, g in ci.items() for c in torch.nonzero(g.amax(0) > threshold).flatten().tolist()]
+
+
+def kl_per_token(target_logits: Tensor, logits: Tensor) -> Tensor:
+    """KL(target || other) at every position, in nats: (n, T)."""
+    p = torch.log_softmax(target_logits.float(), -1)
+    q = torch.log_softmax(logits.float(), -1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def ce_per_token(logits: Tensor, ids: Tensor) -> Tensor:
+    """Next-token cross-entropy (n, T-1)."""
+    lp = torch.log_softmax(logits[:, :-1].float(), -1)
+    return -lp.gather(-1, ids[:, 1:, None])[..., 0]
+
+
+def finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None

@@ -1,0 +1,219 @@
+"""The facts study end to end: screen, layer scan and ablation, writing JSON and figures.
+
+Example:
+    >>> from tspd.analysis.facts_study import screen_model, facts_ablate
+    >>> screen_model("smollm2", "runs/facts-screen")  # doctest: +SKIP
+    >>> facts_ablate("runs/smollm2-facts")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tspd.analysis import facts as F
+from tspd.data.facts import Facts, load_facts, split_athletes
+from tspd.decomposition import Decomposition, atomic_write_bytes, call_target, load
+from tspd.losses import recon_passes
+
+
+def _write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2)))
+
+
+def screened_prompts(model, tokenizer, facts: Facts, athletes=None) -> tuple[list[F.TokenPrompt], dict]:
+    """All (athlete, template) prompts for `athletes` (default: all) and the screen of them."""
+    athletes = facts.athletes if athletes is None else athletes
+    prompts = F.build_prompts(tokenizer, athletes, list(facts.templates))
+    return prompts, F.screen(model, tokenizer, prompts, facts.answers)
+
+
+def screen_model(model_name: str, out: str | Path | None = None, seed: int = 0) -> dict:
+    """Screen every (athlete, template) prompt; writes OUT/screen.json. Returns the summary."""
+    from tspd.targets.huggingface import load_lm
+
+    model, tokenizer = load_lm(model_name, seed)
+    facts = load_facts()
+    prompts, result = screened_prompts(model, tokenizer, facts)
+    discovery, heldout = split_athletes(facts, seed=seed)
+    held = {a.name for a in heldout}
+    result["prompts"] = [
+        {"athlete": p.athlete.name, "sport": p.athlete.sport, "template": p.template, "right": r, "heldout": p.athlete.name in held}
+        for p, r in zip(prompts, result["right"])
+    ]
+    del result["right"], result["logprob"]
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        _write_json(Path(out) / "screen.json", result)
+    return result
+
+
+def scan_model(model_name: str, out: str | Path, seed: int = 0) -> dict:
+    """The layer scan on the discovery prompts the model gets right; writes scan.json and scan.png."""
+    from tspd.report.facts import facts_scan_figure
+    from tspd.targets.huggingface import load_lm
+
+    model, tokenizer = load_lm(model_name, seed)
+    facts = load_facts()
+    discovery, _ = split_athletes(facts, seed=seed)
+    prompts, scr = screened_prompts(model, tokenizer, facts, discovery)
+    right = [p for p, r in zip(prompts, scr["right"]) if r]
+    if not right:
+        raise ValueError(f"{model_name} gets no discovery prompt right; the scan needs facts the model knows")
+    answers = F.sport_tokens(tokenizer, facts.answers)
+    batch = F.batch_prompts(right, F._pad_id(tokenizer))
+    result = F.layer_scan(model, batch, torch.tensor([answers[p.athlete.sport] for p in right]))
+    result["n_prompts"] = len(right)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "scan.json", result)
+    facts_scan_figure(result, out / "scan.png")
+    return result
+
+
+def _text_rows(dec: Decomposition, n: int) -> torch.Tensor:
+    """`n` held-out general-text chunks (the data source's evaluation stream)."""
+    from tspd.targets import build_data
+
+    cfg = dec.config
+    data = build_data(cfg.data, cfg.target, cfg.train.batch_size, cfg.seed)
+    rows = []
+    step = -1
+    while sum(r.shape[0] for r in rows) < n:
+        rows.append(data(step))
+        step -= 1
+    return torch.cat(rows)[:n]
+
+
+@torch.no_grad()
+def _text_effect(dec: Decomposition, ids: torch.Tensor, pieces, chunk: int = 16) -> dict:
+    """KL (target -> ablated) per token and CE change on general text, ablating `pieces` everywhere."""
+    kl, ce_t, ce_a = [], [], []
+    for lo in range(0, ids.shape[0], chunk):
+        x = ids[lo : lo + chunk]
+        t = call_target(dec.target, x)
+        a = dec.forward_with_ablation(x, F.group(pieces)) if pieces else t
+        kl.append(F.kl_per_token(t, a).flatten())
+        ce_t.append(F.ce_per_token(t, x).flatten())
+        ce_a.append(F.ce_per_token(a, x).flatten())
+    return {
+        "kl": float(torch.cat(kl).mean()),
+        "ce_change": float(torch.cat(ce_a).mean() - torch.cat(ce_t).mean()),
+    }
+
+
+@torch.no_grad()
+def faithfulness_on_text(dec: Decomposition, ids: torch.Tensor, chunk: int = 16) -> dict:
+    """The CI-masked model against the target on held-out text: KL per token, CE change, and the
+    mean number of active subcomponents per token (all sites together)."""
+    kl, ce_t, ce_m, active = [], [], [], []
+    thr = dec.config.eval.active_threshold
+    for lo in range(0, ids.shape[0], chunk):
+        x = ids[lo : lo + chunk]
+        t, inputs = dec.run_target(x)
+        ci, _ = dec.ci_from_logits(dec.ci_logits(inputs))
+        m = dec.run_pass(x, recon_passes("ci_masked_recon", dec, ci, torch.Generator())[0])
+        kl.append(F.kl_per_token(t, m).flatten())
+        ce_t.append(F.ce_per_token(t, x).flatten())
+        ce_m.append(F.ce_per_token(m, x).flatten())
+        active.append(sum((g > thr).float().sum(-1) for g in ci.values()).flatten())
+    return {
+        "kl_per_token": float(torch.cat(kl).mean()),
+        "ce_target": float(torch.cat(ce_t).mean()),
+        "ce_increase": float(torch.cat(ce_m).mean() - torch.cat(ce_t).mean()),
+        "active_per_token": float(torch.cat(active).mean()),
+    }
+
+
+def facts_ablate(
+    run_dir: str | Path, k: int = 4, n_random: int = 10, n_text: int = 64, min_ci: float = 0.5, min_gap: float = 0.25,
+    progress: bool = True,
+) -> dict:
+    """Per sport: choose subcomponents on discovery athletes, ablate them at the name tokens of
+    held-out athletes; collateral on other sports and general text; random and SVD baselines.
+    Writes RUN_DIR/facts.json and the figures facts_effects.png and facts_name_parts.png."""
+    from tspd.report.facts import facts_effect_figure, facts_parts_figure, facts_report
+    from tspd.targets.huggingface import load_tokenizer
+
+    run_dir = Path(run_dir)
+    dec = load(run_dir)
+    cfg = dec.config
+    if cfg.target is None or cfg.target.kind != "huggingface":
+        raise ValueError(f"{run_dir} is not a language-model run (target kind huggingface); the facts study needs one")
+    tokenizer = load_tokenizer(cfg.target.model)
+    facts = load_facts()
+    discovery, heldout = split_athletes(facts, seed=cfg.seed)
+    pad = F._pad_id(tokenizer)
+    answers = F.sport_tokens(tokenizer, facts.answers)
+    sports = list(facts.answers)
+    answer_ids = torch.tensor([answers[s] for s in sports])
+
+    def right_only(athletes) -> list[F.TokenPrompt]:
+        prompts, scr = screened_prompts(dec.target, tokenizer, facts, athletes)
+        return [p for p, r in zip(prompts, scr["right"]) if r]
+
+    disc, held = right_only(discovery), right_only(heldout)
+    d_batch, h_batch = F.batch_prompts(disc, pad), F.batch_prompts(held, pad)
+    d_sport = [sports.index(p.athlete.sport) for p in disc]
+    h_sport = torch.tensor([sports.index(p.athlete.sport) for p in held])
+    ci = F.name_ci(dec, d_batch)
+    alive = F.alive_pieces(ci, cfg.eval.alive_threshold)
+    text_ids = _text_rows(dec, n_text)
+    clean = F.answer_logprobs(F.ablated_forward(dec, [], None), h_batch, answer_ids)
+    rows = torch.arange(len(held))
+    clean_right = clean[rows, h_sport]
+
+    def effects(forward) -> tuple[torch.Tensor, torch.Tensor]:
+        """Change of each held-out prompt's right-sport log-probability."""
+        lp = F.answer_logprobs(forward, h_batch, answer_ids)
+        return lp[rows, h_sport] - clean_right
+
+    def summary(delta: torch.Tensor, s: int) -> dict:
+        own, other = delta[h_sport == s], delta[h_sport != s]
+        return {"target_effect": float(-own.mean()), "collateral_facts": float(-other.mean())}
+
+    rng = random.Random(cfg.seed)
+    result = {"k": k, "min_ci": min_ci, "min_gap": min_gap, "n_discovery_prompts": len(disc),
+              "n_heldout_prompts": len(held), "faithfulness": faithfulness_on_text(dec, text_ids), "sports": {}}
+    bar = tqdm(sports, desc="facts ablation", disable=not progress)
+    for s_idx, sport in enumerate(bar):
+        n_held = int((h_sport == s_idx).sum())
+        is_sport = torch.tensor([i == s_idx for i in d_sport])
+        row: dict = {"n_heldout_prompts": n_held, "n_discovery_prompts": int(is_sport.sum())}
+        if n_held == 0 or not bool(is_sport.any()):
+            row["skipped"] = "the model gets no discovery or no held-out prompt of this sport right"
+            result["sports"][sport] = row
+            continue
+        pieces = F.select_for_sport(ci, is_sport, k, min_ci, min_gap)
+        row["pieces"] = [[s, c] for s, c in pieces]
+        if not pieces:
+            row["skipped"] = f"no subcomponent with name-token CI >= {min_ci} and >= {min_gap} above other sports"
+            result["sports"][sport] = row
+            continue
+        for part in F.NAME_PARTS:
+            row[part] = summary(effects(F.ablated_forward(dec, pieces, h_batch.names[part])), s_idx)
+        rand = []
+        for _ in range(n_random):
+            draw = rng.sample(alive, min(len(pieces), len(alive)))
+            rand.append(summary(effects(F.ablated_forward(dec, draw, h_batch.names["both"])), s_idx)["target_effect"])
+        row["random_target_effect"] = sum(rand) / len(rand)
+        counts = {s: len(c) for s, c in F.group(pieces).items()}
+        row["svd"] = summary(effects(F.svd_forward(dec, counts, h_batch.names["both"])), s_idx)
+        row["text"] = _text_effect(dec, text_ids, pieces)
+        b = row["both"]
+        row["ratio_vs_collateral"] = b["target_effect"] / max(abs(b["collateral_facts"]), 1e-9)
+        row["ratio_vs_random"] = b["target_effect"] / max(abs(row["random_target_effect"]), 1e-9)
+        row["passes"] = bool(
+            row["ratio_vs_collateral"] >= 5 and row["ratio_vs_random"] >= 3 and row["text"]["kl"] <= 0.02
+        )
+        result["sports"][sport] = row
+    result["sports_passing"] = [s for s, r in result["sports"].items() if r.get("passes")]
+    _write_json(run_dir / "facts.json", result)
+    facts_effect_figure(result, run_dir / "facts_effects.png")
+    facts_parts_figure(result, run_dir / "facts_name_parts.png")
+    facts_report(run_dir)
+    return result

@@ -1,0 +1,105 @@
+"""Figures and the static page of the facts study (scan, per-sport ablation table)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from tspd.report.figures import save_figure
+from tspd.report.html import image, table, write_page
+
+
+def facts_scan_figure(scan: dict, path: str | Path) -> Path:
+    """Drop in the right sport's log-probability when one layer's MLP or attention output is
+    removed at the name tokens, per layer."""
+    n = len(scan["mlp"])
+    x = np.arange(n)
+    fig, ax = plt.subplots(figsize=(max(5, 0.28 * n + 2), 3.2))
+    ax.bar(x - 0.2, scan["mlp"], width=0.4, label="MLP")
+    ax.bar(x + 0.2, scan["attn"], width=0.4, label="attention")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("drop in log p(right sport)")
+    ax.set_title(f"layer scan: contribution removed at the name tokens ({scan['n_prompts']} prompts)")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def _done(result: dict) -> list[str]:
+    return [s for s, r in result["sports"].items() if "both" in r]
+
+
+def facts_effect_figure(result: dict, path: str | Path) -> Path:
+    """Per sport (paper's Figure 3, made systematic): drop of the right sport's log-probability on
+    held-out athletes of that sport, on other sports' prompts, and for the two baselines."""
+    sports = _done(result)
+    fig, ax = plt.subplots(figsize=(1.3 * max(len(sports), 1) + 3, 3.5))
+    if not sports:
+        ax.text(0.5, 0.5, "no sport had selectable subcomponents", ha="center", va="center")
+        ax.axis("off")
+        return save_figure(fig, path)
+    x = np.arange(len(sports))
+    bars = [
+        ("SPD: own sport", [result["sports"][s]["both"]["target_effect"] for s in sports]),
+        ("SPD: other sports", [result["sports"][s]["both"]["collateral_facts"] for s in sports]),
+        ("random subcomponents", [result["sports"][s]["random_target_effect"] for s in sports]),
+        ("top SVD directions", [result["sports"][s]["svd"]["target_effect"] for s in sports]),
+    ]
+    w = 0.8 / len(bars)
+    for i, (label, vals) in enumerate(bars):
+        ax.bar(x + (i - 1.5) * w, vals, width=w, label=label)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(x, sports, fontsize=8)
+    ax.set_ylabel("drop in log p(right sport)")
+    ax.set_title(f"ablating each sport's subcomponents at held-out athletes' name tokens (k <= {result['k']})")
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def facts_parts_figure(result: dict, path: str | Path) -> Path:
+    """Paper's Figure 4: first name only vs last name only vs both."""
+    sports = _done(result)
+    fig, ax = plt.subplots(figsize=(1.1 * max(len(sports), 1) + 3, 3.3))
+    if not sports:
+        ax.axis("off")
+        return save_figure(fig, path)
+    x = np.arange(len(sports))
+    for i, part in enumerate(("first", "last", "both")):
+        ax.bar(x + (i - 1) * 0.27, [result["sports"][s][part]["target_effect"] for s in sports], width=0.27,
+               label=f"{part} name" if part != "both" else "both")
+    ax.set_xticks(x, sports, fontsize=8)
+    ax.set_ylabel("drop in log p(right sport)")
+    ax.set_title("where the ablation acts: first name, last name, both")
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def facts_report(run_dir: str | Path) -> Path:
+    """RUN_DIR/facts.html: faithfulness, the per-sport table and the figures (scan when present)."""
+    run_dir = Path(run_dir)
+    result = json.loads((run_dir / "facts.json").read_text())
+    f = result["faithfulness"]
+    sections = [
+        ("Faithfulness on held-out general text", table(
+            ["KL / token (nats)", "CE increase (nats)", "active subcomponents / token"],
+            [[f["kl_per_token"], f["ce_increase"], f["active_per_token"]]],
+        )),
+    ]
+    rows = []
+    for sport, r in result["sports"].items():
+        if "both" not in r:
+            rows.append([sport, r["n_heldout_prompts"], r.get("skipped", ""), "", "", "", "", "", ""])
+            continue
+        rows.append([
+            sport, r["n_heldout_prompts"], len(r["pieces"]), r["both"]["target_effect"], r["both"]["collateral_facts"],
+            r["random_target_effect"], r["svd"]["target_effect"], r["text"]["kl"], r["passes"],
+        ])
+    sections.append(("Per sport (ablation at both name parts)", table(
+        ["sport", "held-out prompts", "pieces", "own drop", "other sports' drop", "random drop", "SVD drop",
+         "text KL", "passes"], rows)))
+    figs = "".join(image(run_dir / name) for name in ("scan.png", "facts_effects.png", "facts_name_parts.png")
+                   if (run_dir / name).exists())
+    sections.append(("Figures", figs))
+    return write_page(run_dir / "facts.html", "tspd facts study", sections)
