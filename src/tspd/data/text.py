@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from tspd.assets import cache_dir, fetch_package
+from tspd.cache import cache_dir, fetch_package
 from tspd.decomposition import atomic_write_bytes
 from tspd.seeding import generator
 

