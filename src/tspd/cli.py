@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from tspd import distributed
+from tspd.cache import AssetError
 from tspd.config import ConfigError, RunConfig
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -141,6 +142,24 @@ def cmd_facts(args: argparse.Namespace) -> None:
         print(f"facts.json, facts.html and figures in {args.run_dir}")
 
 
+def _asset_list(text: str) -> list[str]:
+    from tspd.cache import ASSETS
+
+    names = [w.strip() for w in text.split(",") if w.strip()]
+    unknown = [n for n in names if n not in ASSETS]
+    if unknown or not names:
+        given = ", ".join(unknown) or "(none given)"
+        raise argparse.ArgumentTypeError(f"unknown asset(s) {given}; choose from {', '.join(ASSETS)}")
+    return names
+
+
+def cmd_assets(args: argparse.Namespace) -> None:
+    from tspd.cache import fetch_assets
+
+    for row in fetch_assets(args.what, args.cache):
+        print(f"{row['name']:15} {row['mib']:8.1f} MiB {row['seconds']:7.1f} s  {row['path']}")
+
+
 def cmd_config_keys(args: argparse.Namespace) -> None:
     from tspd.config import InductionTargetConfig, TMSDataConfig, TMSTargetConfig, describe_keys
 
@@ -210,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_facts)
     sub.add_parser("bench", help="time SPD steps on the standard cases (tspd bench --help; benchmarks/README.md)")
 
+    p = sub.add_parser("assets", help="fetch and cache the offline models, tokenizer and text (README: Assets)")
+    p.add_argument("--what", type=_asset_list, default="smollm2,gpt2-tokenizer,wiki",
+                   help="comma-separated: smollm2, gpt2-tokenizer, wiki")
+    p.add_argument("--cache", help="cache folder (default $TSPD_CACHE or ~/.cache/tspd)")
+    p.set_defaults(func=cmd_assets)
+
     p = sub.add_parser("config-keys", help="print every config key with its default and meaning (markdown)")
     p.set_defaults(func=cmd_config_keys)
     return parser
@@ -229,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.func(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, AssetError) as err:
         print(f"tspd: error: {err}", file=sys.stderr)
         return 2
     finally:
