@@ -106,3 +106,25 @@ def load_facts(path: str | Path | None = None) -> Facts:
         for s in raw["sports"]
     )
     return Facts(sports, tuple(raw["templates"]))
+
+
+def split_athletes(facts: Facts, heldout_fraction: float = 1 / 3, seed: int = 0) -> tuple[list[Athlete], list[Athlete]]:
+    """(discovery, held-out) athletes: a seeded shuffle within each sport, the last
+    round(heldout_fraction * n) of each sport held out. Subcomponents are chosen on discovery
+    athletes and judged on held-out ones, which also never appear in decomposition data."""
+    import random
+
+    rng = random.Random(seed)
+    discovery, heldout = [], []
+    for sport in facts.sports:
+        athletes = list(sport.athletes)
+        rng.shuffle(athletes)
+        n_held = round(heldout_fraction * len(athletes))
+        discovery += athletes[: len(athletes) - n_held]
+        heldout += athletes[len(athletes) - n_held :]
+    return discovery, heldout
+
+
+def fact_sentences(facts: Facts, athletes: list[Athlete] | None = None) -> list[str]:
+    """Every (athlete, template) prompt completed with its answer and a full stop: training text."""
+    return [p.text + p.answer + "." for p in facts.prompts(athletes=athletes)]
