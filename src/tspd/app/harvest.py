@@ -49,6 +49,7 @@ def per_position(t: Tensor) -> Tensor:
     return t.unsqueeze(1) if t.dim() == 2 else t
 
 
+@torch.no_grad()
 def prompt_ci(dec: Decomposition, batch: Tensor) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
     """The target's output, each site's CI (batch, positions, C) and inner activations (same shape)."""
     out, inputs = dec.run_target(batch)
