@@ -153,7 +153,7 @@ def test_tms_run_treats_the_input_as_one_feature_vector(tms_run):
     r = s.ablate("0:1 3:0.5", [{"site": "linear1", "idx": c, "positions": [0]} for c in range(20)])
     assert r["divergence"]["kind"] == "mse"
     unablated = s.dec.forward_with_ablation(x, {})[0]  # the decomposed weights, every mask 1
-    without_w1 = torch.relu(s.dec.target.linear2.bias)  # every subcomponent of linear1 gone: ReLU(b)
+    without_w1 = torch.relu(s.dec.target.linear2.bias.detach())  # every subcomponent of linear1 gone: ReLU(b)
     assert r["divergence"]["per_position"][0] == pytest.approx(float((unablated - without_w1).pow(2).mean()), rel=1e-3)
     with pytest.raises(AppError, match="outside the prompt"):
         s.ablate("0:1", [{"site": "linear1", "idx": 0, "positions": [1]}])
