@@ -337,11 +337,14 @@ function renderSub(d) {
   const row = [];
   if (h) row.push(el("div", {class: "panel"}, el("h3", {text: "CI histogram"}), histogram(h.hist)));
   const e = d.effects;
-  row.push(el("div", {class: "panel"}, el("h3", {text: "Outputs its U direction raises / lowers"}),
-    e ? [el("div", {class: "two"}, bars(e.raises, null, "up"), bars(e.lowers.map((x) => ({...x, value: x.value})), null, "down")),
-         el("p", {class: "note", text: `direct path through the ${state.info.output_kind === "distribution" ? "unembedding" : "output layer"}, scaled by ${e.sign_from_harvest ? "the sign of the inner activation when the subcomponent fires" : "a positive inner activation (no harvest yet)"}`})]
-      : el("p", {class: "note", text: "this site's output does not reach the outputs directly (e.g. queries and keys only steer attention)"})));
-  parts.push(el("div", {class: "two"}, row));
+  if (e) {
+    row.push(el("div", {class: "panel"}, el("h3", {text: "Outputs its U direction raises / lowers"}),
+      el("div", {class: "two"}, bars(e.raises, null, "up"), bars(e.lowers, null, "down")),
+      el("p", {class: "note", text: `direct path through the ${state.info.output_kind === "distribution" ? "unembedding" : "output layer"}, scaled by ${e.sign_from_harvest ? "the sign of the inner activation when the subcomponent fires" : "a positive inner activation (no harvest yet)"}`})));
+  } else {
+    parts.push(el("p", {class: "note", text: "Its output does not reach the model's outputs directly (queries and keys only steer attention), so no output effect is shown."}));
+  }
+  parts.push(el("div", {class: row.length > 1 ? "two" : ""}, row));
   if (h) {
     const width = state.info.input_kind === "tokens" ? 10 : 0;
     parts.push(el("div", {class: "panel"}, el("h3", {}, "Top-activating contexts", el("span", {class: "sub", text: `from ${state.info.harvest.n_examples} dataset examples; the token is outlined, shading is this subcomponent's CI`})),
