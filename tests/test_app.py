@@ -132,6 +132,17 @@ def test_subcomponent_effects_follow_the_unembedding(induction_session):
     assert d["harvest"]["contexts"] and len(d["harvest"]["hist"]) == 20
 
 
+def test_random_example_prompts_encode_back_to_the_dataset_example(induction_session, tms_run):
+    s = induction_session
+    assert torch.equal(s.adapter.encode(s.sample_prompt("5")["prompt"])[0], s.adapter.sample(1, 5)[0])
+    t = RunSession(tms_run)
+    # TMS inputs are sparse: the first seed whose example has some feature on.
+    x = next(e for e in (t.adapter.sample(1, k)[0] for k in range(100)) if e.any())
+    assert torch.allclose(t.adapter.encode(t.adapter.prompt_of(x))[0], x, atol=5e-3)
+    with pytest.raises(AppError, match="'seed' must be an integer"):
+        s.sample_prompt("x")
+
+
 @pytest.mark.parametrize("site, idx, status, phrase", [
     ("blocks.9.attn.q_proj", 0, 404, "unknown site"), ("blocks.0.attn.q_proj", 4, 404, "unknown subcomponent"),
     ("blocks.0.attn.q_proj", "x", 400, "not an integer"), ("blocks.0.attn.q_proj", True, 400, "not an integer"),
@@ -197,6 +208,8 @@ def test_causal_lm_adapter_serves_a_tiny_gpt2(tmp_path):
     assert summary["positions"] == 12
     contexts = s.subcomponent("transformer.h.0.mlp.c_proj", 0)["harvest"]["contexts"]
     assert contexts and all(len(c["tokens"]) == 12 for c in contexts)
+    example = adapter.sample(1, 4)[0]
+    assert adapter.encode(s.sample_prompt(4)["prompt"])[0].tolist() == example.tolist()
 
 
 # ---- the HTTP API -----------------------------------------------------------------------
@@ -272,6 +285,7 @@ def test_api_serves_the_page_and_every_endpoint(api):
                                    "base": "zero"}, 400, "'base'"),
     ("/api/prompt?run=induction", b"{not json", 400, "not valid JSON"),
     ("/api/prompt?run=induction", b"[1]", 400, "JSON object"),
+    ("/api/sample?run=induction&seed=1.5", None, 400, "'seed' must be an integer"),
     ("/api/nothing", None, 404, "no endpoint"),
     ("/api/prompt", None, 405, "takes POST"),
 ])

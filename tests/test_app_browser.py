@@ -98,6 +98,7 @@ def test_load_prompt_subcomponent_ablate(page_url, browser, tmp_path):
         page.click("[data-testid=sub-ablate]")
     assert int(page.inner_text("#ablation-count")) == 4  # C = 4 per site in the tiny run
     page.click("[data-testid=tab-ablation]")
+    page.fill("[data-testid=ablation-prompt]", "BOS 1 2 S 3 4 S")
     page.click("[data-testid=ablation-run]")
     page.wait_for_selector("[data-testid=ablation-kl]")
     assert float(page.inner_text("[data-testid=ablation-kl]")) > 0
@@ -107,8 +108,10 @@ def test_load_prompt_subcomponent_ablate(page_url, browser, tmp_path):
     assert site in page.inner_text("[data-testid=ablation-list]")
     _shoot(page, folders, "ablation")
 
-    # A bad prompt shows the API's message, and the page keeps working.
+    # A random dataset example (seq_len tokens), then a bad prompt: the API's message is shown.
     page.click("[data-testid=tab-prompt]")
+    page.click("[data-testid=prompt-sample]")
+    page.wait_for_function("document.querySelectorAll('#tokens .tok').length === 8")
     page.fill("[data-testid=prompt-input]", " ".join(["1"] * 9))
     page.click("[data-testid=prompt-run]")
     page.wait_for_selector("[data-testid=error]:not([hidden])")

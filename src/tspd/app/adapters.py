@@ -68,6 +68,10 @@ class Adapter:
         """n dataset examples, deterministic in `seed`."""
         raise NotImplementedError
 
+    def prompt_of(self, example: Tensor) -> str:
+        """The prompt text that encodes to `example` (for "random example" in the page)."""
+        return " ".join(self.input_labels(example))
+
     def check_length(self, n_tokens: int) -> None:
         if self.context_length is not None and n_tokens > self.context_length:
             raise PromptError(
@@ -165,6 +169,9 @@ class FeatureAdapter(Adapter):
     def output_label(self, i: int) -> str:
         return f"x̂{i}"
 
+    def prompt_of(self, example: Tensor) -> str:
+        return " ".join(f"{i}:{float(v):.3g}" for i, v in enumerate(example) if float(v) != 0.0)
+
     def readout(self, site: str) -> Tensor | None:
         return self.readout_fn(site) if self.readout_fn is not None else None
 
@@ -209,6 +216,10 @@ class CausalLMAdapter(Adapter):
 
     def input_labels(self, example: Tensor) -> list[str]:
         return [self.output_label(int(t)) for t in example]
+
+    def prompt_of(self, example: Tensor) -> str:
+        ids = example.tolist()
+        return self.tokenizer.decode(ids[1:] if self.bos_id is not None and ids[:1] == [self.bos_id] else ids)
 
     def readout(self, site: str) -> Tensor | None:
         if site.rpartition(".")[2] not in RESIDUAL_WRITERS:

@@ -49,6 +49,7 @@ API: dict[tuple[str, str], Callable[[RunRegistry, dict], dict]] = {
     ("GET", "/api/run"): lambda r, p: r.get(p.get("run")).info(),
     ("GET", "/api/metrics"): lambda r, p: r.get(p.get("run")).metrics(),
     ("GET", "/api/tables"): lambda r, p: r.get(p.get("run")).tables(),
+    ("GET", "/api/sample"): lambda r, p: r.get(p.get("run")).sample_prompt(p.get("seed", 0)),
     ("GET", "/api/subcomponents"): lambda r, p: r.get(p.get("run")).subcomponent_list(p.get("site")),
     ("GET", "/api/subcomponent"): lambda r, p: r.get(p.get("run")).subcomponent(p.get("site"), p.get("idx")),
     ("POST", "/api/prompt"): lambda r, p: r.get(p.get("run")).analyse(p.get("prompt"), _top_k(p.get("top_k"))),

@@ -156,6 +156,13 @@ class RunSession:
         return {"tokens": self.adapter.input_labels(batch[0]), "threshold": self.threshold, "sites": sites,
                 "predictions": self._top(self._outputs(out), top_k)}
 
+    def sample_prompt(self, seed) -> dict:
+        """A dataset example as prompt text (seed: any integer)."""
+        if not (isinstance(seed, int) or (isinstance(seed, str) and seed.lstrip("-").isdigit())) or isinstance(seed, bool):
+            raise AppError(f"'seed' must be an integer, got {seed!r}")
+        example = self.adapter.sample(1, int(seed))[0]
+        return {"prompt": self.adapter.prompt_of(example)}
+
     def _check_subcomponent(self, site, idx) -> int:
         if not isinstance(site, str) or site not in self.dec.site_names:
             raise AppError(f"unknown site {site!r}; sites are {self.dec.site_names}", 404)

@@ -433,6 +433,10 @@ function wire() {
   for (const b of document.querySelectorAll("#tabs button")) b.addEventListener("click", () => showTab(b.dataset.tab));
   $("prompt-form").addEventListener("submit", (ev) => { ev.preventDefault(); timed("analyse prompt", () => analyse($("prompt-input").value)); });
   $("ablation-form").addEventListener("submit", (ev) => { ev.preventDefault(); timed("run ablation", () => runAblation($("ablation-prompt").value)); });
+  $("prompt-sample").addEventListener("click", () => timed("random example", async () => {
+    const {prompt} = await api(`/api/sample?seed=${Math.floor(Math.random() * 1e9)}`);
+    await analyse(prompt);
+  }));
   $("sub-form").addEventListener("submit", (ev) => { ev.preventDefault(); openSub($("sub-site").value, Number($("sub-idx").value)); });
   $("sub-site").addEventListener("change", () => timed("list subcomponents", () => loadSubList($("sub-site").value)));
   $("run-select").addEventListener("change", (ev) => timed("load run", () => loadRun(ev.target.value)));
