@@ -312,10 +312,13 @@ class RunSession:
             effect = sign * (u @ readout.detach().float())
             k = min(n_effects, effect.shape[0])
             up, down = effect.topk(k), (-effect).topk(k)
+            # Only outputs it moves that way: with few outputs (TMS) the two lists would overlap.
             result["effects"] = {
                 "sign_from_harvest": sign_known,
-                "raises": [{"label": self.adapter.output_label(i), "value": round(x, 4)} for x, i in zip(up.values.tolist(), up.indices.tolist())],
-                "lowers": [{"label": self.adapter.output_label(i), "value": round(-x, 4)} for x, i in zip(down.values.tolist(), down.indices.tolist())],
+                "raises": [{"label": self.adapter.output_label(i), "value": _sig(x)}
+                           for x, i in zip(up.values.tolist(), up.indices.tolist()) if x > 0],
+                "lowers": [{"label": self.adapter.output_label(i), "value": _sig(-x)}
+                           for x, i in zip(down.values.tolist(), down.indices.tolist()) if x > 0],
             }
         return result
 

@@ -236,8 +236,9 @@ function renderPrompt() {
   const blocks = a.sites.map((s) => {
     const head = el("div", {class: "site-name"}, s.site, el("span", {class: "sub", text: `${s.rows.length} of ${s.C} active`}));
     if (!s.rows.length) return el("div", {class: "site"}, head, el("div", {class: "none", text: "no subcomponent above the threshold on this prompt"}));
-    const table = el("table", {class: "heat"},
-      el("tr", {}, el("th"), a.tokens.map((t, i) => el("th", {class: i === state.pos ? "sel" : null, title: `${i}: ${t}`, text: t}))),
+    // Long prompts: columns share the panel's width and their labels turn vertical.
+    const table = el("table", {class: a.tokens.length > 24 ? "heat dense" : "heat"},
+      el("tr", {}, el("th", {class: "corner"}), a.tokens.map((t, i) => el("th", {class: i === state.pos ? "col sel" : "col", title: `${i}: ${t}`, text: t}))),
       s.rows.map((r) => el("tr", {},
         el("th", {class: "row", title: "open this subcomponent", onclick: () => openSub(s.site, r.idx), text: `#${r.idx}`}),
         r.ci.map((g, i) => el("td", {class: i === state.pos ? "sel" : null, style: `background:${ciColor(g)}`,
@@ -421,6 +422,7 @@ async function loadRun(run) {
   $("run-meta").textContent = `${i.run} · ${i.target_kind || "custom"} · ${i.sites.length} sites`;
   document.title = `${i.run} · tspd dashboard`;
   $("prompt-help").textContent = `Prompt: ${i.prompt_help}.`;
+  $("tokens-title").textContent = i.input_kind === "tokens" ? "Tokens" : "Input (one feature vector)";
   $("prompt-input").placeholder = i.example_prompt;
   $("sub-site").replaceChildren(...i.sites.map((s) => el("option", {value: s.name, text: `${s.name} (C=${s.C})`})));
   state.sub = null; state.analysis = null; state.ablations = []; state.ablationResult = null;
