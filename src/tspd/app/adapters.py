@@ -2,7 +2,9 @@
 subcomponent's output direction to the model's outputs, and draw a dataset sample.
 
 Adding a target kind is one Adapter subclass (or an instance of CausalLMAdapter) and one entry in
-ADAPTERS, a factory `(decomposition, run_dir) -> Adapter`.
+ADAPTERS, a factory `(decomposition, run_dir) -> Adapter`. For a Hugging Face LM kind whose config
+names a tokenizer, that entry is of the form
+`lambda dec, run_dir: CausalLMAdapter(dec.target, load_tokenizer(dec.config.target), texts=corpus)`.
 
 Example:
     >>> from tspd.app.adapters import InductionAdapter
@@ -249,8 +251,8 @@ def _induction(dec: Decomposition, run_dir: Path) -> Adapter:
 def _tms(dec: Decomposition, run_dir: Path) -> Adapter:
     from tspd.data.tms import sparse_features
 
-    t, p = dec.config.target, dec.config.data.feature_probability if dec.config.data else dec.config.target.feature_probability
-    model = dec.target
+    t, model = dec.config.target, dec.target
+    p = dec.config.data.feature_probability if dec.config.data is not None else t.feature_probability
 
     def readout(site: str) -> Tensor | None:
         # linear1's output (the bottleneck) reaches the outputs through linear2 (before the ReLU).

@@ -334,6 +334,9 @@ function renderSub(d) {
     card("firing frequency", h ? pct(h.frequency) : "–"), card("mean CI", h ? fmt(h.mean_ci) : "–"),
     card("max CI", h ? fmt(h.max_ci) : "–"), card("norm ‖u‖·‖v‖", fmt(d.norm)), card("‖u‖ / ‖v‖", `${fmt(d.u_norm)} / ${fmt(d.v_norm)}`, true));
   const parts = [head, cards];
+  if (h && state.info.harvest && state.info.harvest.stale) {
+    parts.push(el("div", {class: "panel warn"}, "The harvest is older than the decomposition: re-run ", el("code", {text: "tspd harvest RUN_DIR"}), "."));
+  }
   if (!h) parts.push(el("div", {class: "panel note"}, "No harvest for this run yet: run ", el("code", {text: "tspd harvest RUN_DIR"}), " for top contexts, frequency and the CI histogram."));
   const row = [];
   if (h) row.push(el("div", {class: "panel"}, el("h3", {text: "CI histogram"}), histogram(h.hist)));
@@ -348,7 +351,7 @@ function renderSub(d) {
   parts.push(el("div", {class: row.length > 1 ? "two" : ""}, row));
   if (h) {
     const width = state.info.input_kind === "tokens" ? 10 : 0;
-    parts.push(el("div", {class: "panel"}, el("h3", {}, "Top-activating contexts", el("span", {class: "sub", text: `from ${state.info.harvest.n_examples} dataset examples; the token is outlined, shading is this subcomponent's CI`})),
+    parts.push(el("div", {class: "panel"}, el("h3", {}, "Top-activating contexts", el("span", {class: "sub", text: `over the harvest's dataset sample; the token is outlined, shading is this subcomponent's CI`})),
       h.contexts.length ? h.contexts.map((c) => contextRow(c, width)) : el("div", {class: "none", text: "never above CI 0 in the sample"})));
   }
   $("sub-detail").replaceChildren(...parts);
