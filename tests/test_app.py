@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import shutil
 import sqlite3
@@ -319,6 +320,10 @@ def test_cli_harvest_and_serve_errors(tms_run, tmp_path, capsys):
     shutil.copytree(tms_run, run)
     assert main(["harvest", str(run), "--n-examples", "500"]) == 0
     assert "harvested 500 examples" in capsys.readouterr().out and (run / DB_NAME).exists()
+    assert RunSession(run).info()["harvest"]["stale"] is False
+    st = (run / "decomposition.safetensors").stat()
+    os.utime(run / "decomposition.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # as a re-run would
+    assert RunSession(run).info()["harvest"]["stale"] is True
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert "is not a folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
