@@ -329,3 +329,19 @@ def test_cli_harvest_and_serve_errors(tms_run, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["serve", str(tmp_path / "empty")]) == 2
     assert "is not a tspd run folder" in capsys.readouterr().err
+
+
+def test_tspd_serve_prints_the_url_it_answers_on(induction_run):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "tspd", "serve", str(induction_run), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:\d+/", line).group(0)
+        status, _, body = call(url.rstrip("/"), "/api/runs")
+        assert status == 200 and json.loads(body) == {"runs": ["induction"]}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
