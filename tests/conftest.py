@@ -97,3 +97,55 @@ def gpt2():
 def tokens():
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, 100, (3, 10), generator=g)
+
+
+# ---- tiny runs for the dashboard tests (tests/test_app*.py) -----------------------------
+TINY_INDUCTION = [
+    "target.n_tokens=8", "target.seq_len=8", "target.d_model=8", "sites.0.C=4", "sites.1.C=4", "sites.2.C=4",
+    "ci.hidden=[4]", "ci.attention.d_attn=4", "ci.attention.max_len=8", "train.steps=6", "train.batch_size=8",
+    "train.eval_every=3", "train.eval_batches=1", "train.checkpoint_every=6", "train.faithfulness_warmup_steps=20",
+    "train.log_every=1",
+]
+
+
+@pytest.fixture(scope="session")
+def dashboard_root(tmp_path_factory):
+    """A folder for the dashboard tests' runs (the server can serve it as a folder of runs)."""
+    return tmp_path_factory.mktemp("dashboard")
+
+
+@pytest.fixture(scope="session")
+def induction_run(dashboard_root):
+    """A tiny induction run folder (random target, a few steps) with a census and a harvest."""
+    from tspd.app.harvest import harvest
+    from tspd.cli import CONFIGS_DIR
+    from tspd.decomposition import save_state
+    from tspd.experiments import census_run, decompose_from_config
+    from tspd.targets.induction import InductionTransformer
+
+    out = dashboard_root / "induction"
+    out.mkdir()
+    cfg = tspd.RunConfig.from_yaml(CONFIGS_DIR / "induction.yaml", TINY_INDUCTION)
+    torch.manual_seed(0)
+    t = cfg.target
+    # The run folder's target is used as is: no target training in the test.
+    save_state(InductionTransformer(t.n_tokens + 2, t.d_model, 2, t.seq_len), out / "target.safetensors")
+    decompose_from_config(cfg, out, progress=False)
+    census_run(out, n_sequences=100)
+    harvest(out, n_examples=100)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tms_run(dashboard_root):
+    """A tiny TMS 5-2 run folder (briefly trained target, a few steps), not harvested."""
+    from tspd.cli import CONFIGS_DIR
+    from tspd.experiments import decompose_from_config
+
+    out = dashboard_root / "tms"
+    cfg = tspd.RunConfig.from_yaml(CONFIGS_DIR / "tms-5-2.yaml", [
+        "target.train_steps=300", "train.steps=6", "train.batch_size=64", "train.eval_every=3", "train.eval_batches=1",
+        "train.log_every=1", "train.checkpoint_every=6", "train.faithfulness_warmup_steps=20",
+    ])
+    decompose_from_config(cfg, out, progress=False)
+    return out

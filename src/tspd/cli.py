@@ -160,6 +160,19 @@ def cmd_assets(args: argparse.Namespace) -> None:
         print(f"{row['name']:15} {row['mib']:8.1f} MiB {row['seconds']:7.1f} s  {row['path']}")
 
 
+def cmd_harvest(args: argparse.Namespace) -> None:
+    from tspd.app.harvest import harvest
+
+    summary = harvest(args.run_dir, n_examples=args.n_examples, top_k=args.top_k)
+    print(f"harvested {summary['n_examples']} examples in {summary['seconds']:.1f} s; written {summary['path']}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from tspd.app.server import serve
+
+    serve(args.run_dir, host=args.host, port=args.port, threads=args.threads or None)
+
+
 def cmd_config_keys(args: argparse.Namespace) -> None:
     from tspd.config import InductionTargetConfig, TMSDataConfig, TMSTargetConfig, describe_keys
 
@@ -219,6 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("harvest", help="dashboard: precompute subcomponent statistics into RUN_DIR/dashboard.sqlite")
+    p.add_argument("run_dir")
+    p.add_argument("--n-examples", type=int, default=None, help="dataset examples (default: per target kind)")
+    p.add_argument("--top-k", type=int, default=20, help="top-activating contexts kept per subcomponent")
+    p.set_defaults(func=cmd_harvest)
+
+    p = sub.add_parser("serve", help="dashboard: serve a run (or a folder of runs) at a local URL")
+    p.add_argument("run_dir", help="a run folder, or a folder holding run folders")
+    p.add_argument("--port", type=int, default=8765, help="port (0: a free one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default; raise for large models)")
+    p.set_defaults(func=cmd_serve)
+
     # Listed for --help only: main() hands `tspd bench ...` to the harness's parser (tspd.bench).
     p = sub.add_parser("facts", help="the athlete -> sport facts study: screen, layer scan, ablation (SPEC 6.3)")
     p.add_argument("action", choices=["screen", "scan", "ablate"])
@@ -254,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.func(args)
-    except (ConfigError, FileNotFoundError, AssetError) as err:
+    except (ConfigError, OSError, AssetError) as err:
         print(f"tspd: error: {err}", file=sys.stderr)
         return 2
     finally:

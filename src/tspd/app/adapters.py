@@ -1,0 +1,275 @@
+"""How the dashboard talks to one kind of target: parse a prompt, label inputs and outputs, map a
+subcomponent's output direction to the model's outputs, and draw a dataset sample.
+
+Adding a target kind is one Adapter subclass (or an instance of CausalLMAdapter) and one entry in
+ADAPTERS, a factory `(decomposition, run_dir) -> Adapter`. For a Hugging Face LM kind whose config
+names a tokenizer, that entry is of the form
+`lambda dec, run_dir: CausalLMAdapter(dec.target, load_tokenizer(dec.config.target), texts=corpus)`.
+
+Example:
+    >>> from tspd.app.adapters import InductionAdapter
+    >>> from tspd.data.induction import InductionTask
+    >>> a = InductionAdapter(InductionTask(n_tokens=8, seq_len=8))
+    >>> a.encode("3 S 5 S").tolist()               # BOS is put in front when missing
+    [[8, 3, 9, 5, 9]]
+    >>> a.input_labels(a.encode("3 S 5 S")[0])
+    ['BOS', '3', 'S', '5', 'S']
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from tspd.decomposition import Decomposition
+from tspd.seeding import generator
+
+HARVEST_STREAM = 808  # seed stream of the harvest sample: training and the census never use it
+
+
+class PromptError(ValueError):
+    """A prompt the run cannot take; the message names the problem and what to type instead."""
+
+
+class Adapter:
+    """One target kind, as the dashboard sees it.
+
+    input_kind: 'tokens' (a sequence, CI per position) or 'features' (one input vector, one position).
+    output_kind: 'distribution' (logits: softmax, KL) or 'values' (regression outputs: MSE).
+    """
+
+    input_kind = "tokens"
+    output_kind = "distribution"
+    context_length: int | None = None
+    example_prompt = ""
+    prompt_help = ""
+    harvest_examples = 1000
+
+    def encode(self, prompt: str) -> Tensor:
+        """The model input for a prompt: (1, T) token ids or (1, n_features) values."""
+        raise NotImplementedError
+
+    def input_labels(self, example: Tensor) -> list[str]:
+        """One label per position of one example (a single label for a feature vector)."""
+        raise NotImplementedError
+
+    def output_label(self, i: int) -> str:
+        """The name of output i (a vocabulary entry, or an output feature)."""
+        raise NotImplementedError
+
+    def readout(self, site: str) -> Tensor | None:
+        """(d_out of the site, n_outputs): the direct linear path from the site's output to the
+        model's outputs, or None when the site's output does not reach them linearly."""
+        return None
+
+    def sample(self, n: int, seed: int) -> Tensor:
+        """n dataset examples, deterministic in `seed`."""
+        raise NotImplementedError
+
+    def prompt_of(self, example: Tensor) -> str:
+        """The prompt text that encodes to `example` (for "random example" in the page)."""
+        return " ".join(self.input_labels(example))
+
+    def check_length(self, n_tokens: int) -> None:
+        if self.context_length is not None and n_tokens > self.context_length:
+            raise PromptError(
+                f"the prompt has {n_tokens} tokens but the model's context is {self.context_length}; shorten it"
+            )
+
+
+class InductionAdapter(Adapter):
+    """The toy induction transformer: ordinary tokens 0..n-1, BOS and the special token S."""
+
+    def __init__(self, task, model: nn.Module | None = None):
+        self.task, self.model = task, model
+        self.context_length = task.seq_len
+        self.example_prompt = "BOS 7 3 S 42 11 5 9 S"
+        self.prompt_help = (
+            f"tokens separated by spaces: 0..{task.n_tokens - 1}, S (the special token), BOS (put in front "
+            f"when missing); at most {task.seq_len}"
+        )
+        self.harvest_examples = 2000
+
+    def _token(self, word: str, pos: int) -> int:
+        upper = word.upper()
+        if upper == "BOS":
+            return self.task.bos
+        if upper == "S":
+            return self.task.special
+        if word.isdigit() and int(word) < self.task.n_tokens:
+            return int(word)
+        raise PromptError(f"token {word!r} (word {pos + 1}) is not in the vocabulary; use {self.prompt_help}")
+
+    def encode(self, prompt: str) -> Tensor:
+        words = [w for w in re.split(r"[\s,]+", prompt.strip()) if w]
+        if not words:
+            raise PromptError(f"the prompt is empty; type {self.prompt_help}, e.g. {self.example_prompt!r}")
+        ids = [self._token(w, i) for i, w in enumerate(words)]
+        if ids[0] != self.task.bos:
+            ids.insert(0, self.task.bos)  # every training sequence starts with BOS
+        self.check_length(len(ids))
+        return torch.tensor([ids])
+
+    def output_label(self, i: int) -> str:
+        return {self.task.bos: "BOS", self.task.special: "S"}.get(i, str(i))
+
+    def input_labels(self, example: Tensor) -> list[str]:
+        return [self.output_label(int(t)) for t in example]
+
+    def readout(self, site: str) -> Tensor | None:
+        # v_proj writes through the same block's o_proj into the residual stream; q/k only steer attention.
+        if self.model is None:
+            return None
+        unembed = self.model.unembed.weight.T  # d_model x vocab
+        block, _, proj = site.rpartition(".")
+        if proj == "o_proj":
+            return unembed
+        if proj == "v_proj":
+            return self.model.get_submodule(block).o_proj.weight.T @ unembed
+        return None
+
+    def sample(self, n: int, seed: int) -> Tensor:
+        return self.task.sample(n, generator(seed, 0, HARVEST_STREAM))[0]
+
+
+class FeatureAdapter(Adapter):
+    """Models of a feature vector (TMS): the prompt lists active features as `index:value` (value 1
+    when omitted); outputs are regression values, one per output feature."""
+
+    input_kind = "features"
+    output_kind = "values"
+
+    def __init__(self, n_features: int, sample_fn: Callable[[int, torch.Generator], Tensor], model: nn.Module | None = None,
+                 readout_fn: Callable[[str], Tensor | None] | None = None):
+        self.n_features, self.sample_fn, self.model = n_features, sample_fn, model
+        self.readout_fn = readout_fn
+        self.example_prompt = "0:1 3:0.5"
+        self.prompt_help = f"active features as index:value separated by spaces, index 0..{n_features - 1} (value 1 when omitted)"
+        self.harvest_examples = 20000
+
+    def encode(self, prompt: str) -> Tensor:
+        x = torch.zeros(1, self.n_features)
+        for word in (w for w in re.split(r"[\s,]+", prompt.strip()) if w):
+            index, _, value = word.partition(":")
+            try:
+                i, v = int(index), float(value) if value else 1.0
+            except ValueError:
+                raise PromptError(f"{word!r} is not index:value; type {self.prompt_help}") from None
+            if not 0 <= i < self.n_features:
+                raise PromptError(f"feature index {i} is out of range: the model has features 0..{self.n_features - 1}")
+            x[0, i] = v
+        return x
+
+    def input_labels(self, example: Tensor) -> list[str]:
+        active = [f"{i}:{float(v):.2g}" for i, v in enumerate(example) if float(v) != 0.0]
+        return [" ".join(active) or "(all zero)"]
+
+    def output_label(self, i: int) -> str:
+        return f"x̂{i}"
+
+    def prompt_of(self, example: Tensor) -> str:
+        return " ".join(f"{i}:{float(v):.3g}" for i, v in enumerate(example) if float(v) != 0.0)
+
+    def readout(self, site: str) -> Tensor | None:
+        return self.readout_fn(site) if self.readout_fn is not None else None
+
+    def sample(self, n: int, seed: int) -> Tensor:
+        return self.sample_fn(n, generator(seed, 0, HARVEST_STREAM))
+
+
+# Module names of projections that write into the residual stream in common Hugging Face causal LMs
+# (GPT-2 attn/mlp c_proj, Llama o_proj/down_proj, OPT/NeoX-style out_proj/fc2/dense_4h_to_h).
+RESIDUAL_WRITERS = {"c_proj", "o_proj", "down_proj", "out_proj", "fc2", "dense_4h_to_h"}
+
+
+class CausalLMAdapter(Adapter):
+    """A Hugging Face causal LM with its tokenizer: any object with `encode(text) -> list[int]` and
+    `decode(ids) -> str` (a `transformers` tokenizer, or a hand-made one).
+
+    `texts` is the corpus the harvest draws windows of `window` tokens from. The readout of a site
+    writing into the residual stream is the unembedding (the direct path; the final norm is ignored).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, texts: list[str] | None = None, window: int = 64,
+                 bos_id: int | None = None, example_prompt: str = "The capital of France is"):
+        self.model, self.tokenizer, self.texts, self.bos_id = model, tokenizer, texts or [], bos_id
+        cfg = getattr(model, "config", None)
+        self.context_length = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+        self.window = min(window, self.context_length or window)
+        self.example_prompt = example_prompt
+        self.prompt_help = f"any text (at most {self.context_length} tokens)"
+        self.harvest_examples = 512
+
+    def encode(self, prompt: str) -> Tensor:
+        ids = list(self.tokenizer.encode(prompt))
+        if self.bos_id is not None:
+            ids.insert(0, self.bos_id)
+        if not ids:
+            raise PromptError("the prompt is empty; type some text")
+        self.check_length(len(ids))
+        return torch.tensor([ids])
+
+    def output_label(self, i: int) -> str:
+        return self.tokenizer.decode([i])
+
+    def input_labels(self, example: Tensor) -> list[str]:
+        return [self.output_label(int(t)) for t in example]
+
+    def prompt_of(self, example: Tensor) -> str:
+        ids = example.tolist()
+        return self.tokenizer.decode(ids[1:] if self.bos_id is not None and ids[:1] == [self.bos_id] else ids)
+
+    def readout(self, site: str) -> Tensor | None:
+        if site.rpartition(".")[2] not in RESIDUAL_WRITERS:
+            return None
+        return self.model.get_output_embeddings().weight.T  # d_model x vocab
+
+    def sample(self, n: int, seed: int) -> Tensor:
+        stream = []
+        for text in self.texts:
+            stream += list(self.tokenizer.encode(text))
+        if len(stream) < self.window:
+            raise ValueError(
+                f"the harvest corpus has {len(stream)} tokens, fewer than one window of {self.window}; pass more texts"
+            )
+        starts = torch.randint(0, len(stream) - self.window + 1, (n,), generator=generator(seed, 0, HARVEST_STREAM))
+        ids = torch.tensor(stream)
+        return torch.stack([ids[s : s + self.window] for s in starts.tolist()])
+
+
+def _induction(dec: Decomposition, run_dir: Path) -> Adapter:
+    from tspd.data.induction import InductionTask
+
+    t = dec.config.target
+    return InductionAdapter(InductionTask(t.n_tokens, t.seq_len), dec.target)
+
+
+def _tms(dec: Decomposition, run_dir: Path) -> Adapter:
+    from tspd.data.tms import sparse_features
+
+    t, model = dec.config.target, dec.target
+    p = dec.config.data.feature_probability if dec.config.data is not None else t.feature_probability
+
+    def readout(site: str) -> Tensor | None:
+        # linear1's output (the bottleneck) reaches the outputs through linear2 (before the ReLU).
+        return {"linear1": model.linear2.weight.T, "linear2": torch.eye(t.n_features)}.get(site)
+
+    return FeatureAdapter(t.n_features, lambda n, gen: sparse_features(n, t.n_features, p, gen), model, readout)
+
+
+ADAPTERS: dict[str, Callable[[Decomposition, Path], Adapter]] = {"induction": _induction, "tms": _tms}
+
+
+def adapter_for(dec: Decomposition, run_dir: str | Path) -> Adapter:
+    """The adapter for a run's target kind (config `target.kind`)."""
+    kind = dec.config.target.kind if dec.config.target is not None else None
+    if kind not in ADAPTERS:
+        raise ValueError(
+            f"the dashboard has no adapter for target kind {kind!r} (known: {', '.join(ADAPTERS)}); from Python, "
+            "pass one: tspd.app.serve(run_dir, adapter=CausalLMAdapter(model, tokenizer, texts))"
+        )
+    return ADAPTERS[kind](dec, Path(run_dir))

@@ -1,0 +1,347 @@
+"""The dashboard's library and JSON API (issue 7): adapters, harvest, prompt analysis, ablation,
+subcomponent view, and the validation of bad requests. The browser test is test_app_browser.py."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import sqlite3
+import urllib.request
+from urllib.error import HTTPError
+
+import pytest
+import torch
+
+import tspd
+from conftest import make_cfg
+from tspd.app.adapters import CausalLMAdapter, FeatureAdapter, InductionAdapter, PromptError
+from tspd.app.harvest import DB_NAME, harvest, prompt_ci
+from tspd.app.server import make_server
+from tspd.app.session import AppError, RunSession
+from tspd.data.induction import InductionTask
+
+
+# ---- adapters ---------------------------------------------------------------------------
+def test_induction_adapter_parses_prompts_and_names_each_error():
+    a = InductionAdapter(InductionTask(n_tokens=8, seq_len=6))
+    assert a.encode("bos 1, 2 s").tolist() == [[8, 1, 2, 9]]
+    assert a.encode("3 S").tolist() == [[8, 3, 9]]  # BOS put in front
+    with pytest.raises(PromptError, match="'9'.*not in the vocabulary"):
+        a.encode("1 9")
+    with pytest.raises(PromptError, match="7 tokens but the model's context is 6"):
+        a.encode("1 2 3 4 5 6")
+    with pytest.raises(PromptError, match="empty"):
+        a.encode("  ")
+
+
+def test_feature_adapter_parses_index_value_pairs():
+    a = FeatureAdapter(4, lambda n, gen: torch.rand(n, 4, generator=gen))
+    assert a.encode("0:0.5 3").tolist() == [[0.5, 0.0, 0.0, 1.0]]
+    assert a.input_labels(a.encode("0:0.5 3")[0]) == ["0:0.5 3:1"]
+    with pytest.raises(PromptError, match="out of range"):
+        a.encode("4:1")
+    with pytest.raises(PromptError, match="not index:value"):
+        a.encode("a:b")
+    assert torch.equal(a.sample(3, seed=1), a.sample(3, seed=1))
+
+
+# ---- harvest ----------------------------------------------------------------------------
+def test_harvest_statistics_match_a_direct_computation(induction_run):
+    dec = tspd.load(induction_run)
+    adapter = InductionAdapter(InductionTask(8, 8), dec.target)
+    _, ci, _ = prompt_ci(dec, adapter.sample(100, dec.config.seed))
+    site = "blocks.1.attn.v_proj"
+    g = ci[site]  # (100, 8, C)
+    con = sqlite3.connect(induction_run / DB_NAME)
+    rows = con.execute("SELECT idx, frequency, mean_ci, max_ci, hist FROM subcomponents WHERE site = ? ORDER BY idx",
+                       (site,)).fetchall()
+    assert len(rows) == g.shape[-1]
+    for c, freq, mean_ci, max_ci, hist in rows:
+        assert freq == pytest.approx(float((g[..., c] > 0.5).float().mean()), abs=1e-6)
+        assert mean_ci == pytest.approx(float(g[..., c].mean()), abs=1e-5)
+        assert max_ci == pytest.approx(float(g[..., c].max()), abs=1e-6)
+        assert sum(json.loads(hist)) == 100 * 8
+        ctx = con.execute("SELECT c.example, c.position, c.ci, c.ci_row FROM contexts c WHERE site = ? AND idx = ? "
+                          "ORDER BY rank", (site, c)).fetchall()
+        values = [v for _, _, v, _ in ctx]
+        assert values == sorted(values, reverse=True) and len(values) <= 20
+        if ctx:
+            assert values[0] == pytest.approx(max_ci, abs=1e-6)
+            example, position, value, ci_row = ctx[0]
+            assert json.loads(ci_row)[position] == pytest.approx(value, abs=1e-3)
+            assert float(g[example, position, c]) == pytest.approx(value, abs=1e-6)
+    con.close()
+
+
+# ---- prompt analysis and ablation ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def induction_session(induction_run):
+    return RunSession(induction_run)
+
+
+def test_analyse_lists_active_subcomponents_and_the_target_predictions(induction_session):
+    s = induction_session
+    prompt = "BOS 1 2 S 3 4 S"
+    a = s.analyse(prompt, top_k=3)
+    assert a["tokens"] == ["BOS", "1", "2", "S", "3", "4", "S"]
+    _, ci, _ = prompt_ci(s.dec, s.adapter.encode(prompt))
+    for site in a["sites"]:
+        g = ci[site["site"]][0]
+        expected = {c for c in range(g.shape[1]) if float(g[:, c].max()) > s.threshold}
+        assert {r["idx"] for r in site["rows"]} == expected
+    logits = s.dec.target(s.adapter.encode(prompt))[0]
+    for pos, preds in enumerate(a["predictions"]):
+        assert preds[0]["id"] == int(logits[pos].argmax())
+        values = [p["value"] for p in preds]
+        assert values == sorted(values, reverse=True) and 0 < sum(values) <= 1.0001
+
+
+def test_ablation_matches_the_library_and_respects_causality(induction_session):
+    s = induction_session
+    prompt, site = "BOS 1 2 S 3 4 S", "blocks.1.attn.v_proj"
+    r = s.ablate(prompt, [{"site": site, "idx": 1, "positions": None}], top_k=3)
+    expected = s.dec.forward_with_ablation(s.adapter.encode(prompt), {site: [1]})[0, -1].softmax(-1)
+    for change in r["changes"][-1]:
+        assert change["after"] == pytest.approx(float(expected[change["id"]]), rel=1e-3, abs=1e-6)
+    assert max(r["divergence"]["per_position"]) > 0
+    # The target is causal: ablating at position 4 leaves positions 0..3 exactly as they were.
+    r = s.ablate(prompt, [{"site": site, "idx": c, "positions": [4]} for c in range(4)])
+    kl = r["divergence"]["per_position"]
+    assert kl[:4] == [0.0] * 4 and kl[4] > 0
+    assert r["divergence"]["kind"] == "kl" and len(r["target_vs_unablated"]) == 7
+
+
+def test_subcomponent_effects_follow_the_unembedding(induction_session):
+    s = induction_session
+    d = s.subcomponent("blocks.1.attn.v_proj", "2")
+    comps = s.dec.component("blocks.1.attn.v_proj")
+    u, v = comps.U[2].detach(), comps.V[:, 2].detach()
+    target = s.dec.target
+    assert d["norm"] == pytest.approx(float(u.norm() * v.norm()), rel=1e-5)
+    con = sqlite3.connect(s.run_dir / DB_NAME)
+    (sign,) = con.execute("SELECT inner_sign FROM subcomponents WHERE site = ? AND idx = 2", ("blocks.1.attn.v_proj",)).fetchone()
+    con.close()
+    assert d["effects"]["sign_from_harvest"] == (sign != 0)
+    with torch.no_grad():
+        direct = (sign or 1.0) * (u @ target.blocks[1].attn.o_proj.weight.T @ target.unembed.weight.T)
+    assert [e["label"] for e in d["effects"]["raises"][:3]] == [s.adapter.output_label(i) for i in direct.topk(3).indices.tolist()]
+    assert d["effects"]["lowers"][0]["value"] == pytest.approx(float(direct.min()), rel=1e-3)
+    assert s.subcomponent("blocks.0.attn.q_proj", 0)["effects"] is None  # queries never reach the logits directly
+    assert d["harvest"]["contexts"] and len(d["harvest"]["hist"]) == 20
+
+
+def test_random_example_prompts_encode_back_to_the_dataset_example(induction_session, tms_run):
+    s = induction_session
+    assert torch.equal(s.adapter.encode(s.sample_prompt("5")["prompt"])[0], s.adapter.sample(1, 5)[0])
+    t = RunSession(tms_run)
+    # TMS inputs are sparse: the first seed whose example has some feature on.
+    x = next(e for e in (t.adapter.sample(1, k)[0] for k in range(100)) if e.any())
+    assert torch.allclose(t.adapter.encode(t.adapter.prompt_of(x))[0], x, atol=5e-3)
+    with pytest.raises(AppError, match="'seed' must be an integer"):
+        s.sample_prompt("x")
+
+
+@pytest.mark.parametrize("site, idx, status, phrase", [
+    ("blocks.9.attn.q_proj", 0, 404, "unknown site"), ("blocks.0.attn.q_proj", 4, 404, "unknown subcomponent"),
+    ("blocks.0.attn.q_proj", "x", 400, "not an integer"), ("blocks.0.attn.q_proj", True, 400, "not an integer"),
+])
+def test_subcomponent_ids_are_validated(induction_session, site, idx, status, phrase):
+    with pytest.raises(AppError, match=phrase) as err:
+        induction_session.subcomponent(site, idx)
+    assert err.value.status == status
+
+
+def test_tms_run_treats_the_input_as_one_feature_vector(tms_run):
+    s = RunSession(tms_run)
+    a = s.analyse("0:1 3:0.5")
+    assert a["tokens"] == ["0:1 3:0.5"] and len(a["predictions"]) == 1
+    x = torch.tensor([[1.0, 0, 0, 0.5, 0]])
+    with torch.no_grad():
+        out = s.dec.target(x)[0]
+    assert a["predictions"][0][0]["value"] == pytest.approx(float(out.max()), rel=1e-3)
+    r = s.ablate("0:1 3:0.5", [{"site": "linear1", "idx": c, "positions": [0]} for c in range(20)])
+    assert r["divergence"]["kind"] == "mse"
+    unablated = s.dec.forward_with_ablation(x, {})[0]  # the decomposed weights, every mask 1
+    without_w1 = torch.relu(s.dec.target.linear2.bias.detach())  # every subcomponent of linear1 gone: ReLU(b)
+    assert r["divergence"]["per_position"][0] == pytest.approx(float((unablated - without_w1).pow(2).mean()), rel=1e-3)
+    with pytest.raises(AppError, match="outside the prompt"):
+        s.ablate("0:1", [{"site": "linear1", "idx": 0, "positions": [1]}])
+    d = s.subcomponent("linear1", 0)
+    effect = (s.dec.component("linear1").U[0] @ s.dec.target.linear2.weight.T).detach()  # through linear2
+    assert d["harvest"] is None and not d["effects"]["sign_from_harvest"]
+    assert [e["value"] for e in d["effects"]["raises"]] == pytest.approx(sorted(effect[effect > 0].tolist(), reverse=True), rel=1e-3)
+    assert [e["value"] for e in d["effects"]["lowers"]] == pytest.approx(sorted(effect[effect < 0].tolist()), rel=1e-3)
+
+
+# ---- a Hugging Face causal LM with a hand-made tokenizer ------------------------------------
+class CharTokenizer:
+    """Characters a-z, space and '.', ids 0..27."""
+
+    chars = "abcdefghijklmnopqrstuvwxyz ."
+
+    def encode(self, text):
+        return [self.chars.index(ch) for ch in text.lower() if ch in self.chars]
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+
+def test_causal_lm_adapter_serves_a_tiny_gpt2(tmp_path):
+    from tspd.targets.huggingface import tiny_gpt2
+
+    model = tiny_gpt2(n_layer=1, n_head=2, n_embd=16, vocab_size=28, n_positions=16)
+    cfg = make_cfg([("transformer.h.0.mlp.c_fc", 4), ("transformer.h.0.mlp.c_proj", 4)],
+                   train={"steps": 2, "batch_size": 4, "eval_every": 2, "eval_batches": 1, "log_every": 1})
+    data = lambda step: torch.randint(0, 28, (4, 12), generator=torch.Generator().manual_seed(step))  # noqa: E731
+    tspd.decompose(model, data, cfg, run_dir=tmp_path, progress=False)
+    texts = ["the cat sat on the mat. the dog sat on the log. " * 3]
+    adapter = CausalLMAdapter(model, CharTokenizer(), texts, window=12, example_prompt="the cat")
+    s = RunSession(tmp_path, adapter)
+    a = s.analyse("the cat")
+    assert a["tokens"] == list("the cat") and len(a["predictions"]) == 7
+    with pytest.raises(AppError, match="17 tokens but the model's context is 16"):
+        s.analyse("a" * 17)
+    r = s.ablate("the cat", [{"site": "transformer.h.0.mlp.c_proj", "idx": 0, "positions": [-1]}])
+    assert r["divergence"]["per_position"][:6] == [0.0] * 6
+    assert s.subcomponent("transformer.h.0.mlp.c_fc", 0)["effects"] is None
+    effects = s.subcomponent("transformer.h.0.mlp.c_proj", 0)["effects"]
+    assert 0 < len(effects["lowers"]) <= 10 and all(e["value"] < 0 for e in effects["lowers"])
+    summary = harvest(tmp_path, adapter, n_examples=16, dec=s.dec)
+    assert summary["positions"] == 12
+    contexts = s.subcomponent("transformer.h.0.mlp.c_proj", 0)["harvest"]["contexts"]
+    assert contexts and all(len(c["tokens"]) == 12 for c in contexts)
+    example = adapter.sample(1, 4)[0]
+    assert adapter.encode(s.sample_prompt(4)["prompt"])[0].tolist() == example.tolist()
+
+
+# ---- the HTTP API -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def api(dashboard_root, induction_run, tms_run, tmp_path_factory):
+    """A server over a folder of runs: the two tiny runs and one broken run folder."""
+    root = tmp_path_factory.mktemp("served")
+    shutil.copytree(induction_run, root / "induction")
+    shutil.copytree(tms_run, root / "tms")
+    shutil.copytree(tms_run, root / "broken")
+    (root / "broken" / "config.yaml").write_text("sites: []\n")
+    server = make_server(root, port=0)
+    server.start_background()
+    yield server.url.rstrip("/")
+    server.shutdown()
+    server.server_close()
+
+
+def call(base, path, body=None, method=None):
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    req = urllib.request.Request(base + path, data=data, method=method or ("POST" if data is not None else "GET"))
+    try:
+        with urllib.request.urlopen(req, timeout=10) as res:
+            return res.status, res.headers, res.read()
+    except HTTPError as err:
+        return err.code, err.headers, err.read()
+
+
+def test_api_serves_the_page_and_every_endpoint(api):
+    status, headers, page = call(api, "/")
+    assert status == 200 and b"tspd dashboard" in page
+    for name in ("app.js", "style.css"):
+        status, _, text = call(api, f"/static/{name}")
+        # No CDN: the only absolute URL in the page's assets is the SVG namespace.
+        assert status == 200 and set(re.findall(rb"https?://[^\s\"'`)]+", page + text)) <= {b"http://www.w3.org/2000/svg"}
+    assert call(api, "/static/../session.py")[0] == 404 and call(api, "/static/.hidden")[0] == 404
+    runs = json.loads(call(api, "/api/runs")[2])["runs"]
+    assert sorted(runs) == ["broken", "induction", "tms"]
+    info = json.loads(call(api, "/api/run?run=induction")[2])
+    assert info["input_kind"] == "tokens" and info["context_length"] == 8 and info["harvest"]["n_examples"] == 100
+    assert "census" in info["tables"] and not info["harvest"]["stale"]
+    metrics = json.loads(call(api, "/api/metrics?run=induction")[2])
+    assert metrics["train"]["step"] == list(range(6)) and metrics["eval"]["step"] == [2, 5]
+    assert set(metrics["train"]["losses"]) >= {"loss", "faithfulness", "importance_minimality"}
+    assert json.loads(call(api, "/api/tables?run=induction")[2])["census"]["n_sequences"] == 100
+    status, headers, body = call(api, "/api/prompt?run=induction", {"prompt": "1 S 2 S"})
+    assert status == 200 and json.loads(body)["tokens"] == ["BOS", "1", "S", "2", "S"]
+    assert headers["Server-Timing"].startswith("app;dur=")
+    items = json.loads(call(api, "/api/subcomponents?run=induction&site=blocks.0.attn.k_proj")[2])["items"]
+    assert len(items) == 4 and [i["frequency"] for i in items] == sorted((i["frequency"] for i in items), reverse=True)
+    body = {"run": "tms", "prompt": "1", "ablations": [{"site": "linear2", "idx": 0}], "base": "ci"}
+    assert json.loads(call(api, "/api/ablate", body)[2])["base"] == "ci"
+
+
+@pytest.mark.parametrize("path, body, status, phrase", [
+    ("/api/run?run=nope", None, 404, "no run folder 'nope'"),
+    ("/api/run?run=../induction", None, 404, "no run folder"),
+    ("/api/run?run=broken", None, 422, "could not be loaded"),
+    ("/api/run", None, 400, "give the run"),
+    ("/api/prompt?run=induction", {"prompt": "1 " * 8}, 400, "context is 8"),
+    ("/api/prompt?run=induction", {"prompt": "1 2 99"}, 400, "not in the vocabulary"),
+    ("/api/prompt?run=induction", {"prompt": 5}, 400, "must be a string"),
+    ("/api/prompt?run=induction", {"prompt": "1", "top_k": 0}, 400, "top_k"),
+    ("/api/subcomponent?run=induction&site=blocks.0.attn.q_proj&idx=17", None, 404, "unknown subcomponent"),
+    ("/api/subcomponent?run=induction&site=nope&idx=0", None, 404, "unknown site"),
+    ("/api/subcomponent?run=induction&site=blocks.0.attn.q_proj", None, 400, "not an integer"),
+    ("/api/ablate?run=induction", {"prompt": "1 S", "ablations": []}, 400, "non-empty list"),
+    ("/api/ablate?run=induction", {"prompt": "1 S", "ablations": [{"site": "blocks.0.attn.q_proj", "idx": 9}]}, 404,
+     "unknown subcomponent"),
+    ("/api/ablate?run=induction", {"prompt": "1 S", "ablations": [{"site": "blocks.0.attn.q_proj", "idx": 0,
+                                                                    "positions": [3]}]}, 400, "outside the prompt"),
+    ("/api/ablate?run=induction", {"prompt": "1", "ablations": [{"site": "blocks.0.attn.q_proj", "idx": 0}],
+                                   "base": "zero"}, 400, "'base'"),
+    ("/api/prompt?run=induction", b"{not json", 400, "not valid JSON"),
+    ("/api/prompt?run=induction", b"[1]", 400, "JSON object"),
+    ("/api/sample?run=induction&seed=1.5", None, 400, "'seed' must be an integer"),
+    ("/api/nothing", None, 404, "no endpoint"),
+    ("/api/prompt", None, 405, "takes POST"),
+])
+def test_api_answers_bad_requests_with_a_clear_4xx(api, path, body, status, phrase):
+    got, headers, raw = call(api, path, body)
+    assert got == status and headers["Content-Type"] == "application/json"
+    assert phrase in json.loads(raw)["error"]
+
+
+@pytest.mark.parametrize("headers, status", [({}, 411), ({"Content-Length": str(10**9)}, 413)])
+def test_api_refuses_bodies_without_length_or_too_large_without_waiting(api, headers, status):
+    host, port = api.removeprefix("http://").split(":")
+    con = http.client.HTTPConnection(host, int(port), timeout=5)
+    con.putrequest("POST", "/api/prompt?run=induction")
+    for k, v in headers.items():
+        con.putheader(k, v)
+    con.endheaders()
+    res = con.getresponse()
+    assert res.status == status and "error" in json.loads(res.read())
+    con.close()
+
+
+def test_cli_harvest_and_serve_errors(tms_run, tmp_path, capsys):
+    from tspd.cli import main
+
+    run = tmp_path / "tms"
+    shutil.copytree(tms_run, run)
+    assert main(["harvest", str(run), "--n-examples", "500"]) == 0
+    assert "harvested 500 examples" in capsys.readouterr().out and (run / DB_NAME).exists()
+    assert RunSession(run).info()["harvest"]["stale"] is False
+    st = (run / "decomposition.safetensors").stat()
+    os.utime(run / "decomposition.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # as a re-run would
+    assert RunSession(run).info()["harvest"]["stale"] is True
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["serve", str(tmp_path / "empty")]) == 2
+    assert "is not a tspd run folder" in capsys.readouterr().err
+
+
+def test_tspd_serve_prints_the_url_it_answers_on(induction_run):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "tspd", "serve", str(induction_run), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:\d+/", line).group(0)
+        status, _, body = call(url.rstrip("/"), "/api/runs")
+        assert status == 200 and json.loads(body) == {"runs": ["induction"]}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
