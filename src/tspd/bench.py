@@ -107,11 +107,31 @@ def _tiny_gpt2_case(autocast: str | None) -> Callable:
     return build
 
 
-def _recipe_case(recipe: str) -> Callable:
+class SkipCase(Exception):
+    """A case whose asset is absent; the harness reports the message instead of a timing."""
+
+
+def _smollm2_case(naive: bool) -> Callable:
+    def build():
+        import os
+
+        from tspd.cache import cache_dir
+        from tspd.targets.smollm2 import FOLDER, LOCAL_ENV
+
+        if not (os.environ.get(LOCAL_ENV) or (cache_dir() / FOLDER / "config.json").is_file()):
+            raise SkipCase("SmolLM2 is not in the cache; run `tspd assets --what smollm2` first")
+        # Naive: no stacking, no prefix replay, fp32 -- every pass a full forward of the model.
+        overrides = ["train.stack_passes=false", "train.reuse_prefix=false", "train.autocast=null"] if naive else []
+        return _recipe_case("smollm2-facts", overrides)()
+
+    return build
+
+
+def _recipe_case(recipe: str, overrides: list[str] | None = None) -> Callable:
     def build():
         from tspd.targets import build_data, build_target
 
-        cfg = RunConfig.from_yaml(CONFIGS_DIR / f"{recipe}.yaml")
+        cfg = RunConfig.from_yaml(CONFIGS_DIR / f"{recipe}.yaml", overrides)
         target = build_target(cfg.target, train=False)
         data = build_data(cfg.data, cfg.target, cfg.train.batch_size, cfg.seed)
         return target, data(0), cfg
@@ -131,6 +151,10 @@ CASES: dict[str, Case] = {
         Case("induction-qkvo-256", "Q,K,V,O x 2 layers, C 100, shared_mlp [16], 256 x 64", _induction_case("shared_mlp", 256, True), 473, 2.2),
         Case("tiny-gpt2-fp32", "random GPT-2 (2 x 4 heads, d 128), c_fc + c_proj, C 256, shared_mlp [64], 8 x 128", _tiny_gpt2_case(None), 187, 0.9),
         Case("tiny-gpt2-bf16", "same, bf16 autocast", _tiny_gpt2_case("bf16"), 121, 0.9),
+        Case("smollm2-layer", "the facts recipe (configs/smollm2-facts.yaml): SmolLM2 layer-11 MLP, C 1024 x 3, 8 x 64",
+             _smollm2_case(naive=False)),
+        Case("smollm2-layer-naive", "same, every pass a full fp32 forward (no stacking, no prefix replay)",
+             _smollm2_case(naive=True)),
     ]
 }
 
@@ -170,7 +194,10 @@ def run_case(name: str, steps: int = 20, warmup: int = 3, threads: int | None = 
         torch.set_num_threads(threads)
     tune_cpu_allocator()
     case = CASES[name]
-    target, batch, cfg = case.build()
+    try:
+        target, batch, cfg = case.build()
+    except SkipCase as why:
+        return {"case": name, "description": case.description, "skipped": str(why)}
     torch.manual_seed(cfg.seed)
     dec = Decomposition(target, cfg)
     opt = make_optimizer(dec)
@@ -254,6 +281,8 @@ def run_all(names: list[str], steps: int, warmup: int, threads: int | None, out:
 
 
 def _format_row(r: dict) -> str:
+    if "skipped" in r:
+        return f"{r['case']:<22} skipped: {r['skipped']}"
     if "error" in r:
         return f"{r['case']:<22} ERROR {r['error']}"
     ref = f" ref {r['reference_ms']:.0f} ms -> {r['speedup_vs_reference']:.2f}x" if r.get("reference_ms") else ""

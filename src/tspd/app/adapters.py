@@ -261,7 +261,29 @@ def _tms(dec: Decomposition, run_dir: Path) -> Adapter:
     return FeatureAdapter(t.n_features, lambda n, gen: sparse_features(n, t.n_features, p, gen), model, readout)
 
 
-ADAPTERS: dict[str, Callable[[Decomposition, Path], Adapter]] = {"induction": _induction, "tms": _tms}
+def _huggingface(dec: Decomposition, run_dir: Path) -> Adapter:
+    """Harvest windows come from held-out documents of the run's text source, plus the facts
+    sentences when the run mixed them in."""
+    from tspd.data.text import documents, split_documents
+    from tspd.targets.huggingface import load_tokenizer
+
+    tokenizer = load_tokenizer(dec.config.target.model)
+    data = dec.config.data
+    texts: list[str] = []
+    if data is not None and data.kind == "text":
+        texts = split_documents(documents(data.source), data.heldout_fraction)[1][:200]
+        if data.facts_fraction > 0:
+            from tspd.data.facts import fact_sentences, load_facts
+
+            texts.append(" ".join(fact_sentences(load_facts())))
+    bos = getattr(tokenizer, "bos_token_id", None) if getattr(tokenizer, "add_bos_token", False) else None
+    return CausalLMAdapter(dec.target, tokenizer, texts, window=data.seq_len if data is not None else 64, bos_id=bos,
+                           example_prompt="Tiger Woods plays the sport of")
+
+
+ADAPTERS: dict[str, Callable[[Decomposition, Path], Adapter]] = {
+    "induction": _induction, "tms": _tms, "huggingface": _huggingface,
+}
 
 
 def adapter_for(dec: Decomposition, run_dir: str | Path) -> Adapter:

@@ -1,0 +1,188 @@
+"""Language-model runs through the CLI (tiny random GPT-2 / Llama, offline) and the facts study's
+pieces: prompts and name positions, mixed data, selection, ablation masks, the SVD baseline."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+import tspd
+from tspd.analysis import facts as F
+from tspd.cli import main
+from tspd.data.facts import fact_sentences, load_facts, split_athletes
+from tspd.decomposition import call_target
+from tspd.targets.huggingface import load_lm, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_tok():
+    return load_tokenizer("tiny-gpt2")
+
+
+@pytest.fixture
+def text_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TSPD_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "notes.txt"
+    paragraphs = [" ".join(fact_sentences(load_facts())[i : i + 12]) for i in range(0, 600, 12)]
+    path.write_text("\n\n".join(paragraphs))
+    return path
+
+
+def lm_config(tmp_path, text_file, model: str, sites: list[dict], steps: int = 4) -> str:
+    cfg = {
+        "seed": 0,
+        "target": {"kind": "huggingface", "model": model},
+        "data": {"kind": "text", "source": str(text_file), "seq_len": 32, "facts_fraction": 0.25},
+        "sites": sites,
+        "ci": {"kind": "shared_mlp", "hidden": [16]},
+        "masks": {"delta_component": True},
+        "losses": {"faithfulness": 1000.0, "stochastic_recon": 1.0, "stochastic_recon_layerwise": 1.0,
+                   "importance_minimality": 0.001},
+        "output": {"divergence": "kl", "positions": None},
+        "train": {"steps": steps, "batch_size": 4, "eval_every": steps, "checkpoint_every": 2, "eval_batches": 1,
+                  "faithfulness_warmup_steps": 5},
+    }
+    path = tmp_path / f"{model}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.fixture
+def gpt2_run(tmp_path, text_file):
+    sites = [{"pattern": "transformer.h.*.mlp.c_fc", "C": 16}, {"pattern": "transformer.h.*.mlp.c_proj", "C": 16}]
+    out = tmp_path / "run"
+    assert main(["decompose", lm_config(tmp_path, text_file, "tiny-gpt2", sites), "--out", str(out)]) == 0
+    return out
+
+
+def test_gpt2_cli_run_reproduces_the_model_with_all_ones_masks(gpt2_run):
+    assert not (gpt2_run / "target.safetensors").exists()  # the config names the model; no 0.5 GB copies
+    dec = tspd.load(gpt2_run)
+    assert sorted(dec.site_names) == ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj",
+                                      "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
+    ids = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        target = call_target(dec.target, ids)
+        ones = dec.forward_with_ablation(ids, {})
+        ablated = dec.forward_with_ablation(ids, {"transformer.h.1.mlp.c_fc": list(range(16))})
+    torch.testing.assert_close(ones, target, rtol=0, atol=1e-5)
+    assert (ablated - target).abs().max() > 1e-3  # and the masks do act
+
+
+def test_llama_cli_run_and_resume(tmp_path, text_file):
+    sites = [{"pattern": "model.layers.*.mlp.down_proj", "C": 8}]
+    cfg = lm_config(tmp_path, text_file, "tiny-llama", sites, steps=4)
+    out = tmp_path / "llama"
+    assert main(["decompose", cfg, "--out", str(out)]) == 0
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval" in m for m in metrics)
+    assert main(["decompose", "--out", str(out), "--resume"]) == 0  # a finished run: resume only rewrites its outputs
+
+
+def test_mixed_data_rows_and_heldout_athletes(text_file, tiny_tok):
+    from tspd.config import HuggingFaceTargetConfig, TextDataConfig
+    from tspd.data.mix import text_data
+
+    data = text_data(TextDataConfig(source=str(text_file), seq_len=32, facts_fraction=0.5),
+                     HuggingFaceTargetConfig(model="tiny-gpt2"), batch_size=8, seed=0)
+    batch = data(0)
+    assert batch.shape == (8, 32) and data(-1).shape == (8, 32)
+    facts = load_facts()
+    _, heldout = split_athletes(facts)
+    text = tiny_tok.decode(batch[:4].flatten())
+    assert " plays the sport of" in text or " famous for playing" in text or " competes in" in text
+    assert not any(a.name in text for a in heldout), "held-out athletes leaked into training rows"
+    assert torch.equal(data(0), batch)  # resumable: a batch is a function of the step
+
+
+def test_split_is_per_sport_and_disjoint():
+    facts = load_facts()
+    disc, held = split_athletes(facts, seed=3)
+    assert not {a.name for a in disc} & {a.name for a in held}
+    for s in facts.sports:
+        assert sum(a.sport == s.name for a in held) == round(len(s.athletes) / 3)
+
+
+def test_prompt_name_positions(tiny_tok):
+    facts = load_facts()
+    kobe = next(a for a in facts.athletes if a.last == "Bryant")
+    prompts = F.build_prompts(tiny_tok, [kobe], ["{name} plays the sport of", "The sport that {name} plays is"])
+    for p in prompts:
+        assert tiny_tok.decode([p.ids[i] for i in p.first]).strip() == "Kobe"
+        assert tiny_tok.decode([p.ids[i] for i in p.last]).strip() == "Bryant"
+    b = F.batch_prompts(prompts, pad_id=0)
+    assert b.ids.shape[0] == 2 and int(b.names["both"].sum()) == sum(len(p.first + p.last) for p in prompts)
+    assert torch.equal(b.names["both"], b.names["first"] | b.names["last"])
+    assert [int(x) for x in b.last] == [len(p.ids) - 1 for p in prompts]
+
+
+def test_select_for_sport_prefers_specific_subcomponents():
+    ci = {"s": torch.tensor([[0.9, 0.9, 0.1, 0.6], [0.8, 0.9, 0.0, 0.7], [0.1, 0.9, 0.0, 0.0], [0.0, 0.8, 0.1, 0.1]])}
+    is_sport = torch.tensor([True, True, False, False])
+    # c0: on 0.85, off 0.05 -> chosen first; c3: on 0.65, off 0.05; c1 fires for every sport; c2 never.
+    assert F.select_for_sport(ci, is_sport, k=4) == [("s", 0), ("s", 3)]
+    assert F.select_for_sport(ci, is_sport, k=1) == [("s", 0)]
+
+
+def test_ablation_at_chosen_tokens_only(gpt2_run):
+    dec = tspd.load(gpt2_run)
+    ids = torch.randint(0, 500, (2, 10), generator=torch.Generator().manual_seed(2))
+    where = torch.zeros(2, 10, dtype=torch.bool)
+    where[0, 4] = True
+    site = "transformer.h.0.mlp.c_fc"
+    with torch.no_grad():
+        ones = dec.forward_with_ablation(ids, {})
+        out = dec.forward_with_ablation(ids, {site: list(range(16))}, positions=where)
+    assert torch.equal(out[1], ones[1])  # the other example is untouched
+    assert torch.equal(out[0, :4], ones[0, :4])  # causal: earlier positions untouched
+    assert (out[0, 4:] - ones[0, 4:]).abs().max() > 1e-4
+
+
+def test_svd_baseline_removes_the_top_directions(gpt2_run):
+    dec = tspd.load(gpt2_run)
+    site = "transformer.h.0.mlp.c_fc"
+    module = dict(dec.target.named_modules())[site]
+    x = torch.randn(1, 3, module.weight.shape[0])
+    where = torch.tensor([[True, False, True]])
+    with torch.no_grad():
+        before = module(x)
+        with F.svd_removed(dec, {site: module.weight.shape[0]}, where, [slice(None)]):  # full rank: all removed
+            after = module(x)
+    torch.testing.assert_close(after[0, 0], module.bias, atol=1e-4, rtol=0)
+    torch.testing.assert_close(after[0, 1], before[0, 1])
+
+
+def test_facts_pipeline_on_a_tiny_run(gpt2_run, tmp_path):
+    from tspd.analysis.facts_study import facts_ablate, scan_model, screen_model
+
+    scr = screen_model("tiny-gpt2", tmp_path / "screen")
+    assert set(scr["accuracy"]) == set(load_facts().answers) and 0 <= scr["overall"] <= 1
+    assert len(json.loads((tmp_path / "screen" / "screen.json").read_text())["prompts"]) == 144 * 6
+    model, tok = load_lm("tiny-gpt2")
+    facts = load_facts()
+    prompts = F.build_prompts(tok, facts.athletes[:8], list(facts.templates[:2]))
+    answers = F.sport_tokens(tok, facts.answers)
+    batch = F.batch_prompts(prompts, 0)
+    scan = F.layer_scan(model, batch, torch.tensor([answers[p.athlete.sport] for p in prompts]))
+    assert len(scan["mlp"]) == len(scan["attn"]) == 2 and any(abs(v) > 0 for v in scan["mlp"])
+    scan_out = scan_model("tiny-gpt2", tmp_path / "scan")
+    assert (tmp_path / "scan" / "scan.png").exists() and scan_out["n_prompts"] > 0
+    result = facts_ablate(gpt2_run, k=2, n_random=2, n_text=8, min_ci=0.0, min_gap=0.0, progress=False)
+    assert set(result["sports"]) == set(facts.answers)
+    assert result["faithfulness"]["active_per_token"] >= 0
+    assert (gpt2_run / "facts.json").exists() and (gpt2_run / "facts.html").exists()
+    done = [r for r in result["sports"].values() if "both" in r]
+    for r in done:
+        assert len(r["pieces"]) <= 2 and r["text"]["kl"] >= 0
+
+
+def test_dashboard_adapter_for_language_model_runs(gpt2_run):
+    from tspd.app.adapters import adapter_for
+
+    dec = tspd.load(gpt2_run)
+    adapter = adapter_for(dec, gpt2_run)
+    ids = adapter.encode("Tiger Woods plays the sport of")
+    assert adapter.prompt_of(ids[0]) == "Tiger Woods plays the sport of"
+    sample = adapter.sample(3, seed=0)
+    assert sample.shape == (3, 32) and adapter.readout("transformer.h.0.mlp.c_proj").shape[1] == len(load_tokenizer("tiny-gpt2"))
