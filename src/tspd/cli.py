@@ -119,7 +119,7 @@ def cmd_facts(args: argparse.Namespace) -> None:
 
     if args.action == "screen":
         r = facts_study.screen_model(args.model, args.out)
-        print(json.dumps({k: r[k] for k in ("overall", "accuracy", "by_template")}, indent=2))
+        print(json.dumps({k: r[k] for k in ("overall", "accuracy", "by_template", "default_answer")}, indent=2))
     elif args.action == "scan":
         r = facts_study.scan_model(args.model, args.out)
         print(f"MLP drop per layer: {[round(v, 3) for v in r['mlp']]}")

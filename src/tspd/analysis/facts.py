@@ -134,17 +134,25 @@ def screen(model: nn.Module, tokenizer, prompts: list[TokenPrompt], answers: dic
     """Which prompts the model gets right (its sport's token is the top one among the sports').
 
     Returns {"right": [bool per prompt], "logprob": [...], "accuracy": {sport: fraction},
-    "by_template": {template: fraction}}."""
+    "by_template": {template: fraction}, "default_answer": {template: [sport, share]}}: a template
+    whose most-predicted sport takes most of its prompts is answering by default, not by name."""
     sports = list(answers)
     tok_ids = sport_tokens(tokenizer, answers)
     answers = torch.tensor([tok_ids[s] for s in sports])
-    batch = batch_prompts(prompts, _pad_id(tokenizer))
+    batch = batch_prompts(prompts, pad_id(tokenizer))
     lp = answer_logprobs(lambda ids, rows: call_target(model, ids), batch, answers)
     truth = torch.tensor([sports.index(p.athlete.sport) for p in prompts])
     right = lp.argmax(-1) == truth
     acc = {s: _mean([bool(r) for r, p in zip(right, prompts) if p.athlete.sport == s]) for s in sports}
-    by_tpl = {t: _mean([bool(r) for r, p in zip(right, prompts) if p.template == t]) for t in dict.fromkeys(p.template for p in prompts)}
+    templates = list(dict.fromkeys(p.template for p in prompts))
+    by_tpl = {t: _mean([bool(r) for r, p in zip(right, prompts) if p.template == t]) for t in templates}
+    default = {}
+    for t in templates:
+        picks = lp.argmax(-1)[torch.tensor([p.template == t for p in prompts])]
+        top = torch.bincount(picks, minlength=len(sports))
+        default[t] = [sports[int(top.argmax())], float(top.max() / len(picks))]
     return {
+        "default_answer": default,
         "right": right.tolist(),
         "logprob": lp[torch.arange(len(prompts)), truth].tolist(),
         "accuracy": acc,
@@ -158,7 +166,7 @@ def _mean(xs) -> float:
     return float(sum(xs) / len(xs)) if xs else float("nan")
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
     for attr in ("pad_token_id", "eos_token_id"):
         v = getattr(tokenizer, attr, None)
         if v is not None:

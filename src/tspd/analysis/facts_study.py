@@ -32,6 +32,13 @@ def screened_prompts(model, tokenizer, facts: Facts, athletes=None) -> tuple[lis
     return prompts, F.screen(model, tokenizer, prompts, facts.answers)
 
 
+def known_prompts(prompts: list[F.TokenPrompt], scr: dict, max_default_share: float = 0.5) -> list[F.TokenPrompt]:
+    """The prompts the model gets right, leaving out templates whose most-predicted sport takes
+    more than `max_default_share` of their prompts (right by default, not because of the name)."""
+    by_default = {t for t, (_, share) in scr["default_answer"].items() if share > max_default_share}
+    return [p for p, r in zip(prompts, scr["right"]) if r and p.template not in by_default]
+
+
 def screen_model(model_name: str, out: str | Path | None = None, seed: int = 0) -> dict:
     """Screen every (athlete, template) prompt; writes OUT/screen.json. Returns the summary."""
     from tspd.targets.huggingface import load_lm
@@ -60,12 +67,11 @@ def scan_model(model_name: str, out: str | Path, seed: int = 0) -> dict:
     model, tokenizer = load_lm(model_name, seed)
     facts = load_facts()
     discovery, _ = split_athletes(facts, seed=seed)
-    prompts, scr = screened_prompts(model, tokenizer, facts, discovery)
-    right = [p for p, r in zip(prompts, scr["right"]) if r]
+    right = known_prompts(*screened_prompts(model, tokenizer, facts, discovery))
     if not right:
         raise ValueError(f"{model_name} gets no discovery prompt right; the scan needs facts the model knows")
     answers = F.sport_tokens(tokenizer, facts.answers)
-    batch = F.batch_prompts(right, F._pad_id(tokenizer))
+    batch = F.batch_prompts(right, F.pad_id(tokenizer))
     result = F.layer_scan(model, batch, torch.tensor([answers[p.athlete.sport] for p in right]))
     result["n_prompts"] = len(right)
     out = Path(out)
@@ -131,7 +137,7 @@ def faithfulness_on_text(dec: Decomposition, ids: torch.Tensor, chunk: int = 16)
 
 def facts_ablate(
     run_dir: str | Path, k: int = 4, n_random: int = 10, n_text: int = 64, min_ci: float = 0.5, min_gap: float = 0.25,
-    progress: bool = True,
+    max_default_share: float = 0.5, progress: bool = True,
 ) -> dict:
     """Per sport: choose subcomponents on discovery athletes, ablate them at the name tokens of
     held-out athletes; collateral on other sports and general text; random and SVD baselines.
@@ -147,16 +153,13 @@ def facts_ablate(
     tokenizer = load_tokenizer(cfg.target.model)
     facts = load_facts()
     discovery, heldout = split_athletes(facts, seed=cfg.seed)
-    pad = F._pad_id(tokenizer)
+    pad = F.pad_id(tokenizer)
     answers = F.sport_tokens(tokenizer, facts.answers)
     sports = list(facts.answers)
     answer_ids = torch.tensor([answers[s] for s in sports])
 
-    def right_only(athletes) -> list[F.TokenPrompt]:
-        prompts, scr = screened_prompts(dec.target, tokenizer, facts, athletes)
-        return [p for p, r in zip(prompts, scr["right"]) if r]
-
-    disc, held = right_only(discovery), right_only(heldout)
+    disc, held = (known_prompts(*screened_prompts(dec.target, tokenizer, facts, a), max_default_share)
+                  for a in (discovery, heldout))
     d_batch, h_batch = F.batch_prompts(disc, pad), F.batch_prompts(held, pad)
     d_sport = [sports.index(p.athlete.sport) for p in disc]
     h_sport = torch.tensor([sports.index(p.athlete.sport) for p in held])
@@ -177,7 +180,8 @@ def facts_ablate(
         return {"target_effect": float(-own.mean()), "collateral_facts": float(-other.mean())}
 
     rng = random.Random(cfg.seed)
-    result = {"k": k, "min_ci": min_ci, "min_gap": min_gap, "n_discovery_prompts": len(disc),
+    result = {"k": k, "min_ci": min_ci, "min_gap": min_gap, "max_default_share": max_default_share,
+              "n_discovery_prompts": len(disc),
               "n_heldout_prompts": len(held), "faithfulness": faithfulness_on_text(dec, text_ids), "sports": {}}
     bar = tqdm(sports, desc="facts ablation", disable=not progress)
     for s_idx, sport in enumerate(bar):
