@@ -33,10 +33,11 @@ def screened_prompts(model, tokenizer, facts: Facts, athletes=None) -> tuple[lis
 
 
 def known_prompts(prompts: list[F.TokenPrompt], scr: dict, max_default_share: float = 0.5) -> list[F.TokenPrompt]:
-    """The prompts the model gets right, leaving out templates whose most-predicted sport takes
-    more than `max_default_share` of their prompts (right by default, not because of the name)."""
-    by_default = {t for t, (_, share) in scr["default_answer"].items() if share > max_default_share}
-    return [p for p, r in zip(prompts, scr["right"]) if r and p.template not in by_default]
+    """The prompts the model gets right, except those whose sport is their template's default
+    answer when that answer takes more than `max_default_share` of the template's prompts (right
+    by default, not because of the name). A right answer that beats the default is kept."""
+    default = {t: sport for t, (sport, share) in scr["default_answer"].items() if share > max_default_share}
+    return [p for p, r in zip(prompts, scr["right"]) if r and default.get(p.template) != p.athlete.sport]
 
 
 def screen_model(model_name: str, out: str | Path | None = None, seed: int = 0) -> dict:
