@@ -181,3 +181,23 @@ def test_vector_mlp_ci_is_per_position():
     z = dec.ci_logits(dec.run_target(x)[1])["linear1"]
     z2 = dec.ci_logits(dec.run_target(x2)[1])["linear1"]
     torch.testing.assert_close(z[:, 1:], z2[:, 1:], rtol=0, atol=1e-6)
+
+
+def test_vector_mlp_recomputing_backward_matches_autograd():
+    """PerComponentMLP saves only its input and recomputes the hidden layer in the backward."""
+    import torch.nn.functional as F
+
+    from tspd.importance import PerComponentMLP
+
+    torch.manual_seed(0)
+    m = PerComponentMLP(7, 5, 4).double()
+    for p in m.parameters():
+        p.data.normal_()
+    x = torch.randn(3, 6, 7, dtype=torch.double, requires_grad=True)
+    plain = (F.gelu(x @ m.w1 + m.b1).unflatten(-1, (5, 4)) * m.w2).sum(-1) + m.b2
+    out = m(x)
+    torch.testing.assert_close(out, plain)
+    g = torch.randn_like(out)
+    params = [x, *m.parameters()]
+    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(plain, params, g)):
+        torch.testing.assert_close(a, b)

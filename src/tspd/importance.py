@@ -79,6 +79,36 @@ def upper_leaky_hard_sigmoid(z: Tensor, leak: float = 0.01) -> Tensor:
     return _UpperLeakyHardSigmoid.apply(z, leak)
 
 
+class _PerComponentMLPFn(torch.autograd.Function):
+    """z[n, c] = w2[c] . gelu(x[n] @ w1[:, c] + b1[c]) + b2[c], saving only x for the backward.
+
+    The hidden activations (rows x C x hidden) are the largest tensors of a vector_mlp step; the
+    backward recomputes them from x (one more x @ w1) instead of keeping two copies alive from the
+    forward to the backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+        mm = x @ w1  # under autocast: bf16; the backward recomputes in the same dtype
+        ctx.mm_dtype = mm.dtype
+        hid = F.gelu(mm + b1).unflatten(-1, w2.shape)
+        ctx.save_for_backward(x, w1, b1, w2)
+        return torch.einsum("nch,ch->nc", hid, w2.to(hid.dtype)) + b2
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, w1, b1, w2 = ctx.saved_tensors
+        dt = ctx.mm_dtype
+        pre = x.to(dt) @ w1.to(dt) + b1
+        hid = F.gelu(pre)
+        grad = grad.to(pre.dtype)
+        grad_w2 = torch.einsum("nc,nch->ch", grad, hid.unflatten(-1, w2.shape))
+        grad_hid = (grad.unsqueeze(-1) * w2.to(pre.dtype)).flatten(-2)
+        grad_pre = torch.ops.aten.gelu_backward(grad_hid, pre)
+        grad_x = (grad_pre.to(dt) @ w1.to(dt).T).to(x.dtype)
+        grad_w1 = (x.to(dt).T @ grad_pre.to(dt)).to(w1.dtype)
+        return grad_x, grad_w1, grad_pre.sum(0).to(b1.dtype), grad_w2.to(w2.dtype), grad.sum(0)
+
+
 class PerComponentMLP(nn.Module):
     """C independent MLPs d_in -> hidden -> 1 (GELU), evaluated with one matmul."""
 
@@ -91,8 +121,9 @@ class PerComponentMLP(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(C))
 
     def forward(self, x: Tensor) -> Tensor:
-        hid = F.gelu(x @ self.w1 + self.b1).unflatten(-1, (self.C, self.hidden))
-        return (hid * self.w2).sum(-1) + self.b2
+        lead = x.shape[:-1]
+        z = _PerComponentMLPFn.apply(x.reshape(-1, x.shape[-1]), self.w1, self.b1, self.w2, self.b2)
+        return z.reshape(*lead, self.C)
 
 
 class ScalarMLP(nn.Module):
