@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -102,6 +103,11 @@ def atomic_write_bytes(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_json(path: Path, obj) -> None:
+    """`obj` as indented JSON, written atomically."""
+    atomic_write_bytes(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2)))
 
 
 def save_state(module: nn.Module, path: Path) -> None:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from tspd import distributed
 from tspd.config import RunConfig, apply_overrides
-from tspd.decomposition import Decomposition, atomic_write_bytes, load, save_state
+from tspd.decomposition import Decomposition, atomic_write_bytes, load, save_state, write_json
 from tspd.targets import build_data, build_target, saved_with_run
 from tspd.train import DataStream, decompose
 
@@ -24,9 +24,6 @@ from tspd.train import DataStream, decompose
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 TARGET_EXTRAS = ("target_history.json", "target_loss_curve.png")
 
-
-def _write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2)))
 
 
 def _target_settings(tcfg) -> dict:
@@ -117,7 +114,7 @@ def _train_induction_target(tcfg, out: Path):
     final = history[-1] if history else {}
     summary = {"phase_change_step": phase_change_step(history), "final": final, "history": history}
     if distributed.world().main:  # every rank trains the same target; one writes it
-        _write_json(out / "target_history.json", summary)
+        write_json(out / "target_history.json", summary)
         loss_curve_figure(history, summary["phase_change_step"], out / "target_loss_curve.png")
     if final.get("accuracy", 0.0) < tcfg.target_accuracy:
         raise RuntimeError(
@@ -145,7 +142,7 @@ def evaluate_run(run_dir: str | Path) -> dict:
 
         result["tms"] = tms_metrics(dec, batches, "linear1")
         tms_figure(dec, batches, run_dir / "tms_subcomponents.png")
-    _write_json(run_dir / "results.json", result)
+    write_json(run_dir / "results.json", result)
     return result
 
 
@@ -157,7 +154,7 @@ def census_run(run_dir: str | Path, dec: Decomposition | None = None, n_sequence
     run_dir = Path(run_dir)
     dec = dec or load(run_dir)
     table = census(dec, n_sequences=n_sequences, seed=dec.config.seed)
-    _write_json(run_dir / "census.json", table)
+    write_json(run_dir / "census.json", table)
     census_figure(table, run_dir / "census_heatmap.png")
     return table
 
@@ -171,7 +168,7 @@ def causal_run(run_dir: str | Path, dec: Decomposition | None = None, table: dic
     dec = dec or load(run_dir)
     table = table or json.loads((run_dir / "census.json").read_text())
     check = causal_check(dec, table, seed=dec.config.seed)
-    _write_json(run_dir / "causal.json", check)
+    write_json(run_dir / "causal.json", check)
     causal_figure(check, run_dir / "causal_check.png")
     return check
 
@@ -193,7 +190,7 @@ def baseline_run(run_dir: str | Path, dec: Decomposition | None = None, table: d
     result["spd_total_distinct"] = table["total_distinct"]
     needed = result["pieces_needed"]
     result["spd_fewer_per_input"] = needed is None or table["active_per_input"] < needed
-    _write_json(run_dir / "baseline.json", result)
+    write_json(run_dir / "baseline.json", result)
     baseline_figure(result, table, run_dir / "baseline.png")
     return result
 
@@ -231,5 +228,5 @@ def run_experiment(recipe: str | Path, out: str | Path, overrides: list[str] | N
         return {}
     result = evaluate_run(out)
     result["seconds"] = {"decomposition": round(t1 - t0, 1), "analysis": round(time.time() - t1, 1)}
-    _write_json(Path(out) / "results.json", result)
+    write_json(Path(out) / "results.json", result)
     return result

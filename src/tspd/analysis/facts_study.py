@@ -8,7 +8,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -17,12 +16,9 @@ from tqdm import tqdm
 
 from tspd.analysis import facts as F
 from tspd.data.facts import Facts, load_facts, split_athletes
-from tspd.decomposition import Decomposition, atomic_write_bytes, call_target, load
+from tspd.decomposition import Decomposition, call_target, load, write_json
 from tspd.losses import recon_passes
 
-
-def _write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2)))
 
 
 def screened_prompts(model, tokenizer, facts: Facts, athletes=None) -> tuple[list[F.TokenPrompt], dict]:
@@ -56,7 +52,7 @@ def screen_model(model_name: str, out: str | Path | None = None, seed: int = 0) 
     del result["right"], result["logprob"]
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
-        _write_json(Path(out) / "screen.json", result)
+        write_json(Path(out) / "screen.json", result)
     return result
 
 
@@ -77,7 +73,7 @@ def scan_model(model_name: str, out: str | Path, seed: int = 0) -> dict:
     result["n_prompts"] = len(right)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "scan.json", result)
+    write_json(out / "scan.json", result)
     facts_scan_figure(result, out / "scan.png")
     return result
 
@@ -217,7 +213,7 @@ def facts_ablate(
         )
         result["sports"][sport] = row
     result["sports_passing"] = [s for s, r in result["sports"].items() if r.get("passes")]
-    _write_json(run_dir / "facts.json", result)
+    write_json(run_dir / "facts.json", result)
     facts_effect_figure(result, run_dir / "facts_effects.png")
     facts_parts_figure(result, run_dir / "facts_name_parts.png")
     facts_report(run_dir)
