@@ -125,6 +125,27 @@ def test_select_for_sport_prefers_specific_subcomponents():
     assert F.select_for_sport(ci, is_sport, k=1) == [("s", 0)]
 
 
+def test_rank_by_ablation_scores_each_candidate_on_discovery_prompts(gpt2_run, tiny_tok):
+    dec = tspd.load(gpt2_run)
+    facts = load_facts()
+    athletes = [a for s in facts.sports[:2] for a in s.athletes[:3]]
+    batch = F.batch_prompts(F.build_prompts(tiny_tok, athletes, list(facts.templates[:2])), 0)
+    sport_of = torch.tensor([0] * 6 + [1] * 6)
+    answer_ids = torch.tensor([5, 7])
+    site = "transformer.h.0.mlp.c_fc"
+    cands = [(site, c) for c in range(6)]
+    pieces, scores = F.rank_by_ablation(dec, batch, sport_of, 0, answer_ids, cands, k=2)
+    assert [(r["site"], r["index"]) for r in scores] == cands
+    rows = torch.arange(12)
+    clean = F.answer_logprobs(F.ablated_forward(dec, [], None), batch, answer_ids)[rows, sport_of]
+    lp = F.answer_logprobs(F.ablated_forward(dec, [cands[3]], batch.names["both"]), batch, answer_ids)[rows, sport_of]
+    drop = clean - lp
+    assert scores[3]["drop_own"] == pytest.approx(float(drop[:6].mean()), abs=1e-5)
+    assert scores[3]["score"] == pytest.approx(float(drop[:6].mean()) - abs(float(drop[6:].mean())), abs=1e-5)
+    best = sorted((r for r in scores if r["score"] > 0), key=lambda r: -r["score"])[:2]
+    assert pieces == [(r["site"], r["index"]) for r in best] and len(pieces) <= 2
+
+
 def test_ablation_at_chosen_tokens_only(gpt2_run):
     dec = tspd.load(gpt2_run)
     ids = torch.randint(0, 500, (2, 10), generator=torch.Generator().manual_seed(2))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -255,3 +257,22 @@ def test_pass_restores_per_submodule_train_mode():
     dec.causal_importance(torch.randn(2, 6))
     assert target.training
     assert not target.act.training
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_kl_matches_eager():
+    from tspd.losses import Reference
+
+    torch.manual_seed(0)
+    target = torch.randn(3, 5, 11)
+    out = (target + torch.randn(3, 5, 11)).requires_grad_()
+    values, grads = [], []
+    for compiled in (False, True):
+        out.grad = None
+        d = Reference(target, "kl", compiled=compiled).divergence(out)
+        d.backward()
+        values.append(d.detach())
+        grads.append(out.grad.clone())
+    torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-8)
+    assert float(values[0]) > 0.1

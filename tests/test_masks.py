@@ -151,16 +151,17 @@ def test_stacked_equals_unstacked_gpt2(tokens, use_delta):
     torch.testing.assert_close(single[-1], model(tokens).logits, rtol=0, atol=1e-5)
 
 
-def test_stacked_equals_unstacked_gradients():
+@pytest.mark.parametrize("use_delta", [False, True])
+def test_stacked_equals_unstacked_gradients(use_delta):
     torch.manual_seed(0)
     target = TwoLayer(6, 4, 6)
-    dec = tspd.Decomposition(target, make_cfg([("linear*", 5)]))
+    dec = tspd.Decomposition(target, make_cfg([("linear*", 5)], masks={"delta_component": use_delta}))
     x = torch.randn(7, 6)
     ci = dec.causal_importance(x)
 
     def grads(stack):
         dec.zero_grad(set_to_none=True)
-        passes = _mixed_passes(dec, ci, torch.Generator().manual_seed(4), False)
+        passes = _mixed_passes(dec, ci, torch.Generator().manual_seed(4), use_delta)
         outs = dec.run_passes(x, passes, stack=stack)
         sum(o.pow(2).sum() for o in outs).backward()
         return {n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None}

@@ -56,6 +56,42 @@ def test_block_replay_matches_full_passes_and_skips_block_0(delta):
         torch.testing.assert_close(g_stacked[n], g_single[n], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("delta", [False, True])
+def test_child_replay_skips_the_attention_before_mlp_sites(delta):
+    """Passes whose first routed site sits in a block's MLP replay that block's attention (and
+    layer norms) from the target run; outputs and gradients equal those of full passes."""
+    torch.manual_seed(0)
+    model = make_gpt2(0)
+    cfg = make_cfg([("transformer.h.*.mlp.c_fc", 6), ("transformer.h.*.mlp.c_proj", 6)], masks={"delta_component": delta})
+    dec = tspd.Decomposition(model, cfg)
+    tokens = torch.randint(0, 100, (3, 10), generator=torch.Generator().manual_seed(1))
+    attn_calls = []
+    for i, block in enumerate(model.transformer.h):
+        block.attn.register_forward_hook(lambda *a, i=i: attn_calls.append(i))
+
+    def run(stack):
+        dec.zero_grad(set_to_none=True)
+        _, inputs = dec.run_target(tokens)
+        ci, _ = dec.ci_from_logits(dec.ci_logits(inputs))
+        gen = torch.Generator().manual_seed(2)
+        passes = recon_passes("stochastic_recon_layerwise", dec, ci, gen) + recon_passes("stochastic_recon", dec, ci, gen)
+        attn_calls.clear()
+        outs = dec.run_passes(tokens, passes, stack=stack)
+        calls = list(attn_calls)
+        sum(o.pow(2).mean() for o in outs).backward()
+        return outs, {n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None}, calls
+
+    stacked, g_stacked, calls_stacked = run(True)
+    single, g_single, calls_single = run(False)
+    assert sorted(calls_single) == [0] * 5 + [1] * 5  # every pass runs both attentions
+    assert calls_stacked == [1]  # only block 0's passes run block 1's attention; none runs its own block's
+    for a, b in zip(stacked, single):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert g_stacked.keys() == g_single.keys() and len(g_single) >= 8
+    for n in g_single:
+        torch.testing.assert_close(g_stacked[n], g_single[n], rtol=1e-4, atol=1e-6)
+
+
 def test_unrouted_rows_give_target_output_and_zero_component_gradient():
     """Mixed routing uses d = 1, m - d = 0 on unrouted rows: exactly the target, no gradient to U, V."""
     dec = _induction_dec(True)

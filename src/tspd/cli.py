@@ -128,7 +128,7 @@ def cmd_facts(args: argparse.Namespace) -> None:
     else:
         if args.run_dir is None:
             raise ConfigError("tspd facts ablate needs RUN_DIR (a finished language-model decomposition)")
-        r = facts_study.facts_ablate(args.run_dir, k=args.k)
+        r = facts_study.facts_ablate(args.run_dir, k=args.k, select=args.select)
         f = r["faithfulness"]
         print(f"faithfulness on held-out text: KL {f['kl_per_token']:.4f} nats/token, CE +{f['ce_increase']:.4f}, "
               f"{f['active_per_token']:.1f} active/token")
@@ -252,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2", help="screen/scan: smollm2, tiny-gpt2, tiny-llama or a model folder")
     p.add_argument("--out", default="runs/facts", help="screen/scan: output folder")
     p.add_argument("--k", type=int, default=4, help="ablate: at most this many subcomponents per sport")
+    p.add_argument("--select", choices=["causal", "ci"], default="causal",
+                   help="ablate: causal = CI candidates ranked by ablating each on discovery prompts; ci = CI only")
     p.set_defaults(func=cmd_facts)
     sub.add_parser("bench", help="time SPD steps on the standard cases (tspd bench --help; benchmarks/README.md)")
 

@@ -102,7 +102,9 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(500, gt=0, description="write a resumable checkpoint every N steps (and at the end)")
     stack_passes: bool = Field(True, description="run passes that differ only in masks/routing as one batched forward")
     reuse_prefix: bool = Field(
-        True, description="masked passes replay the target's outputs of the blocks before their first routed site"
+        True,
+        description="masked passes replay the target's outputs of the blocks (and of the block's children, e.g. the "
+        "attention before an MLP site) before their first routed site",
     )
     threads: int | None = Field(None, gt=0, description="torch CPU threads per process (None: torch's default)")
     device: Literal["cpu", "cuda"] = Field(
@@ -110,6 +112,9 @@ class TrainConfig(Strict):
     )
     autocast: Literal["bf16"] | None = Field(
         None, description="run the target and masked passes under bf16 autocast (CPU or GPU); None: the target's dtype"
+    )
+    compile: bool = Field(
+        False, description="torch.compile the per-pass KL into one fused kernel (first step compiles: seconds; CPU needs a C++ compiler)"
     )
 
 

@@ -151,9 +151,12 @@ class Decomposition(nn.Module):
         # Found once, not per pass: the module walk would otherwise sit on every pass's hot path.
         self.__dict__["_fused"] = fused_equivalents(target)
         # Held outside the module tree (like the target), so parameters() never lists the target's.
-        self.__dict__["_block_list"], self._block_of = _find_block_list(target, self.site_names)
+        self.__dict__["_block_list"], self._block_of, self._branch_of = _find_block_list(target, self.site_names)
         self._block_outputs: list[Any] | None = None
         self._block_batch: Batch | None = None
+        # Per block holding a site: its direct children's (call start, call end, output) in the
+        # target run, for replaying the children a group of passes does not route through.
+        self._child_calls: dict[int, dict[str, tuple[int, int, Any]]] = {}
         p = next(target.parameters(), None)
         if p is not None:
             self.to(device=p.device, dtype=p.dtype if p.is_floating_point() else None)
@@ -194,24 +197,32 @@ class Decomposition(nn.Module):
     def run_target(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """The target's output and every site's input, without gradients. Also records the outputs
         of the blocks before the last site's block, which `run_passes` on this batch replays."""
-        self._block_outputs, self._block_batch = None, None
-        n_record = max(self._block_of.values()) if self._block_of and self.config.train.reuse_prefix else 0
+        self._block_outputs, self._block_batch, self._child_calls = None, None, {}
+        reuse = bool(self._block_of) and self.config.train.reuse_prefix
+        n_record = max(self._block_of.values()) if reuse else 0
         recorders = [_Record(self._block_list[i]) for i in range(n_record)]
         order: list[int] = []
+        calls = _ChildCalls()
         with torch.no_grad(), self._installed():
             for s in self._stand_ins.values():
                 s.state = SiteState(mode="record")
             for i, r in enumerate(recorders):
                 r.on_call = lambda i=i: order.append(i)
+            if reuse:
+                for j in sorted(set(self._block_of.values())):
+                    calls.watch(j, self._block_list[j])
             swapped = swap_modules(self._block_list, [(f"{i}", r) for i, r in enumerate(recorders)]) if recorders else []
             try:
                 out = call_target(self.target, batch)
             finally:
                 restore_modules(swapped)
+                calls.unwatch()
             inputs = {n: s.recorded for n, s in self._stand_ins.items()}
         # Replay is sound only for blocks called once each, in order, before any later block.
         if recorders and order == list(range(n_record)):
             self._block_outputs, self._block_batch = [r.output for r in recorders], batch
+        if reuse and (not recorders or self._block_outputs is not None):
+            self._child_calls, self._block_batch = calls.sound(), batch
         return out, inputs
 
     def ci_logits(self, site_inputs: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -249,31 +260,42 @@ class Decomposition(nn.Module):
         block j replays the target's outputs of blocks 0..j-1 instead of recomputing them."""
         if not stack or len(passes) == 1:
             return [self.run_pass(batch, p) for p in passes]
-        groups: dict[int, list[int]] = {}
+        groups: dict[tuple[int, int], list[int]] = {}
         replayable = self._block_batch is batch  # block outputs were recorded for this very batch
         for i, p in enumerate(passes):
-            groups.setdefault(self._first_block(p) if replayable else 0, []).append(i)
+            groups.setdefault(self._start_of(p) if replayable else (0, -1), []).append(i)
         outs: list[Tensor | None] = [None] * len(passes)
-        for j, idxs in groups.items():
-            group_out = self._run_stacked(batch, [passes[i] for i in idxs], skip_blocks=j)
+        for (j, start), idxs in groups.items():
+            group_out = self._run_stacked(batch, [passes[i] for i in idxs], skip_blocks=j, skip_before=start)
             for i, o in zip(idxs, group_out.chunk(len(idxs), dim=0)):
                 outs[i] = o
         return outs  # type: ignore[return-value]
 
-    def _first_block(self, p: Pass) -> int:
-        """Index of the first block (of the target's block list) any site of `p` is routed in; 0
-        when the target has no block list or the pass routes nothing."""
+    def _start_of(self, p: Pass) -> tuple[int, int]:
+        """Where a pass can start: (j, t) with j the first block (of the target's block list) any
+        site of `p` is routed in, and t the call-order time at which the child of block j holding
+        the first such site starts (children of block j that ended before t are replayed); t = -1
+        replays no child. (0, -1) when the target has no block list or the pass routes nothing."""
         if not self._block_of:
-            return 0
-        blocks = [self._block_of[s] for s in p.masks if self._routes_anywhere(p, s)]
-        return min(blocks) if blocks else 0
+            return (0, -1)
+        routed = [s for s in p.masks if self._routes_anywhere(p, s)]
+        if not routed:
+            return (0, -1)
+        j = min(self._block_of[s] for s in routed)
+        calls = self._child_calls.get(j)
+        if not calls:
+            return (j, -1)
+        starts = [calls[self._branch_of[s]][0] for s in routed if self._block_of[s] == j and self._branch_of[s] in calls]
+        if len(starts) < sum(self._block_of[s] == j for s in routed):
+            return (j, -1)  # a routed child of block j was not recorded soundly: replay none
+        return (j, min(starts))
 
     @staticmethod
     def _routes_anywhere(p: Pass, site: str) -> bool:
         r = p.routed.get(site)
         return r is None or bool(r.any())
 
-    def _run_stacked(self, batch: Batch, passes: list[Pass], skip_blocks: int) -> Tensor:
+    def _run_stacked(self, batch: Batch, passes: list[Pass], skip_blocks: int, skip_before: int = -1) -> Tensor:
         n = len(passes)
         rows = batch_size(batch)
         with self._installed():
@@ -289,7 +311,7 @@ class Decomposition(nn.Module):
                     else:
                         segments.append(seg)
                 s.state = SiteState("masked", segments)
-            replaced = self._replay_blocks(skip_blocks, n)
+            replaced = self._replay_blocks(skip_blocks, n) + self._replay_children(skip_blocks, skip_before, n)
             try:
                 return call_target(self.target, repeat_batch(batch, n))
             finally:
@@ -303,6 +325,15 @@ class Decomposition(nn.Module):
             raise RuntimeError("block outputs were not recorded: call run_target on this batch first")
         replay = [(f"{i}", _Replay(self._block_outputs[i], n)) for i in range(count)]
         return swap_modules(self._block_list, replay)
+
+    def _replay_children(self, j: int, before: int, n: int) -> list[tuple[nn.Module, str, nn.Module]]:
+        """Swap the children of block j whose target-run call ended before time `before` for
+        modules returning their recorded outputs (e.g. the attention before an MLP site)."""
+        calls = self._child_calls.get(j) if before >= 0 else None
+        if not calls:
+            return []
+        done = [(name, _Replay(out, n)) for name, (_, end, out) in calls.items() if end < before]
+        return swap_modules(self._block_list[j], done) if done else []
 
     def ones_pass(self, ci: dict[str, Tensor]) -> Pass:
         """Every subcomponent fully on (mask 1), delta fully on: the decomposed model's own output."""
@@ -414,21 +445,78 @@ class _Replay(nn.Module):
         return copy(self.output)
 
 
-def _find_block_list(target: nn.Module, sites: list[str]) -> tuple[nn.ModuleList | None, dict[str, int]]:
-    """The ModuleList of blocks holding every site (e.g. `transformer.h`, `model.layers`) and each
-    site's block index; (None, {}) when no single list holds them all."""
+def _find_block_list(target: nn.Module, sites: list[str]) -> tuple[nn.ModuleList | None, dict[str, int], dict[str, str]]:
+    """The ModuleList of blocks holding every site (e.g. `transformer.h`, `model.layers`), each
+    site's block index and the block's direct child holding it (`mlp` for `transformer.h.0.mlp.c_fc`);
+    (None, {}, {}) when no single list holds them all."""
     for name, module in target.named_modules():
         if not isinstance(module, nn.ModuleList):
             continue
         prefix = f"{name}." if name else ""
-        block_of = {}
+        block_of, branch_of = {}, {}
         for s in sites:
-            head = s[len(prefix):].split(".")[0] if s.startswith(prefix) else ""
-            if head.isdigit():
-                block_of[s] = int(head)
+            parts = s[len(prefix):].split(".") if s.startswith(prefix) else [""]
+            if parts[0].isdigit():
+                block_of[s] = int(parts[0])
+                branch_of[s] = parts[1] if len(parts) > 1 else ""
         if len(block_of) == len(sites):
-            return module, block_of
-    return None, {}
+            return module, block_of, branch_of
+    return None, {}, {}
+
+
+class _ChildCalls:
+    """Forward hooks on the direct children of chosen blocks during the target run: each child's
+    call start and end on one clock, and its output. `sound()` keeps the children called exactly
+    once whose output tensors were not modified in place afterwards."""
+
+    def __init__(self):
+        self.clock = 0
+        self.calls: dict[int, dict[str, list]] = {}
+        self.handles: list[Any] = []
+
+    def watch(self, j: int, block: nn.Module) -> None:
+        rec: dict[str, list] = {}
+        self.calls[j] = rec
+        for name, child in block.named_children():
+            def pre(_m, _args, name=name):
+                entry = rec.setdefault(name, [0, -1, -1, None, None])
+                entry[0] += 1
+                entry[1] = self.tick()
+
+            def post(_m, _args, out, name=name):
+                entry = rec[name]
+                entry[2], entry[3] = self.tick(), out
+                entry[4] = [t._version for t in _tensors(out)]
+
+            self.handles += [child.register_forward_pre_hook(pre), child.register_forward_hook(post)]
+
+    def tick(self) -> int:
+        self.clock += 1
+        return self.clock
+
+    def unwatch(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def sound(self) -> dict[int, dict[str, tuple[int, int, Any]]]:
+        out = {}
+        for j, rec in self.calls.items():
+            out[j] = {
+                name: (start, end, output)
+                for name, (count, start, end, output, versions) in rec.items()
+                if count == 1 and end > 0 and isinstance(output, (Tensor, tuple))
+                and versions == [t._version for t in _tensors(output)]
+            }
+        return out
+
+
+def _tensors(out: Any) -> list[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, tuple):
+        return [o for o in out if isinstance(o, Tensor)]
+    return []
 
 
 def load(directory: str | Path, target: nn.Module | None = None) -> Decomposition:

@@ -257,6 +257,38 @@ def select_for_sport(
     return [(s, c) for _, s, c in scored[:k]]
 
 
+def ci_candidates(
+    ci: dict[str, Tensor], is_sport: Tensor, n: int = 24, min_ci: float = 0.25, min_gap: float = 0.1
+) -> list[tuple[str, int]]:
+    """Up to n subcomponents whose mean name-token CI on the sport's prompts is >= min_ci and at
+    least min_gap above the mean on other sports' prompts, largest gap first."""
+    return select_for_sport(ci, is_sport, n, min_ci, min_gap)
+
+
+@torch.no_grad()
+def rank_by_ablation(
+    dec: Decomposition, batch: PromptBatch, sport_of: Tensor, s_idx: int, answer_ids: Tensor,
+    candidates: list[tuple[str, int]], k: int = 4, clean: Tensor | None = None,
+) -> tuple[list[tuple[str, int]], list[dict]]:
+    """Rank candidates by a causal test on the *discovery* prompts: ablate each one alone at the
+    name tokens and score it by the drop of the right sport's log-probability on this sport's
+    prompts minus the absolute mean change on other sports' prompts. Returns the (at most k)
+    candidates with a positive score, best first, and every candidate's scores."""
+    rows = torch.arange(len(batch))
+    if clean is None:
+        clean = answer_logprobs(ablated_forward(dec, [], None), batch, answer_ids)[rows, sport_of]
+    own = sport_of == s_idx
+    scores = []
+    for s, c in candidates:
+        lp = answer_logprobs(ablated_forward(dec, [(s, c)], batch.names["both"]), batch, answer_ids)
+        drop = clean - lp[rows, sport_of]
+        on = float(drop[own].mean())
+        off = float(drop[~own].mean()) if bool((~own).any()) else 0.0
+        scores.append({"site": s, "index": c, "drop_own": on, "drop_other": off, "score": on - abs(off)})
+    best = sorted((r for r in scores if r["score"] > 0), key=lambda r: -r["score"])[:k]
+    return [(r["site"], r["index"]) for r in best], scores
+
+
 def group(pieces: list[tuple[str, int]]) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for s, c in pieces:

@@ -134,11 +134,19 @@ def faithfulness_on_text(dec: Decomposition, ids: torch.Tensor, chunk: int = 16)
 
 def facts_ablate(
     run_dir: str | Path, k: int = 4, n_random: int = 10, n_text: int = 64, min_ci: float = 0.5, min_gap: float = 0.25,
-    max_default_share: float = 0.5, progress: bool = True,
+    max_default_share: float = 0.5, select: str = "causal", n_candidates: int = 24, progress: bool = True,
 ) -> dict:
     """Per sport: choose subcomponents on discovery athletes, ablate them at the name tokens of
     held-out athletes; collateral on other sports and general text; random and SVD baselines.
-    Writes RUN_DIR/facts.json and the figures facts_effects.png and facts_name_parts.png."""
+    Writes RUN_DIR/facts.json and the figures facts_effects.png and facts_name_parts.png.
+
+    select="ci": the k subcomponents with name-token CI >= min_ci on the sport's discovery prompts
+    and >= min_gap above other sports'. select="causal": up to n_candidates subcomponents with CI
+    >= min_ci / 2 and a gap >= min_gap / 2, each ablated alone on the discovery prompts; the k
+    with the largest drop on the sport minus the absolute change on other sports (held-out
+    athletes are never looked at while choosing)."""
+    if select not in ("ci", "causal"):
+        raise ValueError(f"select must be 'ci' or 'causal', not {select!r}")
     from tspd.report.facts import facts_effect_figure, facts_parts_figure, facts_report
     from tspd.targets.huggingface import load_tokenizer
 
@@ -158,7 +166,7 @@ def facts_ablate(
     disc, held = (known_prompts(*screened_prompts(dec.target, tokenizer, facts, a), max_default_share)
                   for a in (discovery, heldout))
     d_batch, h_batch = F.batch_prompts(disc, pad), F.batch_prompts(held, pad)
-    d_sport = [sports.index(p.athlete.sport) for p in disc]
+    d_sport = torch.tensor([sports.index(p.athlete.sport) for p in disc])
     h_sport = torch.tensor([sports.index(p.athlete.sport) for p in held])
     ci = F.name_ci(dec, d_batch)
     alive = F.alive_pieces(ci, cfg.eval.alive_threshold)
@@ -177,22 +185,32 @@ def facts_ablate(
         return {"target_effect": float(-own.mean()), "collateral_facts": float(-other.mean())}
 
     rng = random.Random(cfg.seed)
-    result = {"k": k, "min_ci": min_ci, "min_gap": min_gap, "max_default_share": max_default_share,
+    d_clean = None
+    if select == "causal":
+        d_clean = F.answer_logprobs(F.ablated_forward(dec, [], None), d_batch, answer_ids)[torch.arange(len(disc)), d_sport]
+    result = {"k": k, "select": select, "n_candidates": n_candidates, "min_ci": min_ci, "min_gap": min_gap, "max_default_share": max_default_share,
               "n_discovery_prompts": len(disc),
               "n_heldout_prompts": len(held), "faithfulness": faithfulness_on_text(dec, text_ids), "sports": {}}
     bar = tqdm(sports, desc="facts ablation", disable=not progress)
     for s_idx, sport in enumerate(bar):
         n_held = int((h_sport == s_idx).sum())
-        is_sport = torch.tensor([i == s_idx for i in d_sport])
+        is_sport = d_sport == s_idx
         row: dict = {"n_heldout_prompts": n_held, "n_discovery_prompts": int(is_sport.sum())}
         if n_held == 0 or not bool(is_sport.any()):
             row["skipped"] = "the model gets no discovery or no held-out prompt of this sport right"
             result["sports"][sport] = row
             continue
-        pieces = F.select_for_sport(ci, is_sport, k, min_ci, min_gap)
+        if select == "ci":
+            pieces = F.select_for_sport(ci, is_sport, k, min_ci, min_gap)
+            why = f"no subcomponent with name-token CI >= {min_ci} and >= {min_gap} above other sports"
+        else:
+            cands = F.ci_candidates(ci, is_sport, n_candidates, min_ci / 2, min_gap / 2)
+            pieces, row["candidates"] = F.rank_by_ablation(dec, d_batch, d_sport, s_idx, answer_ids, cands, k, d_clean)
+            why = (f"none of {len(cands)} candidates (name-token CI >= {min_ci / 2}, >= {min_gap / 2} above other "
+                   "sports) lowers the sport more than the others when ablated on discovery prompts")
         row["pieces"] = [[s, c] for s, c in pieces]
         if not pieces:
-            row["skipped"] = f"no subcomponent with name-token CI >= {min_ci} and >= {min_gap} above other sports"
+            row["skipped"] = why
             result["sports"][sport] = row
             continue
         for part in F.NAME_PARTS:
