@@ -56,18 +56,24 @@ def test_block_replay_matches_full_passes_and_skips_block_0(delta):
         torch.testing.assert_close(g_stacked[n], g_single[n], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("delta", [False, True])
-def test_child_replay_skips_the_attention_before_mlp_sites(delta):
+@pytest.mark.parametrize("arch,delta", [("gpt2", False), ("gpt2", True), ("llama", True)])
+def test_child_replay_skips_the_attention_before_mlp_sites(arch, delta):
     """Passes whose first routed site sits in a block's MLP replay that block's attention (and
     layer norms) from the target run; outputs and gradients equal those of full passes."""
     torch.manual_seed(0)
-    model = make_gpt2(0)
-    cfg = make_cfg([("transformer.h.*.mlp.c_fc", 6), ("transformer.h.*.mlp.c_proj", 6)], masks={"delta_component": delta})
-    dec = tspd.Decomposition(model, cfg)
+    if arch == "gpt2":
+        model, blocks, attn = make_gpt2(0), "transformer.h", "attn"
+        sites = [("transformer.h.*.mlp.c_fc", 6), ("transformer.h.*.mlp.c_proj", 6)]
+    else:
+        from tspd.targets.huggingface import tiny_llama
+
+        model, blocks, attn = tiny_llama(d_model=32, d_ff=64, vocab_size=100), "model.layers", "self_attn"
+        sites = [("model.layers.*.mlp.up_proj", 6), ("model.layers.*.mlp.down_proj", 6)]
+    dec = tspd.Decomposition(model, make_cfg(sites, masks={"delta_component": delta}))
     tokens = torch.randint(0, 100, (3, 10), generator=torch.Generator().manual_seed(1))
     attn_calls = []
-    for i, block in enumerate(model.transformer.h):
-        block.attn.register_forward_hook(lambda *a, i=i: attn_calls.append(i))
+    for i, block in enumerate(model.get_submodule(blocks)):
+        getattr(block, attn).register_forward_hook(lambda *a, i=i: attn_calls.append(i))
 
     def run(stack):
         dec.zero_grad(set_to_none=True)
