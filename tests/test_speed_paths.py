@@ -98,6 +98,50 @@ def test_child_replay_skips_the_attention_before_mlp_sites(arch, delta):
         torch.testing.assert_close(g_stacked[n], g_single[n], rtol=1e-4, atol=1e-6)
 
 
+class _InPlaceBlock(torch.nn.Module):
+    """h = pre(x); relu_(h); x + fc(h): `act` changes its input in place, so replaying it is unsound."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.pre, self.act, self.fc = torch.nn.Linear(d, d), torch.nn.ReLU(inplace=True), torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.pre(x)
+        self.act(h)
+        return x + self.fc(h)
+
+
+class _InPlaceNet(torch.nn.Module):
+    def __init__(self, d: int = 6):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_InPlaceBlock(d) for _ in range(2)])
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def test_child_replay_refuses_children_that_change_tensors_in_place_and_works_in_inference_mode():
+    torch.manual_seed(0)
+    net = _InPlaceNet()
+    dec = tspd.Decomposition(net, make_cfg([("blocks.*.fc", 3)], masks={"delta_component": True}))
+    x = torch.randn(4, 6)
+    ci = dec.causal_importance(x)
+    p = dec.ones_pass(ci)
+    dec.run_target(x)
+    assert set(dec._child_calls[0]) == {"pre", "act", "fc"}
+    assert all(out is None for _, _, out in dec._child_calls[0].values())  # none may be replayed
+    outs = dec.run_passes(x, [p, p])
+    torch.testing.assert_close(outs[0], net(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[1], net(x), rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        out, _ = dec.run_target(x)
+        ci = dec.causal_importance(x)
+    torch.testing.assert_close(out, net(x))
+    assert set(ci) == {"blocks.0.fc", "blocks.1.fc"}
+
+
 def test_unrouted_rows_give_target_output_and_zero_component_gradient():
     """Mixed routing uses d = 1, m - d = 0 on unrouted rows: exactly the target, no gradient to U, V."""
     dec = _induction_dec(True)

@@ -143,48 +143,8 @@ class SiteModule(nn.Module):
         segs = st.segments
         if len(segs) == 1:
             return self._segment_out(x, segs[0])
-        if self.use_delta and self.kind != "embedding" and all(g.masks is None or g.delta is not None for g in segs):
-            return self._stacked_out(x, segs)
         parts = x.split([seg.rows for seg in segs])
         return torch.cat([self._segment_out(xi, seg) for xi, seg in zip(parts, segs)])
-
-    def _stacked_out(self, x: Tensor, segs: list[Segment]) -> Tensor:
-        """Several segments with the delta component on: x W^T + b for every row in one matmul,
-        then each masked segment's rows corrected in place by (d - 1) x W^T + ((x V) * (m - d)) U.
-        Same values as running the segments apart, without concatenating their outputs."""
-        lin = self._target_linear(x)
-        b = self.bias()
-        out = lin + b if b is not None else lin.clone()
-        sizes = [seg.rows for seg in segs]
-        # split, not narrow: one backward node for all segments (narrow's backward would allocate
-        # a full-size zero gradient per segment).
-        fixes, lo = [], 0
-        for seg, xi, li in zip(segs, x.split(sizes), lin.split(sizes)):
-            if seg.masks is not None:
-                fix = self._correction(xi, li, seg)
-                if fix is not None:
-                    fixes.append((lo, seg.rows, fix))
-            lo += seg.rows
-        for lo, rows, fix in fixes:
-            out.narrow(0, lo, rows).add_(fix)
-        return out
-
-    def _correction(self, x: Tensor, lin: Tensor, seg: Segment) -> Tensor | None:
-        """What a masked segment adds to x W^T + b (delta on): (d - 1) x W^T + ((x V) * (m - d)) U,
-        with d = 1 and m - d = 0 where a row is not routed; None where nothing is routed."""
-        routed = seg.routed
-        if routed is not None:
-            if bool(routed.all()):
-                routed = None
-            elif not bool(routed.any()):
-                return None
-        if routed is not None:
-            d = torch.where(routed, seg.delta, 1.0).to(seg.masks.dtype)
-            coeff = (seg.masks - d.unsqueeze(-1)) * routed.unsqueeze(-1)
-        else:
-            d = seg.delta
-            coeff = seg.masks - d.unsqueeze(-1)
-        return torch.addcmul((self.components.inner(x) * coeff) @ self.components.U, d.unsqueeze(-1) - 1, lin)
 
     def _target_linear(self, x: Tensor) -> Tensor:
         """x W^T without the bias."""

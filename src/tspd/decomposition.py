@@ -208,9 +208,9 @@ class Decomposition(nn.Module):
                 s.state = SiteState(mode="record")
             for i, r in enumerate(recorders):
                 r.on_call = lambda i=i: order.append(i)
-            if reuse:
+            if reuse and not torch.is_inference_mode_enabled():  # inference tensors have no version counters
                 for j in sorted(set(self._block_of.values())):
-                    calls.watch(j, self._block_list[j])
+                    calls.watch(j, self._block_list[j], {self._branch_of[s] for s, b in self._block_of.items() if b == j})
             swapped = swap_modules(self._block_list, [(f"{i}", r) for i, r in enumerate(recorders)]) if recorders else []
             try:
                 out = call_target(self.target, batch)
@@ -222,7 +222,7 @@ class Decomposition(nn.Module):
         if recorders and order == list(range(n_record)):
             self._block_outputs, self._block_batch = [r.output for r in recorders], batch
         if reuse and (not recorders or self._block_outputs is not None):
-            self._child_calls, self._block_batch = calls.sound(), batch
+            self._child_calls, self._block_batch = calls.sound(batch_size(batch)), batch
         return out, inputs
 
     def ci_logits(self, site_inputs: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -332,7 +332,7 @@ class Decomposition(nn.Module):
         calls = self._child_calls.get(j) if before >= 0 else None
         if not calls:
             return []
-        done = [(name, _Replay(out, n)) for name, (_, end, out) in calls.items() if end < before]
+        done = [(name, _Replay(out, n)) for name, (_, end, out) in calls.items() if end < before and out is not None]
         return swap_modules(self._block_list[j], done) if done else []
 
     def ones_pass(self, ci: dict[str, Tensor]) -> Pass:
@@ -466,29 +466,41 @@ def _find_block_list(target: nn.Module, sites: list[str]) -> tuple[nn.ModuleList
 
 class _ChildCalls:
     """Forward hooks on the direct children of chosen blocks during the target run: each child's
-    call start and end on one clock, and its output. `sound()` keeps the children called exactly
-    once whose output tensors were not modified in place afterwards."""
+    call start and end on one clock, and its output. `sound(rows)` keeps what may be replayed: a
+    child called exactly once, that did not modify its inputs in place, whose outputs (a tensor or
+    a flat tuple of tensors and non-tensors) have `rows` as their first dimension and were not
+    modified in place afterwards, and that ended before the last site-holding child of its block
+    started (nothing later is ever replayed)."""
 
     def __init__(self):
         self.clock = 0
-        self.calls: dict[int, dict[str, list]] = {}
+        self.calls: dict[int, dict[str, dict]] = {}
+        self.branches: dict[int, set[str]] = {}
         self.handles: list[Any] = []
 
-    def watch(self, j: int, block: nn.Module) -> None:
-        rec: dict[str, list] = {}
+    def watch(self, j: int, block: nn.Module, branches: set[str]) -> None:
+        rec: dict[str, dict] = {}
         self.calls[j] = rec
         for name, child in block.named_children():
-            def pre(_m, _args, name=name):
-                entry = rec.setdefault(name, [0, -1, -1, None, None])
-                entry[0] += 1
-                entry[1] = self.tick()
+            def pre(_m, args, kwargs, name=name):
+                entry = rec.setdefault(name, {"count": 0})
+                entry["count"] += 1
+                entry["start"] = self.tick()
+                entry["inputs"] = _flat_tensors((args, kwargs))
+                entry["in_versions"] = _versions(entry["inputs"])
 
-            def post(_m, _args, out, name=name):
+            def post(_m, _args, _kwargs, out, name=name):
                 entry = rec[name]
-                entry[2], entry[3] = self.tick(), out
-                entry[4] = [t._version for t in _tensors(out)]
+                entry["end"], entry["output"] = self.tick(), out
+                entry["out_versions"] = _versions(_flat_tensors(out))
+                entry["clean"] = entry["in_versions"] is not None and _versions(entry["inputs"]) == entry["in_versions"]
+                del entry["inputs"]
 
-            self.handles += [child.register_forward_pre_hook(pre), child.register_forward_hook(post)]
+            self.handles += [
+                child.register_forward_pre_hook(pre, with_kwargs=True),
+                child.register_forward_hook(post, with_kwargs=True),
+            ]
+        self.branches[j] = branches
 
     def tick(self) -> int:
         self.clock += 1
@@ -499,24 +511,44 @@ class _ChildCalls:
             h.remove()
         self.handles = []
 
-    def sound(self) -> dict[int, dict[str, tuple[int, int, Any]]]:
+    def sound(self, rows: int) -> dict[int, dict[str, tuple[int, int, Any]]]:
         out = {}
         for j, rec in self.calls.items():
-            out[j] = {
-                name: (start, end, output)
-                for name, (count, start, end, output, versions) in rec.items()
-                if count == 1 and end > 0 and isinstance(output, (Tensor, tuple))
-                and versions == [t._version for t in _tensors(output)]
-            }
+            starts = [rec[b]["start"] for b in self.branches[j] if b in rec]
+            last = max(starts) if starts else -1
+            keep = {}
+            for name, e in rec.items():
+                if e["count"] != 1 or "end" not in e:
+                    continue
+                output = e["output"]
+                replayable = (
+                    e["clean"] and e["end"] < last
+                    and (isinstance(output, Tensor) or (isinstance(output, tuple) and not any(
+                        isinstance(o, (tuple, list, dict)) for o in output)))
+                    and all(t.dim() > 0 and t.shape[0] == rows for t in _flat_tensors(output))
+                    and _versions(_flat_tensors(output)) == e["out_versions"]
+                )
+                # (start, end, output); output None: the call times are known but it is never replayed.
+                keep[name] = (e["start"], e["end"], output if replayable else None)
+            out[j] = keep
         return out
 
 
-def _tensors(out: Any) -> list[Tensor]:
-    if isinstance(out, Tensor):
-        return [out]
-    if isinstance(out, tuple):
-        return [o for o in out if isinstance(o, Tensor)]
+def _flat_tensors(obj: Any) -> list[Tensor]:
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _flat_tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _flat_tensors(o)]
     return []
+
+
+def _versions(tensors: list[Tensor]) -> list[int] | None:
+    """Version counters; None where a tensor has none (inference-mode tensors)."""
+    if any(t.is_inference() for t in tensors):
+        return None
+    return [t._version for t in tensors]
 
 
 def load(directory: str | Path, target: nn.Module | None = None) -> Decomposition:

@@ -257,14 +257,6 @@ def select_for_sport(
     return [(s, c) for _, s, c in scored[:k]]
 
 
-def ci_candidates(
-    ci: dict[str, Tensor], is_sport: Tensor, n: int = 24, min_ci: float = 0.25, min_gap: float = 0.1
-) -> list[tuple[str, int]]:
-    """Up to n subcomponents whose mean name-token CI on the sport's prompts is >= min_ci and at
-    least min_gap above the mean on other sports' prompts, largest gap first."""
-    return select_for_sport(ci, is_sport, n, min_ci, min_gap)
-
-
 @torch.no_grad()
 def rank_by_ablation(
     dec: Decomposition, batch: PromptBatch, sport_of: Tensor, s_idx: int, answer_ids: Tensor,

@@ -188,8 +188,8 @@ def facts_ablate(
     d_clean = None
     if select == "causal":
         d_clean = F.answer_logprobs(F.ablated_forward(dec, [], None), d_batch, answer_ids)[torch.arange(len(disc)), d_sport]
-    result = {"k": k, "select": select, "n_candidates": n_candidates, "min_ci": min_ci, "min_gap": min_gap, "max_default_share": max_default_share,
-              "n_discovery_prompts": len(disc),
+    result = {"k": k, "select": select, "n_candidates": n_candidates, "min_ci": min_ci, "min_gap": min_gap,
+              "max_default_share": max_default_share, "n_discovery_prompts": len(disc),
               "n_heldout_prompts": len(held), "faithfulness": faithfulness_on_text(dec, text_ids), "sports": {}}
     bar = tqdm(sports, desc="facts ablation", disable=not progress)
     for s_idx, sport in enumerate(bar):
@@ -204,7 +204,7 @@ def facts_ablate(
             pieces = F.select_for_sport(ci, is_sport, k, min_ci, min_gap)
             why = f"no subcomponent with name-token CI >= {min_ci} and >= {min_gap} above other sports"
         else:
-            cands = F.ci_candidates(ci, is_sport, n_candidates, min_ci / 2, min_gap / 2)
+            cands = F.select_for_sport(ci, is_sport, n_candidates, min_ci / 2, min_gap / 2)
             pieces, row["candidates"] = F.rank_by_ablation(dec, d_batch, d_sport, s_idx, answer_ids, cands, k, d_clean)
             why = (f"none of {len(cands)} candidates (name-token CI >= {min_ci / 2}, >= {min_gap / 2} above other "
                    "sports) lowers the sport more than the others when ablated on discovery prompts")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -96,6 +97,16 @@ def facts_report(run_dir: str | Path) -> Path:
             sport, r["n_heldout_prompts"], len(r["pieces"]), r["both"]["target_effect"], r["both"]["collateral_facts"],
             r["random_target_effect"], r["svd"]["target_effect"], r["text"]["kl"], r["passes"],
         ])
+    if result.get("select") == "causal":
+        how = (f"Candidates: up to {result['n_candidates']} subcomponents whose mean name-token CI on the sport's "
+               f"discovery prompts is at least {result['min_ci'] / 2} and at least {result['min_gap'] / 2} above other "
+               f"sports'; each ablated alone at the name tokens of the discovery prompts; the {result['k']} with the "
+               "largest drop of the right sport's log-probability on the sport minus the absolute change on other "
+               "sports are ablated on the held-out athletes.")
+    else:
+        how = (f"The {result['k']} subcomponents with mean name-token CI at least {result['min_ci']} on the sport's "
+               f"discovery prompts and at least {result['min_gap']} above other sports'.")
+    sections.append(("How subcomponents were chosen", f"<p>{html.escape(how)}</p>"))
     sections.append(("Per sport (ablation at both name parts)", table(
         ["sport", "held-out prompts", "pieces", "own drop", "other sports' drop", "random drop", "SVD drop",
          "text KL", "passes"], rows)))
