@@ -258,6 +258,29 @@ def select_for_sport(
 
 
 @torch.no_grad()
+def ablation_logprobs(
+    dec: Decomposition, batch: PromptBatch, answer_ids: Tensor, piece_sets: list[list[tuple[str, int]]],
+    where: Tensor, per_forward: int = 8,
+) -> Tensor:
+    """Answer log-probabilities (len(piece_sets), n_prompts, n_answers) with each set of pieces at
+    mask 0 where `where` (n_prompts, T) is True and every other subcomponent at mask 1. One target
+    run for the batch; the sets run as stacked passes, `per_forward` at a time, replaying the
+    target's blocks before the first site."""
+    _, inputs = dec.run_target(batch.ids)
+    ci, _ = dec.ci_from_logits(dec.ci_logits(inputs))
+    out = []
+    for lo in range(0, len(piece_sets), per_forward):
+        passes = []
+        for pieces in piece_sets[lo : lo + per_forward]:
+            p = dec.ones_pass(ci)
+            for s, idx in group(pieces).items():
+                p.masks[s][..., idx] = p.masks[s][..., idx].masked_fill(where[..., None], 0.0)
+            passes.append(p)
+        for logits in dec.run_passes(batch.ids, passes, stack=True):
+            out.append(last_logprobs(logits, batch.last)[:, answer_ids])
+    return torch.stack(out)
+
+
 def rank_by_ablation(
     dec: Decomposition, batch: PromptBatch, sport_of: Tensor, s_idx: int, answer_ids: Tensor,
     candidates: list[tuple[str, int]], k: int = 4, clean: Tensor | None = None,
@@ -268,11 +291,12 @@ def rank_by_ablation(
     candidates with a positive score, best first, and every candidate's scores."""
     rows = torch.arange(len(batch))
     if clean is None:
-        clean = answer_logprobs(ablated_forward(dec, [], None), batch, answer_ids)[rows, sport_of]
+        clean = ablation_logprobs(dec, batch, answer_ids, [[]], batch.names["both"])[0][rows, sport_of]
     own = sport_of == s_idx
     scores = []
-    for s, c in candidates:
-        lp = answer_logprobs(ablated_forward(dec, [(s, c)], batch.names["both"]), batch, answer_ids)
+    if candidates:
+        lps = ablation_logprobs(dec, batch, answer_ids, [[c] for c in candidates], batch.names["both"])
+    for (s, c), lp in zip(candidates, lps if candidates else []):
         drop = clean - lp[rows, sport_of]
         on = float(drop[own].mean())
         off = float(drop[~own].mean()) if bool((~own).any()) else 0.0

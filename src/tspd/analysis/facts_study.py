@@ -187,7 +187,7 @@ def facts_ablate(
     rng = random.Random(cfg.seed)
     d_clean = None
     if select == "causal":
-        d_clean = F.answer_logprobs(F.ablated_forward(dec, [], None), d_batch, answer_ids)[torch.arange(len(disc)), d_sport]
+        d_clean = F.ablation_logprobs(dec, d_batch, answer_ids, [[]], d_batch.names["both"])[0][torch.arange(len(disc)), d_sport]
     result = {"k": k, "select": select, "n_candidates": n_candidates, "min_ci": min_ci, "min_gap": min_gap,
               "max_default_share": max_default_share, "n_discovery_prompts": len(disc),
               "n_heldout_prompts": len(held), "faithfulness": faithfulness_on_text(dec, text_ids), "sports": {}}
@@ -215,10 +215,9 @@ def facts_ablate(
             continue
         for part in F.NAME_PARTS:
             row[part] = summary(effects(F.ablated_forward(dec, pieces, h_batch.names[part])), s_idx)
-        rand = []
-        for _ in range(n_random):
-            draw = rng.sample(alive, min(len(pieces), len(alive)))
-            rand.append(summary(effects(F.ablated_forward(dec, draw, h_batch.names["both"])), s_idx)["target_effect"])
+        draws = [rng.sample(alive, min(len(pieces), len(alive))) for _ in range(n_random)]
+        lps = F.ablation_logprobs(dec, h_batch, answer_ids, draws, h_batch.names["both"])
+        rand = [summary(lp[rows, h_sport] - clean_right, s_idx)["target_effect"] for lp in lps]
         row["random_target_effect"] = sum(rand) / len(rand)
         counts = {s: len(c) for s, c in F.group(pieces).items()}
         row["svd"] = summary(effects(F.svd_forward(dec, counts, h_batch.names["both"])), s_idx)
