@@ -26,12 +26,9 @@ def _induction_dec(delta: bool) -> tspd.Decomposition:
     return tspd.Decomposition(target, cfg)
 
 
-@pytest.mark.parametrize("delta", [False, True])
-def test_block_replay_matches_full_passes_and_skips_block_0(delta):
-    dec = _induction_dec(delta)
-    tokens = torch.randint(0, 20, (5, 12), generator=torch.Generator().manual_seed(1))
-    calls = []
-    dec.target.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+def _stacked_vs_single(dec, tokens, calls: list) -> tuple[list, list]:
+    """Layerwise + stochastic passes run stacked (with replay) and one by one: asserts equal outputs
+    and gradients; returns what `calls` recorded during each run's passes (stacked, single)."""
 
     def run(stack):
         dec.zero_grad(set_to_none=True)
@@ -41,19 +38,29 @@ def test_block_replay_matches_full_passes_and_skips_block_0(delta):
         passes = recon_passes("stochastic_recon_layerwise", dec, ci, gen) + recon_passes("stochastic_recon", dec, ci, gen)
         calls.clear()
         outs = dec.run_passes(tokens, passes, stack=stack)
-        n_calls = len(calls)
+        seen = list(calls)
         sum(o.pow(2).mean() for o in outs).backward()
-        return outs, {n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None}, n_calls
+        return outs, {n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None}, seen
 
     stacked, g_stacked, calls_stacked = run(True)
     single, g_single, calls_single = run(False)
-    assert calls_single == 5  # every pass runs block 0
-    assert calls_stacked == 1  # one stacked forward for the passes routed in block 0; block 1's replay it
     for a, b in zip(stacked, single):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert g_stacked.keys() == g_single.keys() and len(g_single) >= 8
     for n in g_single:
         torch.testing.assert_close(g_stacked[n], g_single[n], rtol=1e-4, atol=1e-6)
+    return calls_stacked, calls_single
+
+
+@pytest.mark.parametrize("delta", [False, True])
+def test_block_replay_matches_full_passes_and_skips_block_0(delta):
+    dec = _induction_dec(delta)
+    tokens = torch.randint(0, 20, (5, 12), generator=torch.Generator().manual_seed(1))
+    calls = []
+    dec.target.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    calls_stacked, calls_single = _stacked_vs_single(dec, tokens, calls)
+    assert len(calls_single) == 5  # every pass runs block 0
+    assert len(calls_stacked) == 1  # one stacked forward for the passes routed in block 0; block 1's replay it
 
 
 @pytest.mark.parametrize("arch,delta", [("gpt2", False), ("gpt2", True), ("llama", True)])
@@ -74,28 +81,9 @@ def test_child_replay_skips_the_attention_before_mlp_sites(arch, delta):
     attn_calls = []
     for i, block in enumerate(model.get_submodule(blocks)):
         getattr(block, attn).register_forward_hook(lambda *a, i=i: attn_calls.append(i))
-
-    def run(stack):
-        dec.zero_grad(set_to_none=True)
-        _, inputs = dec.run_target(tokens)
-        ci, _ = dec.ci_from_logits(dec.ci_logits(inputs))
-        gen = torch.Generator().manual_seed(2)
-        passes = recon_passes("stochastic_recon_layerwise", dec, ci, gen) + recon_passes("stochastic_recon", dec, ci, gen)
-        attn_calls.clear()
-        outs = dec.run_passes(tokens, passes, stack=stack)
-        calls = list(attn_calls)
-        sum(o.pow(2).mean() for o in outs).backward()
-        return outs, {n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None}, calls
-
-    stacked, g_stacked, calls_stacked = run(True)
-    single, g_single, calls_single = run(False)
+    calls_stacked, calls_single = _stacked_vs_single(dec, tokens, attn_calls)
     assert sorted(calls_single) == [0] * 5 + [1] * 5  # every pass runs both attentions
     assert calls_stacked == [1]  # only block 0's passes run block 1's attention; none runs its own block's
-    for a, b in zip(stacked, single):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert g_stacked.keys() == g_single.keys() and len(g_single) >= 8
-    for n in g_single:
-        torch.testing.assert_close(g_stacked[n], g_single[n], rtol=1e-4, atol=1e-6)
 
 
 class _InPlaceBlock(torch.nn.Module):
