@@ -146,6 +146,22 @@ def test_rank_by_ablation_scores_each_candidate_on_discovery_prompts(gpt2_run, t
     assert pieces == [(r["site"], r["index"]) for r in best] and len(pieces) <= 2
 
 
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_output_head_at_last_positions_only_gives_the_same_answer_logprobs(name, tiny_tok):
+    model, _ = load_lm(name)
+    facts = load_facts()
+    batch = F.batch_prompts(F.build_prompts(tiny_tok, facts.athletes[:5], list(facts.templates[:3])), 0)
+    answers = torch.tensor([3, 9, 11])
+    full = F.answer_logprobs(lambda ids, rows: model(ids).logits, batch, answers, chunk=4)
+    calls = []
+    head = model.get_output_embeddings()
+    head.register_forward_hook(lambda m, a, o: calls.append(tuple(a[0].shape)))
+    fast = F.answer_logprobs(lambda ids, rows: model(ids).logits, batch, answers, chunk=4, model=model)
+    torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-5)
+    assert calls and all(c[1] == 1 for c in calls)  # the head saw one position per prompt
+    assert model.get_output_embeddings() is head  # restored
+
+
 def test_ablation_at_chosen_tokens_only(gpt2_run):
     dec = tspd.load(gpt2_run)
     ids = torch.randint(0, 500, (2, 10), generator=torch.Generator().manual_seed(2))

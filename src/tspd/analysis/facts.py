@@ -18,14 +18,14 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from tspd.components import site_kind, target_weight
 from tspd.data.facts import Athlete
-from tspd.decomposition import Decomposition, call_target
+from tspd.decomposition import Decomposition, call_target, restore_modules, swap_modules
 
 NAME_PARTS = ("first", "last", "both")
 
@@ -116,16 +116,56 @@ def last_logprobs(logits: Tensor, last: Tensor) -> Tensor:
     return torch.log_softmax(logits[torch.arange(len(last)), last].float(), dim=-1)
 
 
+class _AtLast(nn.Module):
+    """Stands in for a language model's output head: applies it only at each prompt's last
+    position (the rows of a stacked batch repeat the prompts), giving (rows, 1, vocab)."""
+
+    def __init__(self, head: nn.Module, last: Tensor):
+        super().__init__()
+        self.__dict__["head"] = head
+        self.last = last
+
+    def forward(self, h: Tensor) -> Tensor:
+        idx = self.last.to(h.device).repeat(h.shape[0] // len(self.last))
+        return self.head(h[torch.arange(h.shape[0], device=h.device), idx].unsqueeze(1))
+
+
+@contextlib.contextmanager
+def logits_at_last(model: nn.Module | None, last: Tensor, skip: Collection[str] = ()) -> Iterator[bool]:
+    """While active, `model`'s output head runs only at the positions `last` (the vocabulary
+    projection at every other position is what dominates a prompt's forward in a small LM).
+    Yields False (and changes nothing) when the model has no separate output head or the head is
+    one of `skip` (a decomposed site)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    if not name or name in skip:
+        yield False
+        return
+    swapped = swap_modules(model, [(name, _AtLast(head, last))])
+    try:
+        yield True
+    finally:
+        restore_modules(swapped)
+
+
+def _last_logprobs(logits: Tensor, last: Tensor, at_last: bool) -> Tensor:
+    return torch.log_softmax(logits[:, 0].float(), dim=-1) if at_last else last_logprobs(logits, last)
+
+
 @torch.no_grad()
 def answer_logprobs(
-    forward: Callable[[Tensor, slice], Tensor], batch: PromptBatch, answer_ids: Tensor, chunk: int = 64
+    forward: Callable[[Tensor, slice], Tensor], batch: PromptBatch, answer_ids: Tensor, chunk: int = 64,
+    model: nn.Module | None = None, skip: Collection[str] = (),
 ) -> Tensor:
     """Log-probability (n, n_answers) of each answer token at each prompt's last position.
-    `forward(ids, rows)` returns logits for the rows `rows` of the batch."""
+    `forward(ids, rows)` returns logits for the rows `rows` of the batch; pass the `model` it runs
+    to compute the output head at the last positions only (see `logits_at_last`)."""
     out = []
     for lo in range(0, len(batch), chunk):
         rows = slice(lo, lo + chunk)
-        lp = last_logprobs(forward(batch.ids[rows], rows), batch.last[rows])
+        with logits_at_last(model, batch.last[rows], skip) as at_last:
+            lp = _last_logprobs(forward(batch.ids[rows], rows), batch.last[rows], at_last)
         out.append(lp[:, answer_ids])
     return torch.cat(out)
 
@@ -140,7 +180,7 @@ def screen(model: nn.Module, tokenizer, prompts: list[TokenPrompt], answers: dic
     tok_ids = sport_tokens(tokenizer, answers)
     answers = torch.tensor([tok_ids[s] for s in sports])
     batch = batch_prompts(prompts, pad_id(tokenizer))
-    lp = answer_logprobs(lambda ids, rows: call_target(model, ids), batch, answers)
+    lp = answer_logprobs(lambda ids, rows: call_target(model, ids), batch, answers, model=model)
     truth = torch.tensor([sports.index(p.athlete.sport) for p in prompts])
     right = lp.argmax(-1) == truth
     acc = {s: _mean([bool(r) for r, p in zip(right, prompts) if p.athlete.sport == s]) for s in sports}
@@ -217,7 +257,8 @@ def layer_scan(model: nn.Module, batch: PromptBatch, answers: Tensor, part: str 
     rows = torch.arange(len(batch))
 
     def right_lp() -> Tensor:
-        lp = last_logprobs(call_target(model, batch.ids), batch.last)
+        with logits_at_last(model, batch.last) as at_last:
+            lp = _last_logprobs(call_target(model, batch.ids), batch.last, at_last)
         return lp[rows, answers]
 
     clean = right_lp()
@@ -266,18 +307,19 @@ def ablation_logprobs(
     mask 0 where `where` (n_prompts, T) is True and every other subcomponent at mask 1. One target
     run for the batch; the sets run as stacked passes, `per_forward` at a time, replaying the
     target's blocks before the first site."""
-    _, inputs = dec.run_target(batch.ids)
-    ci, _ = dec.ci_from_logits(dec.ci_logits(inputs))
-    out = []
-    for lo in range(0, len(piece_sets), per_forward):
-        passes = []
-        for pieces in piece_sets[lo : lo + per_forward]:
-            p = dec.ones_pass(ci)
-            for s, idx in group(pieces).items():
-                p.masks[s][..., idx] = p.masks[s][..., idx].masked_fill(where[..., None], 0.0)
-            passes.append(p)
-        for logits in dec.run_passes(batch.ids, passes, stack=True):
-            out.append(last_logprobs(logits, batch.last)[:, answer_ids])
+    with logits_at_last(dec.target, batch.last, dec.site_names) as at_last:
+        _, inputs = dec.run_target(batch.ids)
+        ci, _ = dec.ci_from_logits(dec.ci_logits(inputs))
+        out = []
+        for lo in range(0, len(piece_sets), per_forward):
+            passes = []
+            for pieces in piece_sets[lo : lo + per_forward]:
+                p = dec.ones_pass(ci)
+                for s, idx in group(pieces).items():
+                    p.masks[s][..., idx] = p.masks[s][..., idx].masked_fill(where[..., None], 0.0)
+                passes.append(p)
+            for logits in dec.run_passes(batch.ids, passes, stack=True):
+                out.append(_last_logprobs(logits, batch.last, at_last)[:, answer_ids])
     return torch.stack(out)
 
 

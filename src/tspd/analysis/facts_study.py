@@ -171,13 +171,14 @@ def facts_ablate(
     ci = F.name_ci(dec, d_batch)
     alive = F.alive_pieces(ci, cfg.eval.alive_threshold)
     text_ids = _text_rows(dec, n_text)
-    clean = F.answer_logprobs(F.ablated_forward(dec, [], None), h_batch, answer_ids)
+    at_last = {"model": dec.target, "skip": dec.site_names}
+    clean = F.answer_logprobs(F.ablated_forward(dec, [], None), h_batch, answer_ids, **at_last)
     rows = torch.arange(len(held))
     clean_right = clean[rows, h_sport]
 
     def effects(forward) -> tuple[torch.Tensor, torch.Tensor]:
         """Change of each held-out prompt's right-sport log-probability."""
-        lp = F.answer_logprobs(forward, h_batch, answer_ids)
+        lp = F.answer_logprobs(forward, h_batch, answer_ids, **at_last)
         return lp[rows, h_sport] - clean_right
 
     def summary(delta: torch.Tensor, s: int) -> dict:
