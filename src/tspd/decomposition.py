@@ -196,7 +196,8 @@ class Decomposition(nn.Module):
     # ---- passes --------------------------------------------------------------------------
     def run_target(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """The target's output and every site's input, without gradients. Also records the outputs
-        of the blocks before the last site's block, which `run_passes` on this batch replays."""
+        of the blocks before the last site's block and of the children of site-holding blocks,
+        which `run_passes` on this batch replays."""
         self._block_outputs, self._block_batch, self._child_calls = None, None, {}
         reuse = bool(self._block_of) and self.config.train.reuse_prefix
         n_record = max(self._block_of.values()) if reuse else 0
@@ -256,8 +257,9 @@ class Decomposition(nn.Module):
 
     def run_passes(self, batch: Batch, passes: list[Pass], stack: bool = True) -> list[Tensor]:
         """Several masked passes. With `stack`, passes run as one forward over the batch repeated,
-        grouped by the first block they route through: a group whose first routed site sits in
-        block j replays the target's outputs of blocks 0..j-1 instead of recomputing them."""
+        grouped by where they first route: a group whose first routed site sits in child c of
+        block j replays the target's outputs of blocks 0..j-1, and of block j's children that
+        finished before c started, instead of recomputing them."""
         if not stack or len(passes) == 1:
             return [self.run_pass(batch, p) for p in passes]
         groups: dict[tuple[int, int], list[int]] = {}
