@@ -162,6 +162,20 @@ def test_output_head_at_last_positions_only_gives_the_same_answer_logprobs(name,
     assert model.get_output_embeddings() is head  # restored
 
 
+def test_text_effect_matches_forward_with_ablation(gpt2_run):
+    from tspd.analysis.facts_study import _text_effect
+
+    dec = tspd.load(gpt2_run)
+    ids = torch.randint(0, 500, (5, 12), generator=torch.Generator().manual_seed(4))
+    pieces = [("transformer.h.1.mlp.c_fc", 2), ("transformer.h.1.mlp.c_fc", 5), ("transformer.h.0.mlp.c_proj", 1)]
+    got = _text_effect(dec, ids, pieces, chunk=2)
+    with torch.no_grad():
+        t = dec.target(ids).logits
+        a = dec.forward_with_ablation(ids, F.group(pieces))
+    assert got["kl"] == pytest.approx(float(F.kl_per_token(t, a).mean()), rel=1e-4, abs=1e-7)
+    assert got["kl"] > 0
+
+
 def test_ablation_at_chosen_tokens_only(gpt2_run):
     dec = tspd.load(gpt2_run)
     ids = torch.randint(0, 500, (2, 10), generator=torch.Generator().manual_seed(2))

@@ -260,7 +260,7 @@ class Decomposition(nn.Module):
         grouped by where they first route: a group whose first routed site sits in child c of
         block j replays the target's outputs of blocks 0..j-1, and of block j's children that
         finished before c started, instead of recomputing them."""
-        if not stack or len(passes) == 1:
+        if not stack or (len(passes) == 1 and self._block_batch is not batch):
             return [self.run_pass(batch, p) for p in passes]
         groups: dict[tuple[int, int], list[int]] = {}
         replayable = self._block_batch is batch  # block outputs were recorded for this very batch

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from tspd.analysis import facts as F
 from tspd.data.facts import Facts, load_facts, split_athletes
-from tspd.decomposition import Decomposition, call_target, load, write_json
+from tspd.decomposition import Decomposition, load, write_json
 from tspd.losses import recon_passes
 
 
@@ -98,8 +98,15 @@ def _text_effect(dec: Decomposition, ids: torch.Tensor, pieces, chunk: int = 16)
     kl, ce_t, ce_a = [], [], []
     for lo in range(0, ids.shape[0], chunk):
         x = ids[lo : lo + chunk]
-        t = call_target(dec.target, x)
-        a = dec.forward_with_ablation(x, F.group(pieces)) if pieces else t
+        t, inputs = dec.run_target(x)  # also records the blocks the ablated pass replays
+        if pieces:
+            ci, _ = dec.ci_from_logits(dec.ci_logits(inputs))
+            p = dec.ones_pass(ci)
+            for s, idx in F.group(pieces).items():
+                p.masks[s][..., idx] = 0.0
+            a = dec.run_passes(x, [p])[0]
+        else:
+            a = t
         kl.append(F.kl_per_token(t, a).flatten())
         ce_t.append(F.ce_per_token(t, x).flatten())
         ce_a.append(F.ce_per_token(a, x).flatten())
