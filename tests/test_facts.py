@@ -125,6 +125,12 @@ def test_select_for_sport_prefers_specific_subcomponents():
     assert F.select_for_sport(ci, is_sport, k=1) == [("s", 0)]
 
 
+def _ablated_forward(dec, pieces, where):
+    """Reference: forward(ids, rows) through forward_with_ablation, `pieces` at mask 0 where `where[rows]`."""
+    ablate = F.group(pieces)
+    return lambda ids, rows: dec.forward_with_ablation(ids, ablate, positions=None if where is None else where[rows])
+
+
 def test_rank_by_ablation_scores_each_candidate_on_discovery_prompts(gpt2_run, tiny_tok):
     dec = tspd.load(gpt2_run)
     facts = load_facts()
@@ -137,8 +143,8 @@ def test_rank_by_ablation_scores_each_candidate_on_discovery_prompts(gpt2_run, t
     pieces, scores = F.rank_by_ablation(dec, batch, sport_of, 0, answer_ids, cands, k=2)
     assert [(r["site"], r["index"]) for r in scores] == cands
     rows = torch.arange(12)
-    clean = F.answer_logprobs(F.ablated_forward(dec, [], None), batch, answer_ids)[rows, sport_of]
-    lp = F.answer_logprobs(F.ablated_forward(dec, [cands[3]], batch.names["both"]), batch, answer_ids)[rows, sport_of]
+    clean = F.answer_logprobs(_ablated_forward(dec, [], None), batch, answer_ids)[rows, sport_of]
+    lp = F.answer_logprobs(_ablated_forward(dec, [cands[3]], batch.names["both"]), batch, answer_ids)[rows, sport_of]
     drop = clean - lp
     assert scores[3]["drop_own"] == pytest.approx(float(drop[:6].mean()), abs=1e-5)
     assert scores[3]["score"] == pytest.approx(float(drop[:6].mean()) - abs(float(drop[6:].mean())), abs=1e-5)

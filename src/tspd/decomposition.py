@@ -361,28 +361,38 @@ class Decomposition(nn.Module):
         with torch.no_grad():
             _, inputs = self.run_target(batch)
             ci, _ = self.ci_from_logits(self.ci_logits(inputs))
-            p = self.ones_pass(ci)
-            if base == "ci":
-                p.masks = {s: g.clone() for s, g in ci.items()}
-            elif base != "ones":
-                raise ValueError(f"base must be 'ones' or 'ci', got {base!r}")
-            where = positions if isinstance(positions, Tensor) and positions.dtype == torch.bool else None
-            for s, idx in ablate.items():
-                m = p.masks[s]
-                if positions is None:
-                    m[..., idx] = 0.0
-                elif where is not None:
-                    if where.shape != m.shape[:-1]:
-                        raise ValueError(f"positions mask has shape {tuple(where.shape)}; site {s} needs {tuple(m.shape[:-1])}")
-                    m[..., idx] = m[..., idx].masked_fill(where[..., None], 0.0)
-                else:
-                    if m.dim() < 3:
-                        raise ValueError(f"site {s} has no position dimension; pass positions=None")
-                    pos = torch.as_tensor(positions)
-                    sel = m[:, pos]
-                    sel[..., idx] = 0.0
-                    m[:, pos] = sel
-            return self.run_pass(batch, p)
+            return self.run_pass(batch, self.ablation_pass(ci, ablate, positions, base))
+
+    def ablation_pass(
+        self,
+        ci: dict[str, Tensor],
+        ablate: dict[str, list[int]],
+        positions: list[int] | Tensor | None = None,
+        base: str = "ones",
+    ) -> Pass:
+        """The pass `forward_with_ablation` runs, built from the batch's CI (see there)."""
+        p = self.ones_pass(ci)
+        if base == "ci":
+            p.masks = {s: g.clone() for s, g in ci.items()}
+        elif base != "ones":
+            raise ValueError(f"base must be 'ones' or 'ci', got {base!r}")
+        where = positions if isinstance(positions, Tensor) and positions.dtype == torch.bool else None
+        for s, idx in ablate.items():
+            m = p.masks[s]
+            if positions is None:
+                m[..., idx] = 0.0
+            elif where is not None:
+                if where.shape != m.shape[:-1]:
+                    raise ValueError(f"positions mask has shape {tuple(where.shape)}; site {s} needs {tuple(m.shape[:-1])}")
+                m[..., idx] = m[..., idx].masked_fill(where[..., None], 0.0)
+            else:
+                if m.dim() < 3:
+                    raise ValueError(f"site {s} has no position dimension; pass positions=None")
+                pos = torch.as_tensor(positions)
+                sel = m[:, pos]
+                sel[..., idx] = 0.0
+                m[:, pos] = sel
+        return p
 
     # ---- losses that need only parameters -------------------------------------------------
     def faithfulness(self) -> Tensor:

@@ -312,12 +312,7 @@ def ablation_logprobs(
         ci, _ = dec.ci_from_logits(dec.ci_logits(inputs))
         out = []
         for lo in range(0, len(piece_sets), per_forward):
-            passes = []
-            for pieces in piece_sets[lo : lo + per_forward]:
-                p = dec.ones_pass(ci)
-                for s, idx in group(pieces).items():
-                    p.masks[s][..., idx] = p.masks[s][..., idx].masked_fill(where[..., None], 0.0)
-                passes.append(p)
+            passes = [dec.ablation_pass(ci, group(pieces), where) for pieces in piece_sets[lo : lo + per_forward]]
             for logits in dec.run_passes(batch.ids, passes, stack=True):
                 out.append(_last_logprobs(logits, batch.last, at_last)[:, answer_ids])
     return torch.stack(out)
@@ -352,17 +347,6 @@ def group(pieces: list[tuple[str, int]]) -> dict[str, list[int]]:
     for s, c in pieces:
         out.setdefault(s, []).append(c)
     return out
-
-
-def ablated_forward(dec: Decomposition, pieces: list[tuple[str, int]], where: Tensor | None) -> Callable:
-    """forward(ids, rows) with `pieces` at mask 0 where `where[rows]` is True (None: everywhere),
-    every other subcomponent at mask 1."""
-    ablate = group(pieces)
-
-    def forward(ids: Tensor, rows: slice) -> Tensor:
-        return dec.forward_with_ablation(ids, ablate, positions=None if where is None else where[rows])
-
-    return forward
 
 
 @contextlib.contextmanager

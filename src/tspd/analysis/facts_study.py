@@ -101,10 +101,7 @@ def _text_effect(dec: Decomposition, ids: torch.Tensor, pieces, chunk: int = 16)
         t, inputs = dec.run_target(x)  # also records the blocks the ablated pass replays
         if pieces:
             ci, _ = dec.ci_from_logits(dec.ci_logits(inputs))
-            p = dec.ones_pass(ci)
-            for s, idx in F.group(pieces).items():
-                p.masks[s][..., idx] = 0.0
-            a = dec.run_passes(x, [p])[0]
+            a = dec.run_passes(x, [dec.ablation_pass(ci, F.group(pieces))])[0]
         else:
             a = t
         kl.append(F.kl_per_token(t, a).flatten())
@@ -178,14 +175,11 @@ def facts_ablate(
     ci = F.name_ci(dec, d_batch)
     alive = F.alive_pieces(ci, cfg.eval.alive_threshold)
     text_ids = _text_rows(dec, n_text)
-    at_last = {"model": dec.target, "skip": dec.site_names}
-    clean = F.answer_logprobs(F.ablated_forward(dec, [], None), h_batch, answer_ids, **at_last)
     rows = torch.arange(len(held))
-    clean_right = clean[rows, h_sport]
+    clean_right = F.ablation_logprobs(dec, h_batch, answer_ids, [[]], h_batch.names["both"])[0][rows, h_sport]
 
-    def effects(forward) -> tuple[torch.Tensor, torch.Tensor]:
+    def effects(lp: torch.Tensor) -> torch.Tensor:
         """Change of each held-out prompt's right-sport log-probability."""
-        lp = F.answer_logprobs(forward, h_batch, answer_ids, **at_last)
         return lp[rows, h_sport] - clean_right
 
     def summary(delta: torch.Tensor, s: int) -> dict:
@@ -222,13 +216,16 @@ def facts_ablate(
             result["sports"][sport] = row
             continue
         for part in F.NAME_PARTS:
-            row[part] = summary(effects(F.ablated_forward(dec, pieces, h_batch.names[part])), s_idx)
+            lp = F.ablation_logprobs(dec, h_batch, answer_ids, [pieces], h_batch.names[part])[0]
+            row[part] = summary(effects(lp), s_idx)
         draws = [rng.sample(alive, min(len(pieces), len(alive))) for _ in range(n_random)]
         lps = F.ablation_logprobs(dec, h_batch, answer_ids, draws, h_batch.names["both"])
-        rand = [summary(lp[rows, h_sport] - clean_right, s_idx)["target_effect"] for lp in lps]
+        rand = [summary(effects(lp), s_idx)["target_effect"] for lp in lps]
         row["random_target_effect"] = sum(rand) / len(rand)
         counts = {s: len(c) for s, c in F.group(pieces).items()}
-        row["svd"] = summary(effects(F.svd_forward(dec, counts, h_batch.names["both"])), s_idx)
+        svd_lp = F.answer_logprobs(F.svd_forward(dec, counts, h_batch.names["both"]), h_batch, answer_ids,
+                                   model=dec.target, skip=dec.site_names)
+        row["svd"] = summary(effects(svd_lp), s_idx)
         row["text"] = _text_effect(dec, text_ids, pieces)
         b = row["both"]
         row["ratio_vs_collateral"] = b["target_effect"] / max(abs(b["collateral_facts"]), 1e-9)
