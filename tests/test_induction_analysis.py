@@ -100,6 +100,8 @@ def test_run_induction_writes_every_artifact(tmp_path):
     assert "Circuit census" in html and "data:image/png;base64," in html and "SVD" in html
     cfg = (out / "config.yaml").read_text()
     assert "seed: 3" in cfg
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "consolidate" in r] == [2, 3]  # the recipe's merges (60 %, 80 %) are logged
 
 
 def test_census_refuses_a_non_induction_run(tmp_path, capsys):

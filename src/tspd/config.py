@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -123,6 +123,36 @@ class EvalConfig(Strict):
     alive_threshold: float = Field(0.1, ge=0, le=1, description="alive: CI > this on some evaluated input")
 
 
+class ConsolidateConfig(Strict):
+    at_frac: list[float] = Field(
+        default_factory=list,
+        description="fractions of train.steps at which co-active subcomponents are merged into fewer rank-1 pieces "
+        "(tspd.consolidate; a tspd addition, not in the SPD papers); empty: never",
+    )
+
+    @field_validator("at_frac")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        bad = [f for f in v if not 0 < f < 1]
+        if bad:
+            raise ValueError(f"consolidate.at_frac needs fractions of training strictly between 0 and 1, got {bad}")
+        return v
+
+    def steps(self, total: int) -> set[int]:
+        """The training steps (0-based, at least 1) at which the merges happen."""
+        return {min(max(round(f * total), 1), max(total - 1, 1)) for f in self.at_frac}
+
+    tol: float = Field(0.05, gt=0, lt=1, description="largest relative output error (95th percentile over a group's inputs) the merged pieces may leave")
+    overlap: float = Field(
+        0.9, gt=0, le=1, description="a piece joins a group when this share of its active inputs lies in the group's"
+    )
+    max_increase: float | None = Field(
+        None, gt=0,
+        description="choose each group's rank by function: the smallest whose merge raises the CI-masked divergence "
+        "on the evaluation batches by at most this (None: by tol)",
+    )
+
+
 class TMSTargetConfig(Strict):
     kind: Literal["tms"] = "tms"
     n_features: int = Field(5, gt=0, description="number of sparse input features")
@@ -197,6 +227,7 @@ class RunConfig(Strict):
     output: OutputConfig = Field(default_factory=OutputConfig, description="output divergence")
     train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation and bookkeeping")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation thresholds")
+    consolidate: ConsolidateConfig = Field(default_factory=ConsolidateConfig, description="merging co-active subcomponents")
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

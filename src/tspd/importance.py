@@ -224,5 +224,10 @@ class CIFunction(nn.Module):
     def uses_inner(self) -> bool:
         return self.kind == "mlp"
 
+    def output_bias(self) -> Tensor:
+        """The (C,) bias added last to the logits: lowering entry c switches subcomponent c off."""
+        net = self.net.head if isinstance(self.net, AttentionCI) else self.net
+        return net.layers[-1].bias if isinstance(net, SharedMLP) else net.b2
+
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

@@ -140,6 +140,21 @@ def _step_fn(dec: Decomposition, w: distributed.World, device: torch.device) -> 
     )
 
 
+def _consolidate(dec: Decomposition, opt: torch.optim.Optimizer, stream: "DataStream", device: torch.device) -> list[dict]:
+    """Merge co-active subcomponents (tspd.consolidate) on the evaluation batches, which every rank
+    holds, so all ranks make the same merges; the changed factors' optimiser state starts afresh."""
+    from tspd.consolidate import consolidate
+
+    c = dec.config.consolidate
+    batches = [distributed.to_device(b, device) for b in stream.eval_batches]
+    merges = consolidate(dec, batches, c.tol, c.overlap, c.max_increase)
+    for site in {m.site for m in merges}:
+        comp = dec.component(site)
+        for p in (comp.U, comp.V):
+            opt.state.pop(p, None)
+    return [m.to_dict() for m in merges]
+
+
 def _save_checkpoint(run_dir: Path, dec: Decomposition, opt: torch.optim.Optimizer, step: int) -> None:
     state = {
         "step": step,
@@ -218,6 +233,7 @@ def decompose(
     eval_batches = [distributed.to_device(b, device) for b in stream.eval_batches] if w.main else []
     metrics_file = open(run_path / METRICS, "a") if writes else None
     t = config.train
+    merge_steps = config.consolidate.steps(t.steps)
     last_good = start
     bar = tqdm(
         range(start, t.steps), initial=start, total=t.steps, disable=not (progress and w.main), desc="spd", dynamic_ncols=True
@@ -226,6 +242,10 @@ def decompose(
     rank_stream = (w.rank,) if w.parallel else ()
     try:
         for step in bar:
+            if step in merge_steps:
+                merged = _consolidate(dec, opt, stream, device)
+                if metrics_file:
+                    metrics_file.write(json.dumps({"step": step, "consolidate": merged}) + "\n")
             lr = lr_at(config, step)
             for group in opt.param_groups:
                 group["lr"] = lr

@@ -86,6 +86,8 @@ class RunSession:
                 row = json.loads(line)
             except json.JSONDecodeError:  # a line being written by a run still training
                 continue
+            if "consolidate" in row:  # a merge step's record, not a training row
+                continue
             if "eval" in row:
                 ev = row["eval"]
                 evals["step"].append(row["step"])

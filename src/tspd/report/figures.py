@@ -140,8 +140,12 @@ def training_curves_figure(metrics_path: str | Path, path: str | Path) -> Path:
     import json
 
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "eval" not in r]
+    merges = [r["step"] for r in rows if "consolidate" in r]
+    rows = [r for r in rows if "loss" in r]  # training rows (not evaluations or merges)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
+    for ax in (ax1, ax2):
+        for i, m in enumerate(merges):  # consolidation steps (tspd.consolidate)
+            ax.axvline(m, color="grey", ls=":", lw=1, label="consolidation" if i == 0 else None)
     steps = [r["step"] for r in rows]
     skip = {"step", "lr", "p", "l0", "loss"}
     terms = [k for k in (rows[0] if rows else {}) if k not in skip]

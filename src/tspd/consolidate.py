@@ -1,0 +1,227 @@
+"""Consolidation: merge subcomponents that are always active together into fewer rank-1 pieces.
+
+A tspd addition, not part of SPD as the papers describe it (arXiv 2506.20790, 2511.08854). Short
+CPU-sized runs end in a local optimum the long GPU schedules escape: several subcomponents of one
+site switch on together on the same inputs (e.g. five on V0 at the first S of the induction task,
+whose input there never changes) although one rank-1 piece would carry the same computation.
+The minimality loss would prefer one, but gradient descent cannot rotate five rank-1 pieces into
+one while their sum stays W.
+
+`consolidate` does that rotation directly, keeping every site's sum V U exactly (faithfulness
+is unchanged):
+
+1. Per site, collect the inputs x and CI over some batches. Group the active subcomponents
+   (CI > eval.active_threshold somewhere): a group starts from the most often active piece not
+   yet grouped and grows by every ungrouped piece whose active inputs lie (for a share
+   >= `overlap`) inside the union of the group's.
+2. On the inputs where any member is active, the group's output is Y = x V_g U_g. Its top
+   singular directions say how many output directions it really uses: r is the smallest number
+   of them that leaves every input's output with a relative error <= `tol` (95th percentile
+   over the group's inputs, so a rare input's own direction is kept). Nothing changes when r
+   equals the group size.
+3. Otherwise the group's matrix M = V_g U_g (d_in x d_out) is split into r "active" pieces
+   (M b_j) b_j^T along Y's top output directions b_j, and the remainder M (I - B^T B), of rank at
+   most k - r, into k - r pieces by its SVD. The remainder's output on the group's inputs is
+   within `tol` of nothing, so those pieces can be ablated there and the training that follows turns
+   their CI off. Active pieces take the slots of the members with the highest mean CI (their
+   CI function already fires on those inputs); norms are balanced between u and v.
+4. The remainder slots start switched off: their CI function's last bias drops until their CI
+   logits are below 0 on every input looked at. Training can switch one back on if the output
+   needs it (the lower leaky hard sigmoid passes gradient to dead logits).
+
+The optimiser's state of the changed factors is reset by the caller (training resumes with the
+new pieces). Configured by the recipe's `consolidate` section (README, Configuration).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tspd.decomposition import Batch, Decomposition, _key
+
+
+QUANTILE = 0.95  # the merge's error bound holds for this share of a group's inputs
+
+
+@dataclass
+class Merge:
+    """One consolidated group: the subcomponent slots, the rank kept, and the relative output error
+    left on the group's inputs (95th percentile) by the kept pieces alone."""
+
+    site: str
+    slots: list[int]
+    rank: int
+    residual: float
+
+    def to_dict(self) -> dict:
+        return {"site": self.site, "slots": self.slots, "rank": self.rank, "residual": round(self.residual, 5)}
+
+
+def co_active_groups(active: Tensor, overlap: float) -> list[list[int]]:
+    """Groups of subcomponents (columns of the bool (n, C) `active`), leader first; see the module
+    docstring. Pieces never active are left out."""
+    counts = active.sum(0)
+    order = [int(i) for i in torch.argsort(counts, descending=True, stable=True) if counts[i] > 0]
+    grouped: set[int] = set()
+    groups = []
+    for lead in order:
+        if lead in grouped:
+            continue
+        members, union = [lead], active[:, lead].clone()
+        grown = True
+        while grown:  # a piece joins when its active inputs lie (mostly) inside the group's union
+            grown = False
+            for j in order:
+                if j in grouped or j in members:
+                    continue
+                if float((union & active[:, j]).sum()) >= overlap * float(counts[j]):
+                    members.append(j)
+                    union |= active[:, j]
+                    grown = True
+        grouped.update(members)
+        groups.append(members)
+    return groups
+
+
+def output_errors(V: Tensor, U: Tensor, x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """For a group with V (d_in, k), U (k, d_out) on inputs x (n, d_in): its output directions b
+    (rows, by singular value) and err[j], the relative output error left by the top j + 1 of them
+    (95th percentile over the inputs). None when the group's output is zero there."""
+    y = x.double() @ (V.double() @ U.double())
+    y = y[y.norm(dim=1) > 0]
+    if y.shape[0] == 0:
+        return None
+    b = torch.linalg.svd(y, full_matrices=False)[2]
+    kept = (y @ b.T).pow(2).cumsum(1) / y.pow(2).sum(1, keepdim=True)
+    return b, torch.quantile((1 - kept).clamp_min(0).sqrt(), QUANTILE, dim=0)
+
+
+def split_at(V: Tensor, U: Tensor, b: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """New factors (V', U') with V' U' == V U: r active pieces (M b_j) b_j^T along the directions
+    b[:r], then k - r pieces of the remainder M (I - B^T B) from its SVD."""
+    k = V.shape[1]
+    M = V.double() @ U.double()  # (d_in, d_out): the group's map, y = x M
+    B = b[:r]  # (r, d_out), orthonormal rows
+    v_act, u_act = (M @ B.T), B
+    rest = M - M @ B.T @ B  # rank <= k - r
+    p, sig, q = torch.linalg.svd(rest, full_matrices=False)
+    n_rest = k - r
+    # rest has rank <= min(k - r, d_in, d_out); slots beyond its rank get v = 0 and a unit u, so
+    # they add nothing yet still receive gradients (with u = v = 0 a piece could never revive).
+    n = min(n_rest, len(sig))
+    sig = torch.where(sig[:n] > 1e-12 * max(float(sig[0]), 1e-30), sig[:n], torch.zeros_like(sig[:n]))
+    v_rest = torch.zeros(M.shape[0], n_rest, dtype=M.dtype)
+    u_rest = torch.zeros(n_rest, M.shape[1], dtype=M.dtype)
+    v_rest[:, :n] = p[:, :n] * sig.sqrt()
+    u_rest[:n] = q[:n] * sig.sqrt()[:, None]
+    dead = [i for i in range(n_rest) if i >= n or float(sig[i]) == 0.0]
+    if dead:
+        fill = torch.randn(len(dead), M.shape[1], generator=torch.Generator().manual_seed(k), dtype=M.dtype)
+        u_rest[dead] = fill / fill.norm(dim=1, keepdim=True)
+    # Balance |v| and |u| for the active pieces (the remainder is balanced by construction).
+    norms = v_act.norm(dim=0).clamp_min(1e-12)
+    v_act, u_act = v_act / norms.sqrt(), u_act * norms.sqrt()[:, None]
+    return torch.cat([v_act, v_rest], dim=1).to(V.dtype), torch.cat([u_act, u_rest], dim=0).to(U.dtype)
+
+
+def split_group(V: Tensor, U: Tensor, x: Tensor, tol: float) -> tuple[Tensor, Tensor, int, float] | None:
+    """(V', U', r, error) for the smallest r whose output error on x is <= tol; None when r == k."""
+    out = output_errors(V, U, x)
+    if out is None:
+        return None
+    b, err = out
+    r = next((j + 1 for j in range(len(err)) if float(err[j]) <= tol), len(err))
+    if r >= V.shape[1]:
+        return None
+    return (*split_at(V, U, b, r), r, float(err[r - 1]))
+
+
+def _merged_ci(g: Tensor, slots: list[int], r: int) -> Tensor:
+    """CI as the merged group would have it: the r active slots on wherever any member was (the
+    members' max), the remainder slots off."""
+    g = g.clone()
+    idx = torch.tensor(slots)
+    g[..., idx[:r]] = g[..., idx].amax(-1, keepdim=True)
+    g[..., idx[r:]] = 0.0
+    return g
+
+
+@torch.no_grad()
+def consolidate(
+    dec: Decomposition, batches: list[Batch], tol: float = 0.05, overlap: float = 0.9, max_increase: float | None = None
+) -> list[Merge]:
+    """Merge co-active subcomponents of every (non-embedding) site in place; returns the merges.
+
+    With `max_increase`, a group's rank is chosen by function instead of by `tol`: the smallest r
+    whose merge (remainder slots off, active slots on wherever a member was) raises the CI-masked
+    output divergence on `batches` by at most `max_increase` (nats for KL) over the current one."""
+    from tspd.losses import Reference, recon_passes
+
+    cfg = dec.config
+    thr = cfg.eval.active_threshold
+    runs = []  # per batch: (batch, target output, CI per site)
+    for batch in batches:
+        out, inputs = dec.run_target(batch)
+        z = dec.ci_logits(inputs)
+        ci, _ = dec.ci_from_logits(z)
+        runs.append((batch, out, ci, inputs, z))
+
+    def masked_divergence(site: str | None = None, site_ci=None) -> float:
+        total = 0.0
+        for i, (batch, out, ci, *_) in enumerate(runs):
+            ci = {**ci, site: site_ci[i]} if site is not None else ci
+            dec.run_target(batch)  # records the replayed blocks for this batch
+            p = recon_passes("ci_masked_recon", dec, ci, torch.Generator())[0]
+            ref = Reference(out, cfg.output.divergence, cfg.output.positions)
+            total += float(ref.divergence(dec.run_pass(batch, p))) / len(runs)
+        return total
+
+    current = masked_divergence() if max_increase is not None else 0.0
+    merges = []
+    for s in dec.site_names:
+        comp = dec.component(s)
+        if comp.kind == "embedding":
+            continue
+        x = torch.cat([r[3][s].reshape(-1, r[3][s].shape[-1]).float() for r in runs])
+        g = torch.cat([r[2][s].reshape(-1, r[2][s].shape[-1]).float() for r in runs])
+        active = g > thr
+        for members in co_active_groups(active, overlap):
+            if len(members) < 2:
+                continue
+            rows = active[:, members].any(1)
+            # Slots by mean CI on the group's inputs, highest first: the active pieces go there.
+            slots = sorted(members, key=lambda j: -float(g[rows, j].mean()))
+            idx = torch.tensor(slots)
+            V0, U0 = comp.V[:, idx].clone(), comp.U[idx].clone()
+            found = output_errors(V0, U0, x[rows])
+            if found is None:
+                continue
+            b, err = found
+            if max_increase is None:
+                r = next((j + 1 for j in range(len(err)) if float(err[j]) <= tol), len(err))
+                if r >= len(slots):
+                    continue
+                comp.V[:, idx], comp.U[idx] = split_at(V0, U0, b, r)
+            else:
+                r = None
+                for cand in range(1, min(len(slots), len(err))):
+                    comp.V[:, idx], comp.U[idx] = split_at(V0, U0, b, cand)
+                    d = masked_divergence(s, [_merged_ci(run[2][s], slots, cand) for run in runs])
+                    if d <= current + max_increase:
+                        r, current = cand, d
+                        for run in runs:  # later groups are judged with this merge in place
+                            run[2][s] = _merged_ci(run[2][s], slots, cand)
+                        break
+                if r is None:
+                    comp.V[:, idx], comp.U[idx] = V0, U0
+                    continue
+            # The remainder starts switched off: its CI logits move below 0 on every input seen
+            # (the lower leaky sigmoid still lets training switch a slot back on if it is needed).
+            rest = idx[r:]
+            top = torch.cat([run[4][s].reshape(-1, run[4][s].shape[-1])[:, rest] for run in runs]).amax(0)
+            dec.ci_fns[_key(s)].output_bias()[rest] -= top.clamp_min(0) + 0.5
+            merges.append(Merge(s, slots, r, float(err[r - 1])))
+    return merges

@@ -1,0 +1,159 @@
+"""Consolidation (tspd.consolidate): merging co-active subcomponents keeps V U and the outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tspd
+from conftest import make_cfg, set_exact_factors
+from test_train import _metric_lines
+from tspd.consolidate import co_active_groups, consolidate, split_group
+from tspd.train import CHECKPOINT
+
+
+def test_groups_follow_nested_activity():
+    # piece 0: rows 0-5; piece 2: rows 0-3 (inside 0's); piece 1: rows 4-9 (half outside); piece 3: never
+    a = torch.zeros(10, 4, dtype=torch.bool)
+    a[0:6, 0] = True
+    a[0:4, 2] = True
+    a[4:10, 1] = True
+    assert co_active_groups(a, 0.9) == [[0, 2], [1]]
+    assert co_active_groups(a, 0.3) == [[0, 1, 2]]
+
+
+def test_split_group_on_one_input_needs_one_piece():
+    g = torch.Generator().manual_seed(0)
+    V, U = torch.randn(8, 5, generator=g), torch.randn(5, 6, generator=g)
+    x = torch.randn(1, 8, generator=g).repeat(7, 1)  # the group only ever sees one input
+    V2, U2, r, resid = split_group(V, U, x, tol=0.01)
+    assert r == 1 and resid < 1e-6
+    torch.testing.assert_close(V2 @ U2, V @ U, atol=1e-5, rtol=1e-5)
+    # the first piece alone gives the group's output on that input; the others give ~0 there
+    torch.testing.assert_close(x @ V2[:, :1] @ U2[:1], x @ V @ U, atol=1e-4, rtol=1e-4)
+    assert float((x[:1] @ V2[:, 1:] @ U2[1:]).norm()) < 1e-4
+    # balanced norms for the active piece
+    assert abs(float(V2[:, 0].norm()) - float(U2[0].norm())) < 1e-4
+
+
+def test_split_group_keeps_full_rank_groups():
+    g = torch.Generator().manual_seed(1)
+    V, U = torch.randn(8, 3, generator=g), torch.randn(3, 6, generator=g)
+    x = torch.randn(50, 8, generator=g)  # varied inputs: the 3 pieces span 3 output directions
+    assert split_group(V, U, x, tol=0.01) is None
+
+
+def _merge_target():
+    """A TwoLayer whose linear1 input is always the same vector (so its active pieces can merge)."""
+    from conftest import TwoLayer
+
+    torch.manual_seed(0)
+    return TwoLayer(6, 4, 6)
+
+
+def test_consolidate_keeps_weights_and_merges(monkeypatch):
+    cfg = make_cfg([("linear1", 6), ("linear2", 6)], eval={"active_threshold": 0.5})
+    dec = tspd.Decomposition(_merge_target(), cfg)
+    before = {s: dec.component(s).weight().clone() for s in dec.site_names}
+    x = torch.randn(1, 6).repeat(16, 1)
+    # Every piece of linear1 fully on for every input: one co-active group of 6 on a single input.
+    ones = {s: torch.full((16, 6), 9.0) for s in dec.site_names}
+    monkeypatch.setattr(dec, "ci_logits", lambda inputs: ones)
+    merges = consolidate(dec, [x], tol=0.01, overlap=0.9)
+    assert {m.site for m in merges} == {"linear1", "linear2"}
+    m1 = next(m for m in merges if m.site == "linear1")
+    assert m1.rank == 1 and sorted(m1.slots) == list(range(6))
+    for s in dec.site_names:
+        torch.testing.assert_close(dec.component(s).weight(), before[s], atol=1e-5, rtol=1e-5)
+    # on that input, linear1's first slot alone reproduces the whole site's output
+    c = dec.component("linear1")
+    lead = m1.slots[0]
+    torch.testing.assert_close(x @ c.V[:, lead : lead + 1] @ c.U[lead : lead + 1], x @ c.V @ c.U, atol=1e-4, rtol=1e-4)
+
+
+def _const_data(step):
+    """One fixed input repeated: every co-active group there can shrink to one piece."""
+    return torch.randn(1, 6, generator=torch.Generator().manual_seed(7)).repeat(16, 1)
+
+
+def test_consolidate_in_training_logs_resumes_and_keeps_faithfulness(tmp_path):
+    from conftest import TwoLayer
+
+    cfg = make_cfg(
+        [("linear1", 8), ("linear2", 8)], seed=1,
+        losses={"faithfulness": 1.0, "stochastic_recon": 1.0, "importance_minimality": 0.0},
+        output={"divergence": "mse"}, eval={"active_threshold": 0.2}, consolidate={"at_frac": [0.5, 0.75], "tol": 0.05},
+        train={"steps": 20, "batch_size": 16, "lr": 1e-2, "faithfulness_warmup_steps": 20, "log_every": 1,
+               "eval_every": 10, "eval_batches": 1, "checkpoint_every": 5},
+    )
+
+    def target():
+        torch.manual_seed(0)
+        return TwoLayer(6, 4, 6)
+
+    full = tspd.decompose(target(), _const_data, cfg, run_dir=tmp_path / "full", progress=False)
+    rows = [r for r in _metric_lines(tmp_path / "full") if "consolidate" in r]
+    assert [r["step"] for r in rows] == [10, 15]
+    merges = [m for r in rows for m in r["consolidate"]]
+    assert merges and all(m["rank"] == 1 < len(m["slots"]) and m["residual"] <= 0.05 for m in merges)
+    # killed between the merges, resumed: identical to the uninterrupted run
+    part = tmp_path / "part"
+    tspd.decompose(target(), _const_data, cfg, run_dir=part, progress=False, stop_after=12)
+    assert torch.load(part / CHECKPOINT, weights_only=False)["step"] == 12
+    resumed = tspd.decompose(target(), _const_data, cfg, run_dir=part, progress=False, resume=True)
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    assert _metric_lines(part) == _metric_lines(tmp_path / "full")
+
+
+def test_consolidate_fractions_map_to_steps():
+    with pytest.raises(ValueError, match="consolidate.at_frac"):
+        make_cfg([("linear1", 4)], consolidate={"at_frac": [1.0]})
+    cfg = make_cfg([("linear1", 4)], train={"steps": 3000}, consolidate={"at_frac": [0.6, 0.8]})
+    assert cfg.consolidate.steps(3000) == {1800, 2400}
+    assert cfg.consolidate.steps(4) == {2, 3} and cfg.consolidate.steps(1) == {1}
+    assert json.loads(cfg.model_dump_json())["consolidate"]["at_frac"] == [0.6, 0.8]
+
+
+def test_merged_away_slots_start_switched_off():
+    from conftest import TwoLayer
+
+    torch.manual_seed(0)
+    cfg = make_cfg([("linear1", 6)], ci={"kind": "vector_mlp", "hidden": [4]})
+    dec = tspd.Decomposition(TwoLayer(6, 4, 6), cfg)
+    fn = dec.ci_fns["linear1"]
+    with torch.no_grad():
+        fn.output_bias().add_(10.0)  # every slot on everywhere
+    x = torch.randn(1, 6).repeat(8, 1)
+    assert bool((dec.causal_importance(x)["linear1"] == 1).all())
+    (m,) = consolidate(dec, [x], tol=0.01)
+    ci = dec.causal_importance(x)["linear1"]
+    assert m.rank == 1
+    assert bool((ci[:, m.slots[0]] == 1).all()) and bool((ci[:, m.slots[1:]] == 0).all())
+
+
+def test_functional_rank_accepts_free_merges_and_reverts_costly_ones():
+    from conftest import TwoLayer
+
+    torch.manual_seed(0)
+    cfg = make_cfg([("linear1", 6)], ci={"kind": "vector_mlp", "hidden": [4]}, output={"divergence": "mse"})
+    dec = tspd.Decomposition(TwoLayer(6, 4, 6), cfg)
+    set_exact_factors(dec, "linear1")
+    with torch.no_grad():
+        dec.ci_fns["linear1"].output_bias().add_(10.0)
+    const = torch.randn(1, 6).repeat(8, 1)
+    (m,) = consolidate(dec, [const], max_increase=1e-6)  # one input: rank 1 costs nothing
+    assert m.rank == 1
+
+    # A plain linear map on varied inputs uses all 4 output directions: every lower rank costs
+    # output, so nothing merges and nothing changes.
+    lin_cfg = make_cfg([("0", 6)], ci={"kind": "vector_mlp", "hidden": [4]}, output={"divergence": "mse"})
+    dec = tspd.Decomposition(torch.nn.Sequential(torch.nn.Linear(6, 4)), lin_cfg)
+    set_exact_factors(dec, "0")
+    with torch.no_grad():
+        dec.ci_fns["0"].output_bias().add_(10.0)
+    before = [p.clone() for p in dec.parameters()]
+    assert consolidate(dec, [torch.randn(64, 6)], max_increase=1e-6) == []
+    assert all(torch.equal(a, b) for a, b in zip(before, dec.parameters()))
