@@ -16,9 +16,9 @@ is unchanged):
    >= `overlap`) inside the union of the group's.
 2. On the inputs where any member is active, the group's output is Y = x V_g U_g. Its top
    singular directions say how many output directions it really uses: r is the smallest number
-   of them that leaves every input's output with a relative error <= `tol` (95th percentile
-   over the group's inputs, so a rare input's own direction is kept). Nothing changes when r
-   equals the group size.
+   of them that leaves every member's own inputs with a relative output error <= `tol` (95th
+   percentile over each member's inputs, worst member), so a piece active on few of the group's
+   inputs keeps its direction. Nothing changes when r equals the group size.
 3. Otherwise the group's matrix M = V_g U_g (d_in x d_out) is split into r "active" pieces
    (M b_j) b_j^T along Y's top output directions b_j, and the remainder M (I - B^T B), of rank at
    most k - r, into k - r pieces by its SVD. The remainder's output on the group's inputs is
@@ -86,17 +86,24 @@ def co_active_groups(active: Tensor, overlap: float) -> list[list[int]]:
     return groups
 
 
-def output_errors(V: Tensor, U: Tensor, x: Tensor) -> tuple[Tensor, Tensor] | None:
+def output_errors(V: Tensor, U: Tensor, x: Tensor, members: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
     """For a group with V (d_in, k), U (k, d_out) on inputs x (n, d_in): its output directions b
-    (rows, by singular value) and err[j], the relative output error left by the top j + 1 of them
-    (95th percentile over the inputs). None when the group's output is zero there."""
+    (rows, by singular value, only those within Y's numerical rank) and err[j], the relative
+    output error left by the top j + 1 of them. err is the 95th percentile over each member's own
+    inputs (`members`, bool (n, k): where member i is active; None: all inputs), and the worst
+    member's, so a piece that is active on few of the group's inputs keeps its direction. None
+    when the group's output is zero there."""
     y = x.double() @ (V.double() @ U.double())
-    y = y[y.norm(dim=1) > 0]
-    if y.shape[0] == 0:
+    nonzero = y.norm(dim=1) > 0
+    if not bool(nonzero.any()):
         return None
-    b = torch.linalg.svd(y, full_matrices=False)[2]
-    kept = (y @ b.T).pow(2).cumsum(1) / y.pow(2).sum(1, keepdim=True)
-    return b, torch.quantile((1 - kept).clamp_min(0).sqrt(), QUANTILE, dim=0)
+    _, sv, b = torch.linalg.svd(y[nonzero], full_matrices=False)
+    b = b[: int((sv > sv[0] * 1e-9).sum())]  # directions past Y's rank are arbitrary, not M's
+    kept = (y[nonzero] @ b.T).pow(2).cumsum(1) / y[nonzero].pow(2).sum(1, keepdim=True)
+    rel = (1 - kept).clamp_min(0).sqrt()  # (rows, directions)
+    groups = [torch.ones(len(rel), dtype=torch.bool)] if members is None else [m[nonzero] for m in members.T]
+    err = torch.stack([torch.quantile(rel[g], QUANTILE, dim=0) for g in groups if bool(g.any())]).amax(0)
+    return b, err
 
 
 def split_at(V: Tensor, U: Tensor, b: Tensor, r: int) -> tuple[Tensor, Tensor]:
@@ -113,13 +120,13 @@ def split_at(V: Tensor, U: Tensor, b: Tensor, r: int) -> tuple[Tensor, Tensor]:
     # they add nothing yet still receive gradients (with u = v = 0 a piece could never revive).
     n = min(n_rest, len(sig))
     sig = torch.where(sig[:n] > 1e-12 * max(float(sig[0]), 1e-30), sig[:n], torch.zeros_like(sig[:n]))
-    v_rest = torch.zeros(M.shape[0], n_rest, dtype=M.dtype)
-    u_rest = torch.zeros(n_rest, M.shape[1], dtype=M.dtype)
+    v_rest = M.new_zeros(M.shape[0], n_rest)
+    u_rest = M.new_zeros(n_rest, M.shape[1])
     v_rest[:, :n] = p[:, :n] * sig.sqrt()
     u_rest[:n] = q[:n] * sig.sqrt()[:, None]
     dead = [i for i in range(n_rest) if i >= n or float(sig[i]) == 0.0]
     if dead:
-        fill = torch.randn(len(dead), M.shape[1], generator=torch.Generator().manual_seed(k), dtype=M.dtype)
+        fill = torch.randn(len(dead), M.shape[1], generator=torch.Generator().manual_seed(k), dtype=M.dtype).to(M.device)
         u_rest[dead] = fill / fill.norm(dim=1, keepdim=True)
     # Balance |v| and |u| for the active pieces (the remainder is balanced by construction).
     norms = v_act.norm(dim=0).clamp_min(1e-12)
@@ -137,6 +144,15 @@ def split_group(V: Tensor, U: Tensor, x: Tensor, tol: float) -> tuple[Tensor, Te
     if r >= V.shape[1]:
         return None
     return (*split_at(V, U, b, r), r, float(err[r - 1]))
+
+
+def _write(comp, idx: Tensor, V2: Tensor, U2: Tensor, before: Tensor) -> bool:
+    """Write the group's new factors if they keep its V U (float32 rounding aside); else leave
+    the old ones and say so."""
+    if float((V2 @ U2 - before).abs().max()) > 1e-4 * max(float(before.abs().max()), 1e-12):
+        return False
+    comp.V[:, idx], comp.U[idx] = V2, U2
+    return True
 
 
 def _merged_ci(g: Tensor, slots: list[int], r: int) -> Tensor:
@@ -196,7 +212,7 @@ def consolidate(
             slots = sorted(members, key=lambda j: -float(g[rows, j].mean()))
             idx = torch.tensor(slots)
             V0, U0 = comp.V[:, idx].clone(), comp.U[idx].clone()
-            found = output_errors(V0, U0, x[rows])
+            found = output_errors(V0, U0, x[rows], active[rows][:, idx])
             if found is None:
                 continue
             b, err = found
@@ -204,11 +220,13 @@ def consolidate(
                 r = next((j + 1 for j in range(len(err)) if float(err[j]) <= tol), len(err))
                 if r >= len(slots):
                     continue
-                comp.V[:, idx], comp.U[idx] = split_at(V0, U0, b, r)
+                if not _write(comp, idx, *split_at(V0, U0, b, r), V0 @ U0):
+                    continue
             else:
                 r = None
-                for cand in range(1, min(len(slots), len(err))):
-                    comp.V[:, idx], comp.U[idx] = split_at(V0, U0, b, cand)
+                for cand in range(1, min(len(slots) - 1, len(b)) + 1):
+                    if not _write(comp, idx, *split_at(V0, U0, b, cand), V0 @ U0):
+                        break
                     d = masked_divergence(s, [_merged_ci(run[2][s], slots, cand) for run in runs])
                     if d <= current + max_increase:
                         r, current = cand, d
@@ -221,7 +239,9 @@ def consolidate(
             # The remainder starts switched off: its CI logits move below 0 on every input seen
             # (the lower leaky sigmoid still lets training switch a slot back on if it is needed).
             rest = idx[r:]
-            top = torch.cat([run[4][s].reshape(-1, run[4][s].shape[-1])[:, rest] for run in runs]).amax(0)
+            # Logits after the merge ('mlp' CI functions read x V, which just changed).
+            fresh = [dec.ci_logits(run[3])[s] for run in runs]
+            top = torch.cat([z.reshape(-1, z.shape[-1])[:, rest] for z in fresh]).amax(0)
             dec.ci_fns[_key(s)].output_bias()[rest] -= top.clamp_min(0) + 0.5
             merges.append(Merge(s, slots, r, float(err[r - 1])))
     return merges

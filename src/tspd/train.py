@@ -26,7 +26,7 @@ from tqdm import tqdm
 from tspd import distributed
 from tspd.analysis.metrics import evaluate
 from tspd.config import RunConfig
-from tspd.decomposition import Batch, Decomposition, atomic_write_bytes
+from tspd.decomposition import Batch, Decomposition, _key, atomic_write_bytes
 from tspd.losses import annealed_p, compute_losses, l0
 from tspd.seeding import generator
 
@@ -140,18 +140,28 @@ def _step_fn(dec: Decomposition, w: distributed.World, device: torch.device) -> 
     )
 
 
-def _consolidate(dec: Decomposition, opt: torch.optim.Optimizer, stream: "DataStream", device: torch.device) -> list[dict]:
+def _consolidate(
+    dec: Decomposition, opt: torch.optim.Optimizer, stream: "DataStream", device: torch.device, w: distributed.World
+) -> list[dict]:
     """Merge co-active subcomponents (tspd.consolidate) on the evaluation batches, which every rank
-    holds, so all ranks make the same merges; the changed factors' optimiser state starts afresh."""
+    holds, so all ranks make the same merges (checked). The Adam moments of the rewritten pieces
+    (their V columns, U rows and CI output bias) restart from zero; every other piece keeps its own."""
     from tspd.consolidate import consolidate
 
     c = dec.config.consolidate
     batches = [distributed.to_device(b, device) for b in stream.eval_batches]
     merges = consolidate(dec, batches, c.tol, c.overlap, c.max_increase)
-    for site in {m.site for m in merges}:
-        comp = dec.component(site)
-        for p in (comp.U, comp.V):
-            opt.state.pop(p, None)
+    for m in merges:
+        comp, idx = dec.component(m.site), torch.tensor(m.slots)
+        for p, along_columns in ((comp.V, True), (comp.U, False), (dec.ci_fns[_key(m.site)].output_bias(), False)):
+            state = opt.state.get(p, {})
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in state:
+                    if along_columns:
+                        state[k][:, idx] = 0
+                    else:
+                        state[k][idx] = 0
+    distributed.check_in_sync(list(dec.parameters()), w)
     return [m.to_dict() for m in merges]
 
 
@@ -243,9 +253,10 @@ def decompose(
     try:
         for step in bar:
             if step in merge_steps:
-                merged = _consolidate(dec, opt, stream, device)
+                merged = _consolidate(dec, opt, stream, device, w)
                 if metrics_file:
                     metrics_file.write(json.dumps({"step": step, "consolidate": merged}) + "\n")
+                    metrics_file.flush()
             lr = lr_at(config, step)
             for group in opt.param_groups:
                 group["lr"] = lr
