@@ -108,6 +108,21 @@ def test_consolidate_in_training_logs_resumes_and_keeps_faithfulness(tmp_path):
     assert _metric_lines(part) == _metric_lines(tmp_path / "full")
 
 
+def test_consolidate_batches_are_held_out_steps_of_the_source(monkeypatch):
+    import tspd.consolidate as cons
+    from conftest import TwoLayer
+
+    seen = []
+    monkeypatch.setattr(cons, "consolidate", lambda dec, batches, *a: seen.append(batches) or [])
+    cfg = make_cfg(
+        [("linear1", 4)], consolidate={"at_frac": [0.5], "batches": 3},
+        train={"steps": 4, "batch_size": 2, "eval_batches": 1, "faithfulness_warmup_steps": 0},
+    )
+    torch.manual_seed(0)
+    tspd.decompose(TwoLayer(6, 4, 6), lambda step: torch.full((2, 6), float(step)), cfg, progress=False)
+    assert [[float(b[0, 0]) for b in bs] for bs in seen] == [[-1.0, -2.0, -3.0]]
+
+
 def test_consolidate_fractions_map_to_steps():
     with pytest.raises(ValueError, match="consolidate.at_frac"):
         make_cfg([("linear1", 4)], consolidate={"at_frac": [1.0]})

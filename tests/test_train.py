@@ -263,6 +263,15 @@ def test_datastream_callable_and_iterable():
         it.batch(4)
 
 
+def test_held_out_batches_continue_the_evaluation_batches():
+    ds = DataStream(lambda step: torch.tensor([step]), n_eval=2)
+    assert [int(b) for b in ds.held_out(None)] == [-1, -2]
+    assert [int(b) for b in ds.held_out(1)] == [-1]
+    assert [int(b) for b in ds.held_out(5)] == [-1, -2, -3, -4, -5]  # never a training step (>= 0)
+    it = DataStream(iter([torch.tensor([i]) for i in range(6)]), n_eval=2)
+    assert [int(b) for b in it.held_out(5)] == [0, 1]  # an iterable has only its evaluation batches
+
+
 def test_divergence_before_first_checkpoint_does_not_claim_one(tmp_path):
     def data(step):
         return torch.full((8, 5), float("nan")) if step == 1 else torch.rand(8, 5)

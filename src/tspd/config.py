@@ -146,6 +146,11 @@ class ConsolidateConfig(Strict):
     overlap: float = Field(
         0.9, gt=0, le=1, description="a piece joins a group when this share of its active inputs lies in the group's"
     )
+    batches: int | None = Field(
+        None, gt=0,
+        description="held-out batches of the data source the merges are judged on (a callable source: its steps -1, "
+        "-2, ..., never trained on; more batches catch rarely active pieces); None: the evaluation batches",
+    )
     max_increase: float | None = Field(
         None, gt=0,
         description="choose each group's rank by function: the smallest whose merge raises the CI-masked divergence "

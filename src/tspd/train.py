@@ -59,6 +59,14 @@ class DataStream:
         for _ in range(start_step):
             next(self._iter)
 
+    def held_out(self, n: int | None) -> list[Batch]:
+        """`n` batches never used for training: the evaluation batches, continued with steps
+        -(n_eval + 1), -(n_eval + 2), ... of a callable source (an iterable has only its evaluation
+        batches). None: the evaluation batches."""
+        if n is None or self._call is None or n <= len(self.eval_batches):
+            return self.eval_batches if n is None else self.eval_batches[:n]
+        return self.eval_batches + [self._call(-(i + 1)) for i in range(len(self.eval_batches), n)]
+
     def batch(self, step: int) -> Batch:
         if self._call is not None:
             return self._call(step)
@@ -149,7 +157,7 @@ def _consolidate(
     from tspd.consolidate import consolidate
 
     c = dec.config.consolidate
-    batches = [distributed.to_device(b, device) for b in stream.eval_batches]
+    batches = [distributed.to_device(b, device) for b in stream.held_out(c.batches)]
     merges = consolidate(dec, batches, c.tol, c.overlap, c.max_increase)
     for m in merges:
         comp, idx = dec.component(m.site), torch.tensor(m.slots)
