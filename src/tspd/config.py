@@ -154,7 +154,7 @@ class ConsolidateConfig(Strict):
     max_increase: float | None = Field(
         None, gt=0,
         description="choose each group's rank by function: the smallest whose merge raises the CI-masked divergence "
-        "on the evaluation batches by at most this (None: by tol)",
+        "on the merge batches by at most this over the group's pieces all on wherever any of them is (None: by tol)",
     )
 
 

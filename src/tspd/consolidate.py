@@ -173,7 +173,9 @@ def consolidate(
 
     With `max_increase`, a group's rank is chosen by function instead of by `tol`: the smallest r
     whose merge (remainder slots off, active slots on wherever a member was) raises the CI-masked
-    output divergence on `batches` by at most `max_increase` (nats for KL) over the current one."""
+    output divergence on `batches` by at most `max_increase` (nats for KL) over the larger of the
+    current one and the group's members all on wherever any of them is (the CI the merged pieces
+    need: switching members on together has a cost of its own that no rank removes)."""
     from tspd.losses import Reference, recon_passes
 
     cfg = dec.config
@@ -224,11 +226,14 @@ def consolidate(
                     continue
             else:
                 r = None
+                # The merge is judged against the group's pieces all on wherever any of them is
+                # (the CI the merged pieces will have), so only the rotation's own cost counts.
+                union = masked_divergence(s, [_merged_ci(run[2][s], slots, len(slots)) for run in runs])
                 for cand in range(1, min(len(slots) - 1, len(b)) + 1):
                     if not _write(comp, idx, *split_at(V0, U0, b, cand), V0 @ U0):
                         break
                     d = masked_divergence(s, [_merged_ci(run[2][s], slots, cand) for run in runs])
-                    if d <= current + max_increase:
+                    if d <= max(current, union) + max_increase:
                         r, current = cand, d
                         for run in runs:  # later groups are judged with this merge in place
                             run[2][s] = _merged_ci(run[2][s], slots, cand)
