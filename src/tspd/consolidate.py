@@ -228,15 +228,19 @@ def consolidate(
                 r = None
                 # The merge is judged against the group's pieces all on wherever any of them is
                 # (the CI the merged pieces will have), so only the rotation's own cost counts.
-                union = masked_divergence(s, [_merged_ci(run[2][s], slots, len(slots)) for run in runs])
+                def merged(rank: int) -> list[Tensor]:  # every batch's CI of site s, the group merged to rank
+                    return [_merged_ci(run[2][s], slots, rank) for run in runs]
+
+                union = masked_divergence(s, merged(len(slots)))
                 for cand in range(1, min(len(slots) - 1, len(b)) + 1):
                     if not _write(comp, idx, *split_at(V0, U0, b, cand), V0 @ U0):
                         break
-                    d = masked_divergence(s, [_merged_ci(run[2][s], slots, cand) for run in runs])
+                    cis = merged(cand)
+                    d = masked_divergence(s, cis)
                     if d <= max(current, union) + max_increase:
                         r, current = cand, d
-                        for run in runs:  # later groups are judged with this merge in place
-                            run[2][s] = _merged_ci(run[2][s], slots, cand)
+                        for run, g_new in zip(runs, cis):  # later groups are judged with this merge in place
+                            run[2][s] = g_new
                         break
                 if r is None:
                     comp.V[:, idx], comp.U[idx] = V0, U0
