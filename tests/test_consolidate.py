@@ -10,7 +10,7 @@ import torch
 import tspd
 from conftest import make_cfg, set_exact_factors
 from test_train import _metric_lines
-from tspd.consolidate import co_active_groups, consolidate, output_errors, split_group
+from tspd.consolidate import Pruned, co_active_groups, consolidate, output_errors, split_group
 from tspd.train import CHECKPOINT
 
 
@@ -125,7 +125,8 @@ def test_consolidate_batches_are_held_out_steps_of_the_source(monkeypatch):
 
 def test_consolidate_fractions_map_to_steps():
     with pytest.raises(ValueError, match="consolidate.at_frac"):
-        make_cfg([("linear1", 4)], consolidate={"at_frac": [1.0]})
+        make_cfg([("linear1", 4)], consolidate={"at_frac": [1.5]})
+    assert make_cfg([("linear1", 4)], consolidate={"at_frac": [1.0]}).consolidate.steps(50) == {50}  # after the last
     cfg = make_cfg([("linear1", 4)], train={"steps": 3000}, consolidate={"at_frac": [0.6, 0.8]})
     assert cfg.consolidate.steps(3000) == {1800, 2400}
     assert cfg.consolidate.steps(4) == {2, 3} and cfg.consolidate.steps(1) == {1}
@@ -208,3 +209,73 @@ def test_functional_rank_counts_the_rotation_not_the_union_of_the_members_activi
     monkeypatch.setattr(dec, "ci_from_logits", lambda z: ({"linear1": ci.clone()}, real(z)[1]))
     (m,) = consolidate(dec, [x], max_increase=1e-9)
     assert m.rank == 1 and sorted(m.slots) == [0, 1] and m.residual < 1e-6
+
+
+def test_prune_switches_off_free_pieces_and_keeps_needed_ones(monkeypatch):
+    """linear1 (6 -> 4) factored exactly: SVD pieces 0-3 carry W, pieces 4, 5 have V = 0. Pieces
+    3, 4, 5 are quiet (CI 0.3, never active): together they cost output (piece 3 carries W), so
+    they are tried one by one, and only the empty pieces 4, 5 go."""
+    from conftest import TwoLayer
+
+    torch.manual_seed(0)
+    cfg = make_cfg([("linear1", 6)], ci={"kind": "vector_mlp", "hidden": [4]}, output={"divergence": "mse"},
+                   eval={"active_threshold": 0.5})
+    dec = tspd.Decomposition(TwoLayer(6, 4, 6), cfg)
+    set_exact_factors(dec, "linear1")
+    x = torch.randn(64, 6)
+    ci = torch.full((64, 6), 0.3)
+    ci[:, :3] = 1.0
+    w0 = dec.component("linear1").weight().clone()
+    real = dec.ci_from_logits
+    monkeypatch.setattr(dec, "ci_from_logits", lambda z: ({"linear1": ci.clone()}, real(z)[1]))
+    out = consolidate(dec, [x], tol=0.01, overlap=1.0, prune=1e-6)
+    monkeypatch.undo()
+    pruned = sorted(j for p in out if isinstance(p, Pruned) for j in p.slots)
+    assert pruned == [4, 5]
+    assert bool((dec.causal_importance(x)["linear1"][:, 4:] == 0).all())  # their CI function now says off
+    torch.testing.assert_close(dec.component("linear1").weight(), w0)  # pruning never touches V, U
+    assert all(p.increase <= 1e-6 for p in out if isinstance(p, Pruned))
+
+
+def test_prune_tries_rarely_active_pieces_alone(monkeypatch):
+    """Piece 5 is on (CI 1) on a few inputs where it carries output: pruning it costs more than
+    the budget, so it stays; the quiet pieces (CI in (0, 0.5]) that carry nothing go."""
+    from conftest import TwoLayer
+
+    torch.manual_seed(0)
+    cfg = make_cfg([("linear1", 6)], ci={"kind": "vector_mlp", "hidden": [4]}, output={"divergence": "mse"},
+                   eval={"active_threshold": 0.5})
+    dec = tspd.Decomposition(TwoLayer(6, 4, 6), cfg)
+    set_exact_factors(dec, "linear1")
+    with torch.no_grad():  # piece 5 gets a real output direction, piece 0 loses its share of W to it
+        comp = dec.component("linear1")
+        comp.V[:, 5] = comp.V[:, 0] * 0.5
+        comp.U[5] = comp.U[0]
+        comp.V[:, 0] *= 0.5
+    x = torch.randn(40, 6)
+    ci = torch.zeros(40, 6)
+    ci[3:, :4] = 1.0
+    ci[:, 4] = 0.3  # quiet: V = 0, carries nothing
+    ci[:3, 5] = 1.0  # rarely active (alone), needed on those inputs
+    real = dec.ci_from_logits
+    monkeypatch.setattr(dec, "ci_from_logits", lambda z: ({"linear1": ci.clone()}, real(z)[1]))
+    out = consolidate(dec, [x], tol=0.01, overlap=1.0, prune=1e-6)
+    pruned = sorted(j for p in out if isinstance(p, Pruned) for j in p.slots)
+    assert pruned == [4]
+
+
+def test_final_consolidation_runs_after_the_last_step(tmp_path):
+    from conftest import TwoLayer
+
+    cfg = make_cfg(
+        [("linear1", 6)], train={"steps": 6, "checkpoint_every": 3}, output={"divergence": "mse"},
+        consolidate={"at_frac": [1.0], "prune": 1e-3, "max_increase": 1e-3},
+    )
+    torch.manual_seed(0)
+    tspd.decompose(TwoLayer(6, 4, 6), lambda step: torch.randn(8, 6), cfg, run_dir=tmp_path, progress=False)
+    rows = [r for r in _metric_lines(tmp_path) if "consolidate" in r]
+    assert [r["step"] for r in rows] == [6]
+    # resuming the finished run redoes that same merge once, not twice
+    tspd.decompose(TwoLayer(6, 4, 6), lambda step: torch.randn(8, 6), cfg, run_dir=tmp_path, resume=True, progress=False)
+    rows = [r for r in _metric_lines(tmp_path) if "consolidate" in r]
+    assert [r["step"] for r in rows] == [6]

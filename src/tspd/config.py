@@ -127,20 +127,21 @@ class ConsolidateConfig(Strict):
     at_frac: list[float] = Field(
         default_factory=list,
         description="fractions of train.steps at which co-active subcomponents are merged into fewer rank-1 pieces "
-        "(tspd.consolidate; a tspd addition, not in the SPD papers); empty: never",
+        "(tspd.consolidate; a tspd addition, not in the SPD papers); 1.0: after the last step; empty: never",
     )
 
     @field_validator("at_frac")
     @classmethod
     def _fractions(cls, v: list[float]) -> list[float]:
-        bad = [f for f in v if not 0 < f < 1]
+        bad = [f for f in v if not 0 < f <= 1]
         if bad:
-            raise ValueError(f"consolidate.at_frac needs fractions of training strictly between 0 and 1, got {bad}")
+            raise ValueError(f"consolidate.at_frac needs fractions of training in (0, 1] (1: after the last step), got {bad}")
         return v
 
     def steps(self, total: int) -> set[int]:
-        """The training steps (0-based, at least 1) at which the merges happen."""
-        return {min(max(round(f * total), 1), max(total - 1, 1)) for f in self.at_frac}
+        """The training steps (0-based, at least 1) before which the merges happen; `total` (from
+        at_frac 1.0): after the last step."""
+        return {total if f == 1 else min(max(round(f * total), 1), max(total - 1, 1)) for f in self.at_frac}
 
     tol: float = Field(0.05, gt=0, lt=1, description="largest relative output error (95th percentile over a group's inputs) the merged pieces may leave")
     overlap: float = Field(
@@ -155,6 +156,11 @@ class ConsolidateConfig(Strict):
         None, gt=0,
         description="choose each group's rank by function: the smallest whose merge raises the CI-masked divergence "
         "on the merge batches by at most this over the group's pieces all on wherever any of them is (None: by tol)",
+    )
+    prune: float | None = Field(
+        None, gt=0,
+        description="after the merges, switch off each piece whose removal raises the CI-masked divergence on the "
+        "merge batches by at most this (never-active pieces first, then the least often active); None: never",
     )
 
 

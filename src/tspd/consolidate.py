@@ -29,6 +29,13 @@ is unchanged):
    logits are below 0 on every input looked at. Training can switch one back on if the output
    needs it (the lower leaky hard sigmoid passes gradient to dead logits).
 
+5. With a pruning budget (`consolidate.prune`), pieces are then switched off outright where that
+   costs at most the budget of CI-masked divergence each: per site, first every piece that never
+   passes the active threshold on the batches (all together; one by one if together they cost
+   more), then the active ones from the least to the most often active. This removes the pieces
+   that fire on a few edge cases (M at the last positions, ...) which the minimality loss leaves
+   on because they are rare, and which would otherwise each count as one more distinct piece.
+
 The optimiser's state of the changed factors is reset by the caller (training resumes with the
 new pieces). Configured by the recipe's `consolidate` section (README, Configuration).
 """
@@ -58,6 +65,19 @@ class Merge:
 
     def to_dict(self) -> dict:
         return {"site": self.site, "slots": self.slots, "rank": self.rank, "residual": round(self.residual, 5)}
+
+
+@dataclass
+class Pruned:
+    """Pieces switched off (their CI function's last bias lowered) and the CI-masked divergence
+    that cost on the batches."""
+
+    site: str
+    slots: list[int]
+    increase: float
+
+    def to_dict(self) -> dict:
+        return {"site": self.site, "pruned": self.slots, "increase": round(self.increase, 6)}
 
 
 def co_active_groups(active: Tensor, overlap: float) -> list[list[int]]:
@@ -165,11 +185,21 @@ def _merged_ci(g: Tensor, slots: list[int], r: int) -> Tensor:
     return g
 
 
+def _switch_off(dec: Decomposition, s: str, slots: Tensor, runs: list) -> None:
+    """Lower the CI function's last bias of `slots` until their logits are below 0 (by 0.5) on every
+    input of `runs` (the lower leaky sigmoid still lets training switch one back on if needed)."""
+    fresh = [dec.ci_logits(run[3])[s] for run in runs]  # 'mlp' CI functions read x V, which may have changed
+    top = torch.cat([z.reshape(-1, z.shape[-1])[:, slots] for z in fresh]).amax(0)
+    dec.ci_fns[_key(s)].output_bias()[slots] -= top.clamp_min(0) + 0.5
+
+
 @torch.no_grad()
 def consolidate(
-    dec: Decomposition, batches: list[Batch], tol: float = 0.05, overlap: float = 0.9, max_increase: float | None = None
-) -> list[Merge]:
-    """Merge co-active subcomponents of every (non-embedding) site in place; returns the merges.
+    dec: Decomposition, batches: list[Batch], tol: float = 0.05, overlap: float = 0.9, max_increase: float | None = None,
+    prune: float | None = None,
+) -> list[Merge | Pruned]:
+    """Merge co-active subcomponents of every (non-embedding) site in place, then (with `prune`)
+    switch off the pieces that cost at most `prune` each; returns the merges and prunings.
 
     With `max_increase`, a group's rank is chosen by function instead of by `tol`: the smallest r
     whose merge (remainder slots off, active slots on wherever a member was) raises the CI-masked
@@ -197,7 +227,7 @@ def consolidate(
             total += float(ref.divergence(dec.run_pass(batch, p))) / len(runs)
         return total
 
-    current = masked_divergence() if max_increase is not None else 0.0
+    current = masked_divergence() if max_increase is not None or prune is not None else 0.0
     merges = []
     for s in dec.site_names:
         comp = dec.component(s)
@@ -245,12 +275,39 @@ def consolidate(
                 if r is None:
                     comp.V[:, idx], comp.U[idx] = V0, U0
                     continue
-            # The remainder starts switched off: its CI logits move below 0 on every input seen
-            # (the lower leaky sigmoid still lets training switch a slot back on if it is needed).
-            rest = idx[r:]
-            # Logits after the merge ('mlp' CI functions read x V, which just changed).
-            fresh = [dec.ci_logits(run[3])[s] for run in runs]
-            top = torch.cat([z.reshape(-1, z.shape[-1])[:, rest] for z in fresh]).amax(0)
-            dec.ci_fns[_key(s)].output_bias()[rest] -= top.clamp_min(0) + 0.5
+            # The remainder starts switched off: its CI logits move below 0 on every input seen.
+            _switch_off(dec, s, idx[r:], runs)
             merges.append(Merge(s, slots, r, float(err[r - 1])))
+    if prune is None:
+        return merges
+    if max_increase is None:  # the merges by tol left the CI as it was on the merged groups' slots
+        for run in runs:
+            run[2].update(dec.ci_from_logits(dec.ci_logits(run[3]))[0])
+        current = masked_divergence()
+    for s in dec.site_names:
+        if dec.component(s).kind == "embedding":
+            continue
+        g = torch.cat([r[2][s].reshape(-1, r[2][s].shape[-1]) for r in runs])
+        count, on = (g > thr).sum(0), g.amax(0) > 0
+        quiet = [j for j in range(g.shape[-1]) if bool(on[j]) and int(count[j]) == 0]
+        active = sorted((j for j in range(g.shape[-1]) if int(count[j]) > 0), key=lambda j: int(count[j]))
+        # The quiet pieces together first (usually free); one by one when together they cost more.
+        trials = ([quiet] if quiet else []) + [[j] for j in quiet if len(quiet) > 1] + [[j] for j in active]
+        done: set[int] = set()
+        for slots in trials:
+            if done.issuperset(slots):
+                continue
+            cis = []
+            for run in runs:
+                g_new = run[2][s].clone()
+                g_new[..., slots] = 0.0
+                cis.append(g_new)
+            d = masked_divergence(s, cis)
+            if d <= current + prune:
+                merges.append(Pruned(s, list(slots), d - current))
+                current = d
+                for run, g_new in zip(runs, cis):
+                    run[2][s] = g_new
+                _switch_off(dec, s, torch.tensor(slots), runs)
+                done.update(slots)
     return merges

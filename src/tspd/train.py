@@ -158,7 +158,7 @@ def _consolidate(
 
     c = dec.config.consolidate
     batches = [distributed.to_device(b, device) for b in stream.held_out(c.batches)]
-    merges = consolidate(dec, batches, c.tol, c.overlap, c.max_increase)
+    merges = consolidate(dec, batches, c.tol, c.overlap, c.max_increase, c.prune)
     for m in merges:
         comp, idx = dec.component(m.site), torch.tensor(m.slots)
         for p, along_columns in ((comp.V, True), (comp.U, False), (dec.ci_fns[_key(m.site)].output_bias(), False)):
@@ -302,6 +302,17 @@ def decompose(
             if stop_after is not None and done >= stop_after:
                 distributed.check_in_sync(list(dec.parameters()), w)
                 return dec
+        if t.steps in merge_steps:  # at_frac 1.0: after the last step (the final checkpoint is from before it,
+            # so a resumed finished run redoes this same deterministic merge)
+            merged = _consolidate(dec, opt, stream, device, w)
+            if metrics_file:
+                metrics_file.write(json.dumps({"step": t.steps, "consolidate": merged}) + "\n")
+                metrics_file.flush()
+            if w.main:
+                ev = evaluate(dec, eval_batches)
+                if metrics_file:
+                    metrics_file.write(json.dumps({"step": t.steps, "eval": ev}) + "\n")
+                    atomic_write_bytes(run_path / "eval.json", lambda p: Path(p).write_text(json.dumps(ev, indent=2)))
     finally:
         bar.close()
         if metrics_file:
