@@ -125,7 +125,8 @@ def induction_run(dashboard_root):
 
     out = dashboard_root / "induction"
     out.mkdir()
-    cfg = tspd.RunConfig.from_yaml(CONFIGS_DIR / "induction.yaml", TINY_INDUCTION)
+    # No consolidation: on a random target, pruning would switch off every piece the views show.
+    cfg = tspd.RunConfig.from_yaml(CONFIGS_DIR / "induction.yaml", [*TINY_INDUCTION, "consolidate.at_frac=[]"])
     torch.manual_seed(0)
     t = cfg.target
     # The run folder's target is used as is: no target training in the test.
