@@ -151,8 +151,8 @@ def _step_fn(dec: Decomposition, w: distributed.World, device: torch.device) -> 
 def _consolidate(
     dec: Decomposition, opt: torch.optim.Optimizer, stream: "DataStream", device: torch.device, w: distributed.World
 ) -> list[dict]:
-    """Merge co-active subcomponents (tspd.consolidate) on the evaluation batches, which every rank
-    holds, so all ranks make the same merges (checked). The Adam moments of the rewritten pieces
+    """Merge co-active subcomponents (tspd.consolidate) on `consolidate.batches` held-out batches,
+    which every rank draws alike, so all ranks make the same merges (checked). The Adam moments of the rewritten pieces
     (their V columns, U rows and CI output bias) restart from zero; every other piece keeps its own."""
     from tspd.consolidate import consolidate
 
@@ -256,15 +256,26 @@ def decompose(
     bar = tqdm(
         range(start, t.steps), initial=start, total=t.steps, disable=not (progress and w.main), desc="spd", dynamic_ncols=True
     )
+
+    def consolidate_and_log(step: int) -> None:
+        merged = _consolidate(dec, opt, stream, device, w)
+        if metrics_file:
+            metrics_file.write(json.dumps({"step": step, "consolidate": merged}) + "\n")
+            metrics_file.flush()
+
+    def evaluate_and_log(step: int) -> None:
+        ev = evaluate(dec, eval_batches)
+        if metrics_file:
+            metrics_file.write(json.dumps({"step": step, "eval": ev}) + "\n")
+            metrics_file.flush()
+            atomic_write_bytes(run_path / "eval.json", lambda p: Path(p).write_text(json.dumps(ev, indent=2)))
+
     # Each rank draws its own masks; a 1-process run keeps the stream it always had.
     rank_stream = (w.rank,) if w.parallel else ()
     try:
         for step in bar:
             if step in merge_steps:
-                merged = _consolidate(dec, opt, stream, device, w)
-                if metrics_file:
-                    metrics_file.write(json.dumps({"step": step, "consolidate": merged}) + "\n")
-                    metrics_file.flush()
+                consolidate_and_log(step)
             lr = lr_at(config, step)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -291,11 +302,7 @@ def decompose(
                     metrics_file.write(json.dumps(row) + "\n")
                     metrics_file.flush()
             if w.main and (done % t.eval_every == 0 or done == t.steps):
-                ev = evaluate(dec, eval_batches)
-                if metrics_file:
-                    metrics_file.write(json.dumps({"step": step, "eval": ev}) + "\n")
-                    metrics_file.flush()
-                    atomic_write_bytes(run_path / "eval.json", lambda p: Path(p).write_text(json.dumps(ev, indent=2)))
+                evaluate_and_log(step)
             if writes and (done % t.checkpoint_every == 0 or done == t.steps or done == stop_after):
                 _save_checkpoint(run_path, dec, opt, done)
                 last_good = done
@@ -304,15 +311,9 @@ def decompose(
                 return dec
         if t.steps in merge_steps:  # at_frac 1.0: after the last step (the final checkpoint is from before it,
             # so a resumed finished run redoes this same deterministic merge)
-            merged = _consolidate(dec, opt, stream, device, w)
-            if metrics_file:
-                metrics_file.write(json.dumps({"step": t.steps, "consolidate": merged}) + "\n")
-                metrics_file.flush()
+            consolidate_and_log(t.steps)
             if w.main:
-                ev = evaluate(dec, eval_batches)
-                if metrics_file:
-                    metrics_file.write(json.dumps({"step": t.steps, "eval": ev}) + "\n")
-                    atomic_write_bytes(run_path / "eval.json", lambda p: Path(p).write_text(json.dumps(ev, indent=2)))
+                evaluate_and_log(t.steps)
     finally:
         bar.close()
         if metrics_file:
