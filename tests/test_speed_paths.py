@@ -219,12 +219,21 @@ def test_bench_case_runs_and_reports(tmp_path):
 
     row = run_case("tms-5-2", steps=2, warmup=1, threads=1)
     assert row["ms_per_step"] > 0 and row["forward_passes"] == 4 and row["peak_rss_gb"] > 0
+    # An SPD step multiplies more matrices than one plain forward + backward of the target.
+    assert row["gflop_per_step"] > row["target_fwd_bwd_gflop"] > 0 and row["flop_ratio"] > 1
     report = run_all(["tms-5-2"], steps=2, warmup=1, threads=1, out=tmp_path / "b.json", progress=lambda _: None)
     saved = json.loads((tmp_path / "b.json").read_text())
     assert saved == report and saved["machine"]["torch"] == torch.__version__
     assert saved["results"][0]["case"] == "tms-5-2" and "error" not in saved["results"][0]
     with pytest.raises(KeyError, match="unknown benchmark case"):
         run_case("nope")
+
+
+def test_count_gflop_counts_a_known_matmul():
+    from tspd.bench import count_gflop
+
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    assert count_gflop(lambda: a @ b) == pytest.approx(2 * 64 * 32 * 16 / 1e9)
 
 
 def test_cli_bench_rejects_an_unknown_case(capsys):

@@ -165,27 +165,59 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # ru_maxrss is KiB on Linux
 
 
+def _target_fwd_bwd(target: torch.nn.Module, batch: Batch, cfg: RunConfig) -> Callable[[], None]:
+    """Context-free closure: one plain forward + backward of the target on `batch` (same autocast,
+    the same fused modules SPD passes use). Call it inside `_plain_target(target)`."""
+
+    def run() -> None:
+        with autocast_for(cfg, target):
+            out = call_target(target, batch)
+        out.float().logsumexp(-1).mean().backward()
+        target.zero_grad(set_to_none=True)
+
+    return run
+
+
+class _plain_target:
+    """Within: every target parameter requires grad and fused modules are swapped in; restored after."""
+
+    def __init__(self, target: torch.nn.Module):
+        self.target = target
+
+    def __enter__(self):
+        self.flags = [(p, p.requires_grad) for p in self.target.parameters()]
+        for p, _ in self.flags:
+            p.requires_grad_(True)
+        self.swapped = swap_modules(self.target, fused_equivalents(self.target))
+
+    def __exit__(self, *exc):
+        restore_modules(self.swapped)
+        for p, f in self.flags:
+            p.requires_grad_(f)
+
+
 def _time_target_fwd_bwd(target: torch.nn.Module, batch: Batch, cfg: RunConfig, reps: int) -> float:
     """Median ms of one plain forward + backward of the target on `batch` (same autocast)."""
-    flags = [(p, p.requires_grad) for p in target.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(True)
+    run = _target_fwd_bwd(target, batch, cfg)
     times = []
-    swapped = swap_modules(target, fused_equivalents(target))  # the same fused modules SPD passes use
-    try:
+    with _plain_target(target):
         for i in range(reps + 1):
             t0 = time.perf_counter()
-            with autocast_for(cfg, target):
-                out = call_target(target, batch)
-            out.float().logsumexp(-1).mean().backward()
-            target.zero_grad(set_to_none=True)
+            run()
             if i > 0:
                 times.append(time.perf_counter() - t0)
-    finally:
-        restore_modules(swapped)
-        for p, f in flags:
-            p.requires_grad_(f)
     return 1000 * statistics.median(times)
+
+
+def count_gflop(fn: Callable[[], Any]) -> float:
+    """Matrix-multiply GFLOP of one call of `fn`, as torch's FlopCounterMode counts them (matmuls,
+    convolutions and the attention kernels it has formulas for; elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops() / 1e9
 
 
 def run_case(name: str, steps: int = 20, warmup: int = 3, threads: int | None = None) -> dict:
@@ -213,6 +245,14 @@ def run_case(name: str, steps: int = 20, warmup: int = 3, threads: int | None = 
             times.append(time.perf_counter() - t0)
     ms = 1000 * statistics.median(times)
     fwd_bwd = _time_target_fwd_bwd(target, batch, cfg, reps=max(3, steps // 2))
+
+    def one_step() -> None:
+        total, _, _ = compute_losses(dec, batch, warmup + steps, generator(cfg.seed, warmup + steps, 202))
+        optimizer_step(dec, opt, total)
+
+    step_gflop = count_gflop(one_step)
+    with _plain_target(target):
+        target_gflop = count_gflop(_target_fwd_bwd(target, batch, cfg))
     n_passes = forward_passes(dec)
     # Token ids: every id is a token; float inputs (TMS): one example is one "token".
     tokens = batch.shape[0] if batch.is_floating_point() else batch.numel()
@@ -226,6 +266,10 @@ def run_case(name: str, steps: int = 20, warmup: int = 3, threads: int | None = 
         "target_fwd_bwd_ms": round(fwd_bwd, 2),
         "overhead_factor": round(ms / fwd_bwd, 2),
         "forward_passes": n_passes,
+        "gflop_per_step": round(step_gflop, 3),
+        "achieved_gflop_per_s": round(step_gflop / (ms / 1000), 1),
+        "target_fwd_bwd_gflop": round(target_gflop, 4),
+        "flop_ratio": round(step_gflop / target_gflop, 2) if target_gflop else None,
         "reference_ms": case.reference_ms,
         "reference_rss_gb": case.reference_rss_gb,
         "speedup_vs_reference": round(case.reference_ms / ms, 2) if case.reference_ms else None,
@@ -290,7 +334,8 @@ def _format_row(r: dict) -> str:
     ref = f" ref {r['reference_ms']:.0f} ms -> {r['speedup_vs_reference']:.2f}x" if r.get("reference_ms") else ""
     return (
         f"{r['case']:<22} {r['ms_per_step']:8.1f} ms/step  rss {r['peak_rss_gb']:.2f} GB  "
-        f"fwd+bwd {r['target_fwd_bwd_ms']:.1f} ms  overhead {r['overhead_factor']:.1f}x ({r['forward_passes']} passes){ref}"
+        f"fwd+bwd {r['target_fwd_bwd_ms']:.1f} ms  overhead {r['overhead_factor']:.1f}x ({r['forward_passes']} passes)  "
+        f"{r['gflop_per_step']:.2f} GFLOP at {r['achieved_gflop_per_s']:.0f} GFLOP/s, flop ratio {r['flop_ratio']}{ref}"
     )
 
 
