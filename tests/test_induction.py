@@ -52,9 +52,8 @@ def test_positions_enter_queries_and_keys_only():
     assert not torch.allclose(logits[0, 1], logits[0, 4])
 
 
-def test_hand_built_previous_token_and_copy_heads_solve_the_task():
-    """Set the weights by hand to the 2-step circuit and check the forward predicts M."""
-    task = InductionTask(n_tokens=6, seq_len=10)
+def _hand_built_circuit(task: InductionTask) -> InductionTransformer:
+    """Weights set by hand to the 2-step circuit."""
     V, d, T = task.vocab_size, 16, task.seq_len
     model = InductionTransformer(vocab_size=V, d_model=d, seq_len=T)
     big = 30.0
@@ -80,9 +79,35 @@ def test_hand_built_previous_token_and_copy_heads_solve_the_task():
         a1.v_proj.weight[:V, :V] = torch.eye(V)
         a1.o_proj.weight[:V, :V] = 10 * torch.eye(V)
         model.unembed.weight[:V, :V] = torch.eye(V)
+    return model
+
+
+def test_hand_built_previous_token_and_copy_heads_solve_the_task():
+    """Set the weights by hand to the 2-step circuit and check the forward predicts M."""
+    task = InductionTask(n_tokens=6, seq_len=10)
+    model = _hand_built_circuit(task)
     tokens, labels, _ = task.sample(200, generator(0, 2))
     acc = (model(tokens)[:, -1].argmax(-1) == labels).float().mean()
     assert acc > 0.8, float(acc)
+
+
+def test_circuit_only_check_keeps_a_hand_built_circuit_and_breaks_a_random_model():
+    """Restricting Q/K/V to their roles keeps the hand-built circuit's answers (it uses nothing
+    else) but changes a random model's output; the hooks are gone afterwards."""
+    from tspd.analysis.induction import CIRCUIT_VARIANTS, circuit_only_check
+
+    task = InductionTask(n_tokens=6, seq_len=10)
+    model = _hand_built_circuit(task)
+    res = circuit_only_check(model, task, n_sequences=300)
+    assert set(res) == {"target_accuracy", *CIRCUIT_VARIANTS}
+    assert res["target_accuracy"] > 0.8 and res["circuit"]["accuracy"] >= res["target_accuracy"] - 0.05
+    torch.manual_seed(0)
+    rand = InductionTransformer(vocab_size=task.vocab_size, d_model=16, seq_len=task.seq_len)
+    tokens, _, _ = task.sample(4, generator(0, 3))
+    before = rand(tokens)
+    res = circuit_only_check(rand, task, n_sequences=300)
+    assert res["circuit"]["kl"] > 1e-4 and all(res[v]["kl"] >= 0 for v in CIRCUIT_VARIANTS)
+    torch.testing.assert_close(rand(tokens), before)
 
 
 def test_phase_change_step_finds_the_sharpest_drop():

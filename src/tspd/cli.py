@@ -71,6 +71,31 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(evaluate_run(args.run_dir), indent=2))
 
 
+def cmd_circuit_check(args: argparse.Namespace) -> None:
+    import yaml
+    from safetensors.torch import load_file
+
+    from tspd.analysis.induction import CIRCUIT_VARIANTS, circuit_only_check
+    from tspd.data.induction import InductionTask
+    from tspd.targets.induction import InductionTransformer
+
+    print(f"last-position KL (nats) / accuracy with Q/K/V outputs kept only at their roles; {args.n_sequences} sequences")
+    print(f"{'target':40}{'accuracy':>10}" + "".join(f"{v:>22}" for v in CIRCUIT_VARIANTS))
+    for folder in map(Path, args.target_dirs):
+        weights, settings = folder / "target.safetensors", folder / "target.yaml"
+        if not (weights.exists() and settings.exists()):
+            raise ConfigError(f"{folder} has no target.safetensors + target.yaml; make one with `tspd train-target induction --out DIR`")
+        t = yaml.safe_load(settings.read_text())
+        task = InductionTask(t["n_tokens"], t["seq_len"])
+        model = InductionTransformer(task.vocab_size, t["d_model"], 2, task.seq_len)
+        model.load_state_dict(load_file(weights))
+        res = circuit_only_check(model, task, n_sequences=args.n_sequences)
+        if args.write:
+            (folder / "circuit_check.json").write_text(json.dumps(res, indent=1))
+        cells = "".join(f"{res[v]['kl']:>13.3f} / {res[v]['accuracy']:.3f}" for v in CIRCUIT_VARIANTS)
+        print(f"{str(folder)[-40:]:40}{res['target_accuracy']:>10.4f}{cells}")
+
+
 def cmd_census(args: argparse.Namespace) -> None:
     from tspd.analysis.induction import check_circuit
     from tspd.experiments import census_run
@@ -214,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a finished run and print its metrics")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("circuit-check", help="induction targets: how much of each is the 2-step circuit (before decomposing)")
+    p.add_argument("target_dirs", nargs="+", help="folders with target.safetensors + target.yaml (train-target output)")
+    p.add_argument("--n-sequences", type=int, default=2000, help="held-out sequences to evaluate")
+    p.add_argument("--write", action="store_true", help="also write circuit_check.json into each folder")
+    p.set_defaults(func=cmd_circuit_check)
 
     p = sub.add_parser("census", help="induction runs: the circuit census (paper's Table 1) -> census.json")
     p.add_argument("run_dir")

@@ -315,3 +315,45 @@ def svd_baseline(dec: Decomposition, spd_kl: float, n_sequences: int = 500, seed
         "curve": curve,
         "pieces_per_site": {s: sum(1 for c in chosen if c[0] == s) for s in dec.site_names},
     }
+
+
+# Which sites each variant of `circuit_only_check` restricts to their expected role.
+CIRCUIT_VARIANTS = {
+    "circuit": tuple(EXPECTED_ROLE),
+    "circuit_but_k0": tuple(s for s in EXPECTED_ROLE if s != "blocks.0.attn.k_proj"),
+    "layer_0_only": tuple(s for s in EXPECTED_ROLE if s.startswith("blocks.0.")),
+    "layer_1_only": tuple(s for s in EXPECTED_ROLE if s.startswith("blocks.1.")),
+}
+
+
+def circuit_only_check(model: nn.Module, task: InductionTask, n_sequences: int = 2000, seed: int = 0) -> dict:
+    """How much of a trained induction target is the textbook 2-step circuit, before any SPD run.
+
+    For each variant of CIRCUIT_VARIANTS, the target runs with the chosen Q/K/V projections' outputs
+    zeroed at every token except those of their expected role (Q0 at M, K0 and V0 at the first S, ...),
+    and we report the last-position KL(target || restricted) in nats and the restricted model's
+    accuracy. A target whose "circuit" KL is small can be decomposed into pieces active only at their
+    roles; one with a large KL needs its sites elsewhere too (or other weights that SPD must find).
+    Returns {"target_accuracy": .., variant: {"kl": .., "accuracy": ..}}."""
+    tokens, labels, first_s = eval_sequences(task, n_sequences, seed)
+    roles = task.roles(first_s)
+    modules = dict(model.named_modules())
+
+    def logits(sites: tuple[str, ...]) -> Tensor:
+        hooks = []
+        for s in sites:
+            keep = (roles == ROLES.index(EXPECTED_ROLE[s])).unsqueeze(-1)
+            hooks.append(modules[s].register_forward_hook(lambda mod, inp, out, keep=keep: out * keep))
+        try:
+            with torch.no_grad():
+                return model(tokens).float()
+        finally:
+            for h in hooks:
+                h.remove()
+
+    ref = logits(())
+    result: dict = {"target_accuracy": _acc(ref, labels)}
+    for name, sites in CIRCUIT_VARIANTS.items():
+        out = logits(sites)
+        result[name] = {"kl": _last_kl(ref, out), "accuracy": _acc(out, labels)}
+    return result
