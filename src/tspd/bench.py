@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -24,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -166,8 +167,8 @@ def _peak_rss_gb() -> float:
 
 
 def _target_fwd_bwd(target: torch.nn.Module, batch: Batch, cfg: RunConfig) -> Callable[[], None]:
-    """Context-free closure: one plain forward + backward of the target on `batch` (same autocast,
-    the same fused modules SPD passes use). Call it inside `_plain_target(target)`."""
+    """One plain forward + backward of the target on `batch` under the run's autocast, as a
+    function to call inside `_plain_target(target)`."""
 
     def run() -> None:
         with autocast_for(cfg, target):
@@ -178,21 +179,19 @@ def _target_fwd_bwd(target: torch.nn.Module, batch: Batch, cfg: RunConfig) -> Ca
     return run
 
 
-class _plain_target:
-    """Within: every target parameter requires grad and fused modules are swapped in; restored after."""
-
-    def __init__(self, target: torch.nn.Module):
-        self.target = target
-
-    def __enter__(self):
-        self.flags = [(p, p.requires_grad) for p in self.target.parameters()]
-        for p, _ in self.flags:
-            p.requires_grad_(True)
-        self.swapped = swap_modules(self.target, fused_equivalents(self.target))
-
-    def __exit__(self, *exc):
-        restore_modules(self.swapped)
-        for p, f in self.flags:
+@contextlib.contextmanager
+def _plain_target(target: torch.nn.Module) -> Iterator[None]:
+    """Within: every target parameter requires grad and the fused modules SPD passes use are
+    swapped in; both restored after."""
+    flags = [(p, p.requires_grad) for p in target.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(True)
+    swapped = swap_modules(target, fused_equivalents(target))
+    try:
+        yield
+    finally:
+        restore_modules(swapped)
+        for p, f in flags:
             p.requires_grad_(f)
 
 

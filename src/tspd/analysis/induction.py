@@ -332,8 +332,9 @@ def circuit_only_check(model: nn.Module, task: InductionTask, n_sequences: int =
     For each variant of CIRCUIT_VARIANTS, the target runs with the chosen Q/K/V projections' outputs
     zeroed at every token except those of their expected role (Q0 at M, K0 and V0 at the first S, ...),
     and we report the last-position KL(target || restricted) in nats and the restricted model's
-    accuracy. A target whose "circuit" KL is small can be decomposed into pieces active only at their
-    roles; one with a large KL needs its sites elsewhere too (or other weights that SPD must find).
+    accuracy. A large "circuit" KL says the target's own weights use these sites at other tokens too
+    (SPD may still find other rank-1 pieces that avoid it); a small one says the textbook circuit is
+    there. Neither predicts the census on its own (README, target-recipe study).
     Returns {"target_accuracy": .., variant: {"kl": .., "accuracy": ..}}."""
     tokens, labels, first_s = eval_sequences(task, n_sequences, seed)
     roles = task.roles(first_s)
