@@ -73,11 +73,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_circuit_check(args: argparse.Namespace) -> None:
     import yaml
-    from safetensors.torch import load_file
 
     from tspd.analysis.induction import CIRCUIT_VARIANTS, circuit_only_check
+    from tspd.config import InductionTargetConfig
     from tspd.data.induction import InductionTask
-    from tspd.targets.induction import InductionTransformer
+    from tspd.targets import build_target
 
     print(f"last-position KL (nats) / accuracy with Q/K/V outputs kept only at their roles; {args.n_sequences} sequences")
     print(f"{'target':40}{'accuracy':>10}" + "".join(f"{v:>22}" for v in CIRCUIT_VARIANTS))
@@ -85,11 +85,8 @@ def cmd_circuit_check(args: argparse.Namespace) -> None:
         weights, settings = folder / "target.safetensors", folder / "target.yaml"
         if not (weights.exists() and settings.exists()):
             raise ConfigError(f"{folder} has no target.safetensors + target.yaml; make one with `tspd train-target induction --out DIR`")
-        t = yaml.safe_load(settings.read_text())
-        task = InductionTask(t["n_tokens"], t["seq_len"])
-        model = InductionTransformer(task.vocab_size, t["d_model"], 2, task.seq_len)
-        model.load_state_dict(load_file(weights))
-        res = circuit_only_check(model, task, n_sequences=args.n_sequences)
+        tcfg = InductionTargetConfig(**{**yaml.safe_load(settings.read_text()), "path": str(weights)})
+        res = circuit_only_check(build_target(tcfg), InductionTask(tcfg.n_tokens, tcfg.seq_len), n_sequences=args.n_sequences)
         if args.write:
             (folder / "circuit_check.json").write_text(json.dumps(res, indent=1))
         cells = "".join(f"{res[v]['kl']:>13.3f} / {res[v]['accuracy']:.3f}" for v in CIRCUIT_VARIANTS)
