@@ -214,6 +214,23 @@ def test_bf16_autocast_losses_agree_with_fp32():
         assert abs(terms["bf16"][k] - v) <= max(0.05 * abs(v), 2e-3), (k, v, terms["bf16"][k])
 
 
+def test_autocast_auto_picks_bf16_only_where_it_is_fast(monkeypatch):
+    import tspd.losses as L
+
+    assert L.resolve_autocast(None, "cpu") is None and L.resolve_autocast("bf16", "cpu") == "bf16"
+    monkeypatch.setattr(L, "cpu_has_fast_bf16", lambda: False)
+    assert L.resolve_autocast("auto", "cpu") is None
+    monkeypatch.setattr(L, "cpu_has_fast_bf16", lambda: True)
+    assert L.resolve_autocast("auto", "cpu") == "bf16"
+    # ... and the loss context follows it: under 'auto' with AMX, a matmul on the model's device is bf16.
+    cfg = make_cfg([("transformer.h.*.mlp.c_fc", 4)], train={"autocast": "auto"})
+    with L.autocast_for(cfg, make_gpt2(0)):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    monkeypatch.setattr(L, "cpu_has_fast_bf16", lambda: False)
+    with L.autocast_for(cfg, make_gpt2(0)):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
 def test_bench_case_runs_and_reports(tmp_path):
     from tspd.bench import run_all, run_case
 

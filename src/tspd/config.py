@@ -110,8 +110,10 @@ class TrainConfig(Strict):
     device: Literal["cpu", "cuda"] = Field(
         "cpu", description="where the CLI puts the target and the decomposition (under torchrun, cuda = the rank's local GPU)"
     )
-    autocast: Literal["bf16"] | None = Field(
-        None, description="run the target and masked passes under bf16 autocast (CPU or GPU); None: the target's dtype"
+    autocast: Literal["bf16", "auto"] | None = Field(
+        None,
+        description="run the target and masked passes under bf16 autocast (CPU or GPU); 'auto': bf16 where "
+        "it is fast (a GPU with bf16, a CPU with AMX), else the target's dtype; None: the target's dtype",
     )
     compile: bool = Field(
         False, description="torch.compile the per-pass KL into one fused kernel (first step compiles: seconds; CPU needs a C++ compiler)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -210,12 +211,35 @@ def forward_passes(dec: Decomposition) -> int:
     return 1 + sum(n for t, n in per_term.items() if getattr(cfg.losses, t) > 0)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX). Without AMX, bf16 matmuls on
+    CPU are slower than fp32 (measured on a 2-core Xeon with AVX512-BF16 but no AMX: 164 vs 305
+    GFLOP/s at 2048^2; with AMX about 4x faster than fp32)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags
+
+
+def resolve_autocast(setting: str | None, device_type: str) -> str | None:
+    """train.autocast as it applies on `device_type`: 'auto' becomes 'bf16' on a GPU that supports
+    bf16 and on a CPU with AMX, else None."""
+    if setting != "auto":
+        return setting
+    if device_type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else None
+    if device_type == "cpu":
+        return "bf16" if cpu_has_fast_bf16() else None
+    return None
+
+
 def autocast_for(cfg: RunConfig, model: torch.nn.Module):
     """bf16 autocast on the model's device when train.autocast says so, else a no-op context."""
-    if cfg.train.autocast != "bf16":
-        return contextlib.nullcontext()
     p = next(model.parameters(), None)
     device_type = p.device.type if p is not None else "cpu"
+    if resolve_autocast(cfg.train.autocast, device_type) != "bf16":
+        return contextlib.nullcontext()
     stack = contextlib.ExitStack()
     stack.enter_context(torch.autocast(device_type=device_type, dtype=torch.bfloat16))
     if device_type == "cpu":
