@@ -31,7 +31,7 @@ import torch
 
 from tspd.config import RunConfig
 from tspd.decomposition import Batch, Decomposition, call_target, fused_equivalents, restore_modules, swap_modules
-from tspd.losses import autocast_for, compute_losses, forward_passes
+from tspd.losses import autocast_for, compute_losses, cpu_info, forward_passes
 from tspd.seeding import generator
 from tspd.train import faithfulness_warmup, make_optimizer, optimizer_step, tune_cpu_allocator
 
@@ -294,13 +294,7 @@ _CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 def cpu_model_and_flags() -> tuple[str | None, list[str]]:
     """The CPU model name and which of _CPU_FLAGS it has (Linux /proc/cpuinfo; else None, [])."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None, []
-    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), None)
-    flags_line = next((ln.split(":", 1)[1] for ln in info.splitlines() if ln.startswith("flags")), "")
-    have = set(flags_line.split())
+    model, have = cpu_info()
     return model, [f for f in _CPU_FLAGS if f in have]
 
 

@@ -211,15 +211,23 @@ def forward_passes(dec: Decomposition) -> int:
     return 1 + sum(n for t, n in per_term.items() if getattr(cfg.losses, t) > 0)
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> tuple[str | None, frozenset[str]]:
+    """This CPU's model name and flags from /proc/cpuinfo (None and no flags off Linux); read once."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None, frozenset()
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), None)
+    flags = next((ln.split(":", 1)[1] for ln in info.splitlines() if ln.startswith("flags")), "")
+    return model, frozenset(flags.split())
+
+
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (AMX). Without AMX, bf16 matmuls on
     CPU are slower than fp32 (measured on a 2-core Xeon with AVX512-BF16 but no AMX: 164 vs 305
     GFLOP/s at 2048^2; with AMX about 4x faster than fp32)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags
+    return "amx_bf16" in cpu_info()[1]
 
 
 def resolve_autocast(setting: str | None, device_type: str) -> str | None:
