@@ -215,7 +215,7 @@ def test_facts_pipeline_on_a_tiny_run(gpt2_run, tmp_path):
 
     scr = screen_model("tiny-gpt2", tmp_path / "screen")
     assert set(scr["accuracy"]) == set(load_facts().answers) and 0 <= scr["overall"] <= 1
-    assert len(json.loads((tmp_path / "screen" / "screen.json").read_text())["prompts"]) == 144 * 6
+    assert len(json.loads((tmp_path / "screen" / "screen.json").read_text())["prompts"]) == len(facts_all := load_facts().athletes) * 6 and len(facts_all) == 320
     model, tok = load_lm("tiny-gpt2")
     facts = load_facts()
     prompts = F.build_prompts(tok, facts.athletes[:8], list(facts.templates[:2]))
@@ -232,6 +232,29 @@ def test_facts_pipeline_on_a_tiny_run(gpt2_run, tmp_path):
     done = [r for r in result["sports"].values() if "both" in r]
     for r in done:
         assert len(r["pieces"]) <= 2 and r["text"]["kl"] >= 0
+        lo, hi = r["bootstrap"]["target_effect"]
+        assert lo <= hi and 0 <= r["bootstrap"]["pass_fraction"] <= 1
+
+
+def test_bootstrap_effect_resamples_athletes():
+    # sport 0: athletes a (2 prompts) and b (1 prompt), every prompt loses 1 nat; other sports:
+    # c loses nothing, d loses 0.1. Effect is always 1; collateral lies in [0, 0.1].
+    delta = torch.tensor([-1.0, -1.0, -1.0, 0.0, -0.1])
+    sport = torch.tensor([0, 0, 0, 1, 2])
+    names = ["a", "a", "b", "c", "d"]
+    b = F.bootstrap_effect(delta, sport, names, 0, random_effect=0.1, n=500)
+    assert b["n_athletes"] == 2
+    assert b["target_effect"] == pytest.approx([1.0, 1.0])
+    lo, hi = b["collateral_facts"]
+    assert 0.0 <= lo <= hi <= 0.1 + 1e-6 and hi > lo
+    assert b["pass_fraction"] == 1.0  # 1 >= 5 x 0.1 and 1 >= 3 x 0.1 in every resample
+    assert F.bootstrap_effect(delta, sport, names, 0, random_effect=0.5, n=100)["pass_fraction"] == 0.0
+    # the other sport's resamples: collateral 0.1 only when d is drawn twice -> 1 < 5 x 0.1 fails some
+    mixed = F.bootstrap_effect(torch.tensor([-0.4, -0.4, 0.0, -0.1]), torch.tensor([0, 0, 1, 1]), ["a", "b", "c", "d"], 0,
+                               random_effect=0.0, n=2000)
+    assert 0.6 < mixed["pass_fraction"] < 0.9  # fails only when both draws are d (p = 1/4)
+    with pytest.raises(ValueError, match="other sport"):
+        F.bootstrap_effect(delta[:3], sport[:3], names[:3], 0, random_effect=0.0)
 
 
 def test_dashboard_adapter_for_language_model_runs(gpt2_run):

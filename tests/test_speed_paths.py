@@ -218,11 +218,12 @@ def test_autocast_auto_picks_bf16_only_where_it_is_fast(monkeypatch):
     import tspd.losses as L
 
     assert L.resolve_autocast(None, "cpu") is None and L.resolve_autocast("bf16", "cpu") == "bf16"
+    assert isinstance(L.cpu_has_fast_bf16(), bool)  # measured once per process (bf16 vs fp32 matmul)
     monkeypatch.setattr(L, "cpu_has_fast_bf16", lambda: False)
     assert L.resolve_autocast("auto", "cpu") is None
     monkeypatch.setattr(L, "cpu_has_fast_bf16", lambda: True)
     assert L.resolve_autocast("auto", "cpu") == "bf16"
-    # ... and the loss context follows it: under 'auto' with AMX, a matmul on the model's device is bf16.
+    # ... and the loss context follows it: under 'auto' where bf16 is fast, a matmul on the model's device is bf16.
     cfg = make_cfg([("transformer.h.*.mlp.c_fc", 4)], train={"autocast": "auto"})
     with L.autocast_for(cfg, make_gpt2(0)):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
@@ -242,6 +243,7 @@ def test_bench_case_runs_and_reports(tmp_path):
     saved = json.loads((tmp_path / "b.json").read_text())
     assert saved == report and saved["machine"]["torch"] == torch.__version__
     assert isinstance(saved["machine"]["cpu_flags"], list)  # AMX or not changes bf16 figures ~6x
+    assert isinstance(saved["machine"]["cpu_fast_bf16"], bool)
     assert saved["results"][0]["case"] == "tms-5-2" and "error" not in saved["results"][0]
     with pytest.raises(KeyError, match="unknown benchmark case"):
         run_case("nope")

@@ -31,7 +31,7 @@ import torch
 
 from tspd.config import RunConfig
 from tspd.decomposition import Batch, Decomposition, call_target, fused_equivalents, restore_modules, swap_modules
-from tspd.losses import autocast_for, compute_losses, cpu_info, forward_passes
+from tspd.losses import autocast_for, compute_losses, cpu_has_fast_bf16, cpu_info, forward_passes
 from tspd.seeding import generator
 from tspd.train import faithfulness_warmup, make_optimizer, optimizer_step, tune_cpu_allocator
 
@@ -288,7 +288,8 @@ def _git_commit() -> str | None:
         return None
 
 
-# CPU features that change the figures by large factors (bf16 matmuls: ~6x faster with AMX).
+# CPU features that change the figures by large factors (bf16 matmuls: ~4x fp32 with AMX or on a 2-core
+# AMD EPYC with AVX512-BF16, slower than fp32 on a Xeon with AVX512-BF16 but no AMX).
 _CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
@@ -305,6 +306,7 @@ def machine_info(threads: int | None) -> dict:
         "processor": platform.processor() or platform.machine(),
         "cpu_model": model,
         "cpu_flags": flags,
+        "cpu_fast_bf16": cpu_has_fast_bf16(),  # what train.autocast 'auto' picks on this CPU
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -113,7 +113,7 @@ class TrainConfig(Strict):
     autocast: Literal["bf16", "auto"] | None = Field(
         None,
         description="run the target and masked passes under bf16 autocast (CPU or GPU); 'auto': bf16 where "
-        "it is fast (a GPU with bf16, a CPU with AMX), else the target's dtype; None: the target's dtype",
+        "it is fast (a GPU with bf16, a CPU whose bf16 matmuls measure >= 1.5x fp32's), else the target's dtype; None: the target's dtype",
     )
     compile: bool = Field(
         False, description="torch.compile the per-pass KL into one fused kernel (first step compiles: seconds; CPU needs a C++ compiler)"

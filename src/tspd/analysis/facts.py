@@ -404,3 +404,48 @@ def ce_per_token(logits: Tensor, ids: Tensor) -> Tensor:
 
 def finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
+
+
+def bootstrap_effect(
+    delta: Tensor, sport: Tensor, athlete: list[str], s: int, random_effect: float, n: int = 2000, seed: int = 0,
+    level: float = 0.9,
+) -> dict:
+    """How sure the per-sport verdict is: resample held-out *athletes* with replacement (each
+    athlete's prompts stay together; sport `s`'s athletes and the other sports' separately) and
+    recompute the target effect (-mean change on sport s's prompts) and the collateral (-mean
+    change on the other sports'). Returns `level` percentile intervals of both and
+    `pass_fraction`: the share of resamples meeting the collateral bar (effect >= 5 x |collateral|)
+    and the random bar (effect >= 3 x |random_effect|, the random baseline held fixed).
+
+    `delta[i]` is prompt i's change of log p(right sport); `sport[i]` its sport's index;
+    `athlete[i]` its athlete's name."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def clusters(mask: Tensor) -> tuple[Tensor, Tensor]:
+        names = sorted({athlete[i] for i in torch.nonzero(mask).flatten().tolist()})
+        index = {a: j for j, a in enumerate(names)}
+        sums, counts = torch.zeros(len(names), dtype=torch.float64), torch.zeros(len(names), dtype=torch.float64)
+        for i in torch.nonzero(mask).flatten().tolist():
+            sums[index[athlete[i]]] += float(delta[i])
+            counts[index[athlete[i]]] += 1
+        return sums, counts
+
+    def resample(sums: Tensor, counts: Tensor) -> Tensor:
+        pick = torch.randint(len(sums), (n, len(sums)), generator=gen)
+        return sums[pick].sum(1) / counts[pick].sum(1)
+
+    own_s, own_c = clusters(sport == s)
+    oth_s, oth_c = clusters(sport != s)
+    if len(own_s) == 0 or len(oth_s) == 0:
+        raise ValueError("bootstrap_effect needs prompts of sport s and of at least one other sport")
+    effect, collateral = -resample(own_s, own_c), -resample(oth_s, oth_c)
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    passes = (effect >= 5 * collateral.abs()) & (effect >= 3 * abs(random_effect))
+    return {
+        "level": level,
+        "n_resamples": n,
+        "n_athletes": len(own_s),
+        "target_effect": [float(v) for v in torch.quantile(effect, q)],
+        "collateral_facts": [float(v) for v in torch.quantile(collateral, q)],
+        "pass_fraction": float(passes.double().mean()),
+    }

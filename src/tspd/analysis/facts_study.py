@@ -176,6 +176,7 @@ def facts_ablate(
     alive = F.alive_pieces(ci, cfg.eval.alive_threshold)
     text_ids = _text_rows(dec, n_text)
     rows = torch.arange(len(held))
+    h_athlete = [p.athlete.name for p in held]
     clean_right = F.ablation_logprobs(dec, h_batch, answer_ids, [[]], h_batch.names["both"])[0][rows, h_sport]
 
     def effects(lp: torch.Tensor) -> torch.Tensor:
@@ -218,6 +219,8 @@ def facts_ablate(
         for part in F.NAME_PARTS:
             lp = F.ablation_logprobs(dec, h_batch, answer_ids, [pieces], h_batch.names[part])[0]
             row[part] = summary(effects(lp), s_idx)
+            if part == "both":
+                both_delta = effects(lp)
         draws = [rng.sample(alive, min(len(pieces), len(alive))) for _ in range(n_random)]
         lps = F.ablation_logprobs(dec, h_batch, answer_ids, draws, h_batch.names["both"])
         rand = [summary(effects(lp), s_idx)["target_effect"] for lp in lps]
@@ -228,6 +231,7 @@ def facts_ablate(
         row["svd"] = summary(effects(svd_lp), s_idx)
         row["text"] = _text_effect(dec, text_ids, pieces)
         b = row["both"]
+        row["bootstrap"] = F.bootstrap_effect(both_delta, h_sport, h_athlete, s_idx, row["random_target_effect"], seed=cfg.seed)
         row["ratio_vs_collateral"] = b["target_effect"] / max(abs(b["collateral_facts"]), 1e-9)
         row["ratio_vs_random"] = b["target_effect"] / max(abs(row["random_target_effect"]), 1e-9)
         row["passes"] = bool(

@@ -77,6 +77,14 @@ def facts_parts_figure(result: dict, path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
+def _interval(boot: dict | None) -> list:
+    """The bootstrap columns of a sport's row (blank for runs made before the bootstrap existed)."""
+    if not boot:
+        return ["", ""]
+    lo, hi = boot["target_effect"]
+    return [f"{lo:.3f} to {hi:.3f}", f"{boot['pass_fraction']:.2f}"]
+
+
 def facts_report(run_dir: str | Path) -> Path:
     """RUN_DIR/facts.html: faithfulness, the per-sport table and the figures (scan when present)."""
     run_dir = Path(run_dir)
@@ -91,11 +99,12 @@ def facts_report(run_dir: str | Path) -> Path:
     rows = []
     for sport, r in result["sports"].items():
         if "both" not in r:
-            rows.append([sport, r["n_heldout_prompts"], r.get("skipped", ""), "", "", "", "", "", ""])
+            rows.append([sport, r["n_heldout_prompts"], r.get("skipped", ""), "", "", "", "", "", "", "", ""])
             continue
         rows.append([
             sport, r["n_heldout_prompts"], len(r["pieces"]), r["both"]["target_effect"], r["both"]["collateral_facts"],
             r["random_target_effect"], r["svd"]["target_effect"], r["text"]["kl"], r["passes"],
+            *_interval(r.get("bootstrap")),
         ])
     if result.get("select") == "causal":
         how = (f"Candidates: up to {result['n_candidates']} subcomponents whose mean name-token CI on the sport's "
@@ -109,7 +118,7 @@ def facts_report(run_dir: str | Path) -> Path:
     sections.append(("How subcomponents were chosen", f"<p>{html.escape(how)}</p>"))
     sections.append(("Per sport (ablation at both name parts)", table(
         ["sport", "held-out prompts", "pieces", "own drop", "other sports' drop", "random drop", "SVD drop",
-         "text KL", "passes"], rows)))
+         "text KL", "passes", "own drop, 90 % interval (athletes resampled)", "share of resamples passing"], rows)))
     figs = "".join(image(run_dir / name) for name in ("scan.png", "facts_effects.png", "facts_name_parts.png")
                    if (run_dir / name).exists())
     sections.append(("Figures", figs))
