@@ -5,6 +5,7 @@ parameters, its step-0 batch slice and its step-0 stochastic masks, in OUT/rank<
 usage: ddp_worker.py OUT STEPS [STOP_AFTER] [--resume]
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -36,11 +37,15 @@ def recording_losses(dec, batch, step, gen):
 
 
 tspd.losses.stochastic_masks = recording_masks
+# train.autocast 'auto': the ranks "measure" different answers; the run must use rank 0's on both.
+tspd.losses.measure_fast_bf16 = lambda: os.environ.get("RANK") == "0"
 tspd.train.compute_losses = recording_losses
 recipe = Path(__file__).resolve().parents[1] / "configs" / "tms-5-2.yaml"
-cfg = RunConfig.from_yaml(recipe, [f"train.steps={steps}", "train.checkpoint_every=5", "train.eval_every=1000"])
+cfg = RunConfig.from_yaml(recipe, [f"train.steps={steps}", "train.checkpoint_every=5", "train.eval_every=1000",
+                                    "train.autocast=auto"])
 dec = decompose_from_config(cfg, out, resume=resume, progress=False, stop_after=stop_after)
 w = distributed.world()
-state = {"params": {k: v.detach().clone() for k, v in dec.state_dict().items()}, **seen, "world": w.size}
+state = {"params": {k: v.detach().clone() for k, v in dec.state_dict().items()}, **seen, "world": w.size,
+         "fast_bf16": tspd.losses.cpu_has_fast_bf16()}
 torch.save(state, out / f"rank{w.rank}.pt")
 distributed.leave()

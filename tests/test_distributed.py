@@ -43,6 +43,11 @@ def test_ranks_share_parameters_but_not_masks_or_data(full_run):
     assert torch.equal(r0["batch"], global_batch[:half]) and torch.equal(r1["batch"], global_batch[half:])
 
 
+def test_ranks_agree_on_autocast_auto(full_run):
+    # the worker makes rank 0 measure "bf16 is fast" and rank 1 "it is not": both use rank 0's answer
+    assert [torch.load(full_run / f"rank{r}.pt")["fast_bf16"] for r in (0, 1)] == [True, True]
+
+
 def test_rank0_alone_writes_files(full_run):
     steps_logged = [line for line in (full_run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     cfg = RunConfig.from_yaml(RECIPE)

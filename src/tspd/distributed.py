@@ -67,6 +67,19 @@ def init(device: torch.device) -> World:
     return world()
 
 
+def agree_on_autocast(autocast: str | None, device: torch.device, w: World) -> None:
+    """train.autocast 'auto' on CPU measures bf16 against fp32 in each process; under torchrun the
+    ranks could disagree (timings are noisy when processes share cores), so every rank takes rank
+    0's answer. A collective: every rank calls it at the same point (start of training)."""
+    from tspd.losses import cpu_has_fast_bf16, pin_fast_bf16
+
+    if not w.parallel or autocast != "auto" or device.type != "cpu":
+        return
+    flag = torch.tensor([int(cpu_has_fast_bf16())])
+    dist.broadcast(flag, src=0)
+    pin_fast_bf16(bool(flag.item()))
+
+
 def leave() -> None:
     """Leave the process group, if this process joined one (the CLI calls it on exit)."""
     if dist.is_available() and dist.is_initialized():

@@ -223,8 +223,24 @@ def cpu_info() -> tuple[str | None, frozenset[str]]:
     return model, frozenset(flags.split())
 
 
-@functools.lru_cache(maxsize=1)
+_PINNED_FAST_BF16: bool | None = None
+
+
+def pin_fast_bf16(value: bool | None) -> None:
+    """Fix what `cpu_has_fast_bf16` answers (None: measure again). Data-parallel runs pin rank 0's
+    measurement on every rank so that all ranks pick the same dtype."""
+    global _PINNED_FAST_BF16
+    _PINNED_FAST_BF16 = value
+
+
 def cpu_has_fast_bf16() -> bool:
+    """Whether bf16 matrix multiplies are clearly faster than fp32 on this CPU (see
+    `measure_fast_bf16`), unless a data-parallel run pinned rank 0's answer (`pin_fast_bf16`)."""
+    return measure_fast_bf16() if _PINNED_FAST_BF16 is None else _PINNED_FAST_BF16
+
+
+@functools.lru_cache(maxsize=1)
+def measure_fast_bf16() -> bool:
     """Whether bf16 matrix multiplies are clearly faster than fp32 on this CPU, measured once per
     process: a (512 x 576) @ (576 x 1536) product, the shape of a small LM's MLP on a 512-token
     batch, timed in both dtypes with the current thread count (~0.1 s); bf16 when it is >= 1.5x

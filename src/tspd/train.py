@@ -226,6 +226,7 @@ def decompose(
     p = next(target.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
     w = distributed.init(device)
+    distributed.agree_on_autocast(config.train.autocast, device, w)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     tune_cpu_allocator()
