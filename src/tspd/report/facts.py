@@ -34,28 +34,41 @@ def _done(result: dict) -> list[str]:
 
 def facts_effect_figure(result: dict, path: str | Path) -> Path:
     """Per sport (paper's Figure 3, made systematic): drop of the right sport's log-probability on
-    held-out athletes of that sport, on other sports' prompts, and for the two baselines."""
+    held-out athletes of that sport, on other sports' prompts, and for the random baseline (left,
+    with the bootstrap's interval on the own-sport bar when present); the top-SVD baseline, whose
+    effects are two orders larger, on its own axis (right)."""
     sports = _done(result)
-    fig, ax = plt.subplots(figsize=(1.3 * max(len(sports), 1) + 3, 3.5))
+    fig, (ax, ax_svd) = plt.subplots(1, 2, figsize=(1.6 * max(len(sports), 1) + 4, 3.6),
+                                     gridspec_kw={"width_ratios": [2, 1]})
     if not sports:
         ax.text(0.5, 0.5, "no sport had selectable subcomponents", ha="center", va="center")
         ax.axis("off")
+        ax_svd.axis("off")
         return save_figure(fig, path)
     x = np.arange(len(sports))
+    rows = [result["sports"][s] for s in sports]
     bars = [
-        ("SPD: own sport", [result["sports"][s]["both"]["target_effect"] for s in sports]),
-        ("SPD: other sports", [result["sports"][s]["both"]["collateral_facts"] for s in sports]),
-        ("random subcomponents", [result["sports"][s]["random_target_effect"] for s in sports]),
-        ("top SVD directions", [result["sports"][s]["svd"]["target_effect"] for s in sports]),
+        ("SPD: own sport", [r["both"]["target_effect"] for r in rows]),
+        ("SPD: other sports", [r["both"]["collateral_facts"] for r in rows]),
+        ("random subcomponents", [r["random_target_effect"] for r in rows]),
     ]
     w = 0.8 / len(bars)
     for i, (label, vals) in enumerate(bars):
-        ax.bar(x + (i - 1.5) * w, vals, width=w, label=label)
+        err = None
+        if i == 0 and all("bootstrap" in r for r in rows):
+            lo_hi = np.array([r["bootstrap"]["target_effect"] for r in rows])
+            err = np.clip(np.stack([np.array(vals) - lo_hi[:, 0], lo_hi[:, 1] - np.array(vals)]), 0, None)
+        ax.bar(x + (i - 1) * w, vals, width=w, label=label, yerr=err, capsize=2 if err is not None else 0)
     ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks(x, sports, fontsize=8)
+    ax.set_xticks(x, sports, fontsize=7, rotation=20)
     ax.set_ylabel("drop in log p(right sport)")
-    ax.set_title(f"ablating each sport's subcomponents at held-out athletes' name tokens (k <= {result['k']})")
+    ax.set_title(f"SPD subcomponents (k <= {result['k']}) at held-out name tokens", fontsize=9)
     ax.legend(fontsize=7)
+    ax_svd.bar(x - 0.2, [r["svd"]["target_effect"] for r in rows], width=0.4, label="own sport", color="tab:red")
+    ax_svd.bar(x + 0.2, [r["svd"]["collateral_facts"] for r in rows], width=0.4, label="other sports", color="tab:gray")
+    ax_svd.set_xticks(x, sports, fontsize=7, rotation=20)
+    ax_svd.set_title("baseline: as many top SVD directions", fontsize=9)
+    ax_svd.legend(fontsize=7)
     return save_figure(fig, path)
 
 
