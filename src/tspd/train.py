@@ -226,9 +226,9 @@ def decompose(
     p = next(target.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
     w = distributed.init(device)
-    distributed.agree_on_autocast(config.train.autocast, device, w)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
+    distributed.agree_on_autocast(config.train.autocast, device, w)  # after the thread count: it times matmuls
     tune_cpu_allocator()
     torch.manual_seed(config.seed)
     dec = Decomposition(target, config)
