@@ -150,6 +150,10 @@ def test_rank_by_ablation_scores_each_candidate_on_discovery_prompts(gpt2_run, t
     assert scores[3]["score"] == pytest.approx(float(drop[:6].mean()) - abs(float(drop[6:].mean())), abs=1e-5)
     best = sorted((r for r in scores if r["score"] > 0), key=lambda r: -r["score"])[:2]
     assert pieces == [(r["site"], r["index"]) for r in best] and len(pieces) <= 2
+    # a heavier collateral weight scores the same drops as own - w |other|
+    _, scores5 = F.rank_by_ablation(dec, batch, sport_of, 0, answer_ids, cands, k=2, collateral_weight=5.0)
+    for r, r5 in zip(scores, scores5):
+        assert r5["score"] == pytest.approx(r["drop_own"] - 5.0 * abs(r["drop_other"]), abs=1e-5)
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])

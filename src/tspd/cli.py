@@ -150,7 +150,7 @@ def cmd_facts(args: argparse.Namespace) -> None:
     else:
         if args.run_dir is None:
             raise ConfigError("tspd facts ablate needs RUN_DIR (a finished language-model decomposition)")
-        r = facts_study.facts_ablate(args.run_dir, k=args.k, select=args.select)
+        r = facts_study.facts_ablate(args.run_dir, k=args.k, select=args.select, collateral_weight=args.collateral_weight)
         f = r["faithfulness"]
         print(f"faithfulness on held-out text: KL {f['kl_per_token']:.4f} nats/token, CE +{f['ce_increase']:.4f}, "
               f"{f['active_per_token']:.1f} active/token")
@@ -282,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=4, help="ablate: at most this many subcomponents per sport")
     p.add_argument("--select", choices=["causal", "ci"], default="causal",
                    help="ablate: causal = CI candidates ranked by ablating each on discovery prompts; ci = CI only")
+    p.add_argument("--collateral-weight", type=float, default=1.0,
+                   help="ablate (causal): score = drop on the sport - W x |change on other sports| (default 1)")
     p.set_defaults(func=cmd_facts)
     sub.add_parser("bench", help="time SPD steps on the standard cases (tspd bench --help; benchmarks/README.md)")
 

@@ -320,11 +320,12 @@ def ablation_logprobs(
 
 def rank_by_ablation(
     dec: Decomposition, batch: PromptBatch, sport_of: Tensor, s_idx: int, answer_ids: Tensor,
-    candidates: list[tuple[str, int]], k: int = 4, clean: Tensor | None = None,
+    candidates: list[tuple[str, int]], k: int = 4, clean: Tensor | None = None, collateral_weight: float = 1.0,
 ) -> tuple[list[tuple[str, int]], list[dict]]:
     """Rank candidates by a causal test on the *discovery* prompts: ablate each one alone at the
     name tokens and score it by the drop of the right sport's log-probability on this sport's
-    prompts minus the absolute mean change on other sports' prompts. Returns the (at most k)
+    prompts minus `collateral_weight` times the absolute mean change on other sports' prompts
+    (5 mirrors the study's 5x collateral bar). Returns the (at most k)
     candidates with a positive score, best first, and every candidate's scores."""
     rows = torch.arange(len(batch))
     if clean is None:
@@ -337,7 +338,7 @@ def rank_by_ablation(
         drop = clean - lp[rows, sport_of]
         on = float(drop[own].mean())
         off = float(drop[~own].mean()) if bool((~own).any()) else 0.0
-        scores.append({"site": s, "index": c, "drop_own": on, "drop_other": off, "score": on - abs(off)})
+        scores.append({"site": s, "index": c, "drop_own": on, "drop_other": off, "score": on - collateral_weight * abs(off)})
     best = sorted((r for r in scores if r["score"] > 0), key=lambda r: -r["score"])[:k]
     return [(r["site"], r["index"]) for r in best], scores
 

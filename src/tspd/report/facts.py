@@ -123,8 +123,8 @@ def facts_report(run_dir: str | Path) -> Path:
         how = (f"Candidates: up to {result['n_candidates']} subcomponents whose mean name-token CI on the sport's "
                f"discovery prompts is at least {result['min_ci'] / 2} and at least {result['min_gap'] / 2} above other "
                f"sports'; each ablated alone at the name tokens of the discovery prompts; the {result['k']} with the "
-               "largest drop of the right sport's log-probability on the sport minus the absolute change on other "
-               "sports are ablated on the held-out athletes.")
+               f"largest drop of the right sport's log-probability on the sport minus {result.get('collateral_weight', 1.0):g} "
+               "times the absolute change on other sports are ablated on the held-out athletes.")
     else:
         how = (f"The {result['k']} subcomponents with mean name-token CI at least {result['min_ci']} on the sport's "
                f"discovery prompts and at least {result['min_gap']} above other sports'.")
