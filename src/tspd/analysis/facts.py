@@ -28,6 +28,9 @@ from tspd.data.facts import Athlete
 from tspd.decomposition import Decomposition, call_target, restore_modules, swap_modules
 
 NAME_PARTS = ("first", "last", "both")
+# The issue's per-sport bar: the own-sport drop at least this many times the collateral on other
+# sports and the random-subcomponent drop, and general-text KL after the ablation at most TEXT_KL_MAX.
+COLLATERAL_RATIO, RANDOM_RATIO, TEXT_KL_MAX = 5.0, 3.0, 0.02
 
 
 @dataclass
@@ -415,20 +418,21 @@ def bootstrap_effect(
     athlete's prompts stay together; sport `s`'s athletes and the other sports' separately) and
     recompute the target effect (-mean change on sport s's prompts) and the collateral (-mean
     change on the other sports'). Returns `level` percentile intervals of both and
-    `pass_fraction`: the share of resamples meeting the collateral bar (effect >= 5 x |collateral|)
-    and the random bar (effect >= 3 x |random_effect|, the random baseline held fixed).
+    `pass_fraction`: the share of resamples meeting the collateral bar (effect >= COLLATERAL_RATIO x
+    |collateral|) and the random bar (effect >= RANDOM_RATIO x |random_effect|, the random baseline
+    held fixed).
 
     `delta[i]` is prompt i's change of log p(right sport); `sport[i]` its sport's index;
     `athlete[i]` its athlete's name."""
     gen = torch.Generator().manual_seed(seed)
 
     def clusters(mask: Tensor) -> tuple[Tensor, Tensor]:
-        names = sorted({athlete[i] for i in torch.nonzero(mask).flatten().tolist()})
-        index = {a: j for j, a in enumerate(names)}
-        sums, counts = torch.zeros(len(names), dtype=torch.float64), torch.zeros(len(names), dtype=torch.float64)
-        for i in torch.nonzero(mask).flatten().tolist():
-            sums[index[athlete[i]]] += float(delta[i])
-            counts[index[athlete[i]]] += 1
+        """Per athlete among the masked prompts: the sum of their changes and their prompt count."""
+        rows = torch.nonzero(mask).flatten().tolist()
+        index = {a: j for j, a in enumerate(sorted({athlete[i] for i in rows}))}
+        which = torch.tensor([index[athlete[i]] for i in rows], dtype=torch.long)
+        sums = torch.zeros(len(index), dtype=torch.float64).index_add_(0, which, delta[rows].double())
+        counts = torch.zeros(len(index), dtype=torch.float64).index_add_(0, which, torch.ones(len(rows), dtype=torch.float64))
         return sums, counts
 
     def resample(sums: Tensor, counts: Tensor) -> Tensor:
@@ -441,7 +445,7 @@ def bootstrap_effect(
         raise ValueError("bootstrap_effect needs prompts of sport s and of at least one other sport")
     effect, collateral = -resample(own_s, own_c), -resample(oth_s, oth_c)
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    passes = (effect >= 5 * collateral.abs()) & (effect >= 3 * abs(random_effect))
+    passes = (effect >= COLLATERAL_RATIO * collateral.abs()) & (effect >= RANDOM_RATIO * abs(random_effect))
     return {
         "level": level,
         "n_resamples": n,

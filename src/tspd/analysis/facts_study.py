@@ -219,11 +219,10 @@ def facts_ablate(
             row["skipped"] = why
             result["sports"][sport] = row
             continue
+        deltas = {}
         for part in F.NAME_PARTS:
-            lp = F.ablation_logprobs(dec, h_batch, answer_ids, [pieces], h_batch.names[part])[0]
-            row[part] = summary(effects(lp), s_idx)
-            if part == "both":
-                both_delta = effects(lp)
+            deltas[part] = effects(F.ablation_logprobs(dec, h_batch, answer_ids, [pieces], h_batch.names[part])[0])
+            row[part] = summary(deltas[part], s_idx)
         draws = [rng.sample(alive, min(len(pieces), len(alive))) for _ in range(n_random)]
         lps = F.ablation_logprobs(dec, h_batch, answer_ids, draws, h_batch.names["both"])
         rand = [summary(effects(lp), s_idx)["target_effect"] for lp in lps]
@@ -234,11 +233,12 @@ def facts_ablate(
         row["svd"] = summary(effects(svd_lp), s_idx)
         row["text"] = _text_effect(dec, text_ids, pieces)
         b = row["both"]
-        row["bootstrap"] = F.bootstrap_effect(both_delta, h_sport, h_athlete, s_idx, row["random_target_effect"], seed=cfg.seed)
+        row["bootstrap"] = F.bootstrap_effect(deltas["both"], h_sport, h_athlete, s_idx, row["random_target_effect"], seed=cfg.seed)
         row["ratio_vs_collateral"] = b["target_effect"] / max(abs(b["collateral_facts"]), 1e-9)
         row["ratio_vs_random"] = b["target_effect"] / max(abs(row["random_target_effect"]), 1e-9)
         row["passes"] = bool(
-            row["ratio_vs_collateral"] >= 5 and row["ratio_vs_random"] >= 3 and row["text"]["kl"] <= 0.02
+            row["ratio_vs_collateral"] >= F.COLLATERAL_RATIO and row["ratio_vs_random"] >= F.RANDOM_RATIO
+            and row["text"]["kl"] <= F.TEXT_KL_MAX
         )
         result["sports"][sport] = row
     result["sports_passing"] = [s for s, r in result["sports"].items() if r.get("passes")]
