@@ -156,6 +156,28 @@ def test_rank_by_ablation_scores_each_candidate_on_discovery_prompts(gpt2_run, t
         assert r5["score"] == pytest.approx(r["drop_own"] - 5.0 * abs(r["drop_other"]), abs=1e-5)
 
 
+def test_best_prefix_scores_joint_ablations_and_keeps_the_best(gpt2_run, tiny_tok):
+    dec = tspd.load(gpt2_run)
+    facts = load_facts()
+    athletes = [a for s in facts.sports[:2] for a in s.athletes[:3]]
+    batch = F.batch_prompts(F.build_prompts(tiny_tok, athletes, list(facts.templates[:2])), 0)
+    sport_of = torch.tensor([0] * 6 + [1] * 6)
+    answer_ids = torch.tensor([5, 7])
+    site = "transformer.h.0.mlp.c_fc"
+    ranked = [(site, c) for c in (4, 1, 2)]
+    rows = torch.arange(12)
+    clean = F.answer_logprobs(_ablated_forward(dec, [], None), batch, answer_ids)[rows, sport_of]
+    chosen, scores = F.best_prefix(dec, batch, sport_of, 0, answer_ids, ranked, clean, collateral_weight=2.0)
+    assert [r["size"] for r in scores] == [1, 2, 3]
+    # the size-2 score is the joint ablation of the first two pieces, not the sum of singles
+    lp = F.answer_logprobs(_ablated_forward(dec, ranked[:2], batch.names["both"]), batch, answer_ids)[rows, sport_of]
+    drop = clean - lp
+    assert scores[1]["score"] == pytest.approx(float(drop[:6].mean()) - 2.0 * abs(float(drop[6:].mean())), abs=1e-5)
+    best = max(scores, key=lambda r: r["score"])
+    assert chosen == ranked[: best["size"]]
+    assert F.best_prefix(dec, batch, sport_of, 0, answer_ids, [], clean) == ([], [])
+
+
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_output_head_at_last_positions_only_gives_the_same_answer_logprobs(name, tiny_tok):
     model, _ = load_lm(name)
@@ -229,13 +251,15 @@ def test_facts_pipeline_on_a_tiny_run(gpt2_run, tmp_path):
     assert len(scan["mlp"]) == len(scan["attn"]) == 2 and any(abs(v) > 0 for v in scan["mlp"])
     scan_out = scan_model("tiny-gpt2", tmp_path / "scan")
     assert (tmp_path / "scan" / "scan.png").exists() and scan_out["n_prompts"] > 0
-    result = facts_ablate(gpt2_run, k=2, n_random=2, n_text=8, min_ci=0.0, min_gap=0.0, progress=False)
-    assert set(result["sports"]) == set(facts.answers)
+    result = facts_ablate(gpt2_run, k=2, n_random=2, n_text=8, min_ci=0.0, min_gap=0.0, progress=False,
+                          choose_size=True)
+    assert set(result["sports"]) == set(facts.answers) and result["choose_size"]
     assert result["faithfulness"]["active_per_token"] >= 0
     assert (gpt2_run / "facts.json").exists() and (gpt2_run / "facts.html").exists()
     done = [r for r in result["sports"].values() if "both" in r]
     for r in done:
         assert len(r["pieces"]) <= 2 and r["text"]["kl"] >= 0
+        assert len(r["pieces"]) == max(r["prefixes"], key=lambda p: p["score"])["size"]
         lo, hi = r["bootstrap"]["target_effect"]
         assert lo <= hi and 0 <= r["bootstrap"]["pass_fraction"] <= 1
 

@@ -150,7 +150,9 @@ def cmd_facts(args: argparse.Namespace) -> None:
     else:
         if args.run_dir is None:
             raise ConfigError("tspd facts ablate needs RUN_DIR (a finished language-model decomposition)")
-        r = facts_study.facts_ablate(args.run_dir, k=args.k, select=args.select, collateral_weight=args.collateral_weight)
+        r = facts_study.facts_ablate(args.run_dir, k=args.k, select=args.select, collateral_weight=args.collateral_weight,
+                                      n_candidates=args.candidates, min_ci=args.min_ci, min_gap=args.min_gap,
+                                      choose_size=args.choose_size)
         f = r["faithfulness"]
         print(f"faithfulness on held-out text: KL {f['kl_per_token']:.4f} nats/token, CE +{f['ce_increase']:.4f}, "
               f"{f['active_per_token']:.1f} active/token")
@@ -284,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ablate: causal = CI candidates ranked by ablating each on discovery prompts; ci = CI only")
     p.add_argument("--collateral-weight", type=float, default=1.0,
                    help="ablate (causal): score = drop on the sport - W x |change on other sports| (default 1)")
+    p.add_argument("--candidates", type=int, default=24,
+                   help="ablate (causal): at most this many CI candidates per sport are tested on discovery prompts (default 24)")
+    p.add_argument("--min-ci", type=float, default=0.5,
+                   help="ablate: name-token CI bar (ci: min_ci; causal candidates: min_ci / 2); default 0.5")
+    p.add_argument("--min-gap", type=float, default=0.25,
+                   help="ablate: CI gap above other sports (ci: min_gap; causal candidates: min_gap / 2); default 0.25")
+    p.add_argument("--choose-size", action="store_true",
+                   help="ablate (causal): keep the prefix of the k ranked pieces whose joint ablation scores best on discovery prompts")
     p.set_defaults(func=cmd_facts)
     sub.add_parser("bench", help="time SPD steps on the standard cases (tspd bench --help; benchmarks/README.md)")
 

@@ -346,6 +346,30 @@ def rank_by_ablation(
     return [(r["site"], r["index"]) for r in best], scores
 
 
+def best_prefix(
+    dec: Decomposition, batch: PromptBatch, sport_of: Tensor, s_idx: int, answer_ids: Tensor,
+    ranked: list[tuple[str, int]], clean: Tensor, collateral_weight: float = 1.0,
+) -> tuple[list[tuple[str, int]], list[dict]]:
+    """The set size chosen on the *discovery* prompts: ablate the first j ranked pieces together
+    (j = 1..len(ranked)) and keep the prefix with the best set score, drop on the sport -
+    `collateral_weight` |mean change on other sports| (single-piece scores do not add up: pieces
+    overlap and their collateral can build up or cancel). Returns (prefix, every prefix's scores)."""
+    if not ranked:
+        return [], []
+    rows = torch.arange(len(batch))
+    own = sport_of == s_idx
+    prefixes = [ranked[: j + 1] for j in range(len(ranked))]
+    lps = ablation_logprobs(dec, batch, answer_ids, prefixes, batch.names["both"])
+    scores = []
+    for pre, lp in zip(prefixes, lps):
+        drop = clean - lp[rows, sport_of]
+        on = float(drop[own].mean())
+        off = float(drop[~own].mean()) if bool((~own).any()) else 0.0
+        scores.append({"size": len(pre), "drop_own": on, "drop_other": off, "score": on - collateral_weight * abs(off)})
+    best = max(range(len(scores)), key=lambda i: scores[i]["score"])
+    return prefixes[best], scores
+
+
 def group(pieces: list[tuple[str, int]]) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for s, c in pieces:

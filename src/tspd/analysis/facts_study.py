@@ -139,7 +139,7 @@ def faithfulness_on_text(dec: Decomposition, ids: torch.Tensor, chunk: int = 16)
 def facts_ablate(
     run_dir: str | Path, k: int = 4, n_random: int = 10, n_text: int = 64, min_ci: float = 0.5, min_gap: float = 0.25,
     max_default_share: float = 0.5, select: str = "causal", n_candidates: int = 24, progress: bool = True,
-    collateral_weight: float = 1.0,
+    collateral_weight: float = 1.0, choose_size: bool = False,
 ) -> dict:
     """Per sport: choose subcomponents on discovery athletes, ablate them at the name tokens of
     held-out athletes; collateral on other sports and general text; random and SVD baselines.
@@ -150,7 +150,8 @@ def facts_ablate(
     >= min_ci / 2 and a gap >= min_gap / 2, each ablated alone on the discovery prompts; the k
     with the largest drop on the sport minus the absolute change on other sports (held-out
     athletes are never looked at while choosing); `collateral_weight` w scores a candidate by
-    drop on the sport - w |change on other sports|."""
+    drop on the sport - w |change on other sports|. `choose_size` (causal): of those k, keep the
+    prefix whose joint ablation scores best on the discovery prompts (F.best_prefix)."""
     if select not in ("ci", "causal"):
         raise ValueError(f"select must be 'ci' or 'causal', not {select!r}")
     from tspd.report.facts import facts_effect_figure, facts_parts_figure, facts_report
@@ -193,7 +194,8 @@ def facts_ablate(
     d_clean = None
     if select == "causal":
         d_clean = F.ablation_logprobs(dec, d_batch, answer_ids, [[]], d_batch.names["both"])[0][torch.arange(len(disc)), d_sport]
-    result = {"k": k, "select": select, "n_candidates": n_candidates, "collateral_weight": collateral_weight, "min_ci": min_ci, "min_gap": min_gap,
+    result = {"k": k, "select": select, "n_candidates": n_candidates, "collateral_weight": collateral_weight,
+              "choose_size": choose_size, "min_ci": min_ci, "min_gap": min_gap,
               "max_default_share": max_default_share, "n_discovery_prompts": len(disc),
               "n_heldout_prompts": len(held), "faithfulness": faithfulness_on_text(dec, text_ids), "sports": {}}
     bar = tqdm(sports, desc="facts ablation", disable=not progress)
@@ -212,6 +214,9 @@ def facts_ablate(
             cands = F.select_for_sport(ci, is_sport, n_candidates, min_ci / 2, min_gap / 2)
             pieces, row["candidates"] = F.rank_by_ablation(dec, d_batch, d_sport, s_idx, answer_ids, cands, k, d_clean,
                                                            collateral_weight)
+            if choose_size:
+                pieces, row["prefixes"] = F.best_prefix(dec, d_batch, d_sport, s_idx, answer_ids, pieces, d_clean,
+                                                        collateral_weight)
             why = (f"none of {len(cands)} candidates (name-token CI >= {min_ci / 2}, >= {min_gap / 2} above other "
                    "sports) lowers the sport more than the others when ablated on discovery prompts")
         row["pieces"] = [[s, c] for s, c in pieces]
