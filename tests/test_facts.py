@@ -131,13 +131,16 @@ def _ablated_forward(dec, pieces, where):
     return lambda ids, rows: dec.forward_with_ablation(ids, ablate, positions=None if where is None else where[rows])
 
 
-def test_rank_by_ablation_scores_each_candidate_on_discovery_prompts(gpt2_run, tiny_tok):
-    dec = tspd.load(gpt2_run)
+def _two_sports(run, tok):
+    """The run's decomposition and 12 prompts: 3 athletes of each of the first two sports x 2 templates."""
     facts = load_facts()
     athletes = [a for s in facts.sports[:2] for a in s.athletes[:3]]
-    batch = F.batch_prompts(F.build_prompts(tiny_tok, athletes, list(facts.templates[:2])), 0)
-    sport_of = torch.tensor([0] * 6 + [1] * 6)
-    answer_ids = torch.tensor([5, 7])
+    batch = F.batch_prompts(F.build_prompts(tok, athletes, list(facts.templates[:2])), 0)
+    return tspd.load(run), batch, torch.tensor([0] * 6 + [1] * 6), torch.tensor([5, 7])
+
+
+def test_rank_by_ablation_scores_each_candidate_on_discovery_prompts(gpt2_run, tiny_tok):
+    dec, batch, sport_of, answer_ids = _two_sports(gpt2_run, tiny_tok)
     site = "transformer.h.0.mlp.c_fc"
     cands = [(site, c) for c in range(6)]
     pieces, scores = F.rank_by_ablation(dec, batch, sport_of, 0, answer_ids, cands, k=2)
@@ -157,12 +160,7 @@ def test_rank_by_ablation_scores_each_candidate_on_discovery_prompts(gpt2_run, t
 
 
 def test_best_prefix_scores_joint_ablations_and_keeps_the_best(gpt2_run, tiny_tok):
-    dec = tspd.load(gpt2_run)
-    facts = load_facts()
-    athletes = [a for s in facts.sports[:2] for a in s.athletes[:3]]
-    batch = F.batch_prompts(F.build_prompts(tiny_tok, athletes, list(facts.templates[:2])), 0)
-    sport_of = torch.tensor([0] * 6 + [1] * 6)
-    answer_ids = torch.tensor([5, 7])
+    dec, batch, sport_of, answer_ids = _two_sports(gpt2_run, tiny_tok)
     site = "transformer.h.0.mlp.c_fc"
     ranked = [(site, c) for c in (4, 1, 2)]
     rows = torch.arange(12)
