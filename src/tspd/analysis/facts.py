@@ -321,6 +321,14 @@ def ablation_logprobs(
     return torch.stack(out)
 
 
+def _ablation_score(drop: Tensor, own: Tensor, collateral_weight: float) -> dict:
+    """From each prompt's drop of its right sport's log-probability: the mean drop on the sport's
+    prompts (`own`), on the others', and the score own - w |other|."""
+    on = float(drop[own].mean())
+    off = float(drop[~own].mean()) if bool((~own).any()) else 0.0
+    return {"drop_own": on, "drop_other": off, "score": on - collateral_weight * abs(off)}
+
+
 def rank_by_ablation(
     dec: Decomposition, batch: PromptBatch, sport_of: Tensor, s_idx: int, answer_ids: Tensor,
     candidates: list[tuple[str, int]], k: int = 4, clean: Tensor | None = None, collateral_weight: float = 1.0,
@@ -338,10 +346,7 @@ def rank_by_ablation(
     if candidates:
         lps = ablation_logprobs(dec, batch, answer_ids, [[c] for c in candidates], batch.names["both"])
     for (s, c), lp in zip(candidates, lps if candidates else []):
-        drop = clean - lp[rows, sport_of]
-        on = float(drop[own].mean())
-        off = float(drop[~own].mean()) if bool((~own).any()) else 0.0
-        scores.append({"site": s, "index": c, "drop_own": on, "drop_other": off, "score": on - collateral_weight * abs(off)})
+        scores.append({"site": s, "index": c, **_ablation_score(clean - lp[rows, sport_of], own, collateral_weight)})
     best = sorted((r for r in scores if r["score"] > 0), key=lambda r: -r["score"])[:k]
     return [(r["site"], r["index"]) for r in best], scores
 
@@ -362,10 +367,7 @@ def best_prefix(
     lps = ablation_logprobs(dec, batch, answer_ids, prefixes, batch.names["both"])
     scores = []
     for pre, lp in zip(prefixes, lps):
-        drop = clean - lp[rows, sport_of]
-        on = float(drop[own].mean())
-        off = float(drop[~own].mean()) if bool((~own).any()) else 0.0
-        scores.append({"size": len(pre), "drop_own": on, "drop_other": off, "score": on - collateral_weight * abs(off)})
+        scores.append({"size": len(pre), **_ablation_score(clean - lp[rows, sport_of], own, collateral_weight)})
     best = max(range(len(scores)), key=lambda i: scores[i]["score"])
     return prefixes[best], scores
 
