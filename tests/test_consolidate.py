@@ -113,7 +113,7 @@ def test_consolidate_batches_are_held_out_steps_of_the_source(monkeypatch):
     from conftest import TwoLayer
 
     seen = []
-    monkeypatch.setattr(cons, "consolidate", lambda dec, batches, *a: seen.append(batches) or [])
+    monkeypatch.setattr(cons, "consolidate", lambda dec, batches, *a, **k: seen.append(batches) or [])
     cfg = make_cfg(
         [("linear1", 4)], consolidate={"at_frac": [0.5], "batches": 3},
         train={"steps": 4, "batch_size": 2, "eval_batches": 1, "faithfulness_warmup_steps": 0},
@@ -279,3 +279,37 @@ def test_final_consolidation_runs_after_the_last_step(tmp_path):
     tspd.decompose(TwoLayer(6, 4, 6), lambda step: torch.randn(8, 6), cfg, run_dir=tmp_path, resume=True, progress=False)
     rows = [r for r in _metric_lines(tmp_path) if "consolidate" in r]
     assert [r["step"] for r in rows] == [6]
+
+
+@pytest.mark.parametrize("final", [True, False])
+def test_final_consolidation_switches_quiet_pieces_off_for_good(final):
+    """linear1 factored exactly (pieces 0-3 carry W, 4 and 5 have V = 0). Slot 5's CI is 0 on every
+    input the consolidation sees, but only just (logit -0.1 at most), so it fires on unseen,
+    larger inputs; slot 4 is far off. The last consolidation (final=True) lowers both biases by
+    FINAL_MARGIN, and slot 5 stays off everywhere; the pieces in use keep their CI. Intermediate
+    ones (final=False, training follows) leave them as they were."""
+    from conftest import TwoLayer
+    from tspd.consolidate import FINAL_MARGIN, SwitchedOff
+
+    torch.manual_seed(0)
+    cfg = make_cfg([("linear1", 6)], ci={"kind": "vector_mlp", "hidden": [4]})
+    dec = tspd.Decomposition(TwoLayer(6, 4, 6), cfg)
+    set_exact_factors(dec, "linear1")
+    x, unseen = torch.randn(32, 6), 20 * torch.randn(2000, 6)
+    bias = dec.ci_fns["linear1"].output_bias()
+    with torch.no_grad():
+        bias[:4] += 10.0  # slots 0-3 on everywhere
+        bias[4] -= 10.0
+        bias[5] -= float(dec.ci_logits(dec.run_target(x)[1])["linear1"][:, 5].max()) + 0.1
+    assert bool((dec.causal_importance(x)["linear1"][:, 5] == 0).all())
+    assert bool((dec.causal_importance(unseen)["linear1"][:, 5] > 0.5).any())  # the premise: it can fire
+    b5, others = float(bias[5]), dec.causal_importance(unseen)["linear1"][:, :4].clone()
+    out = consolidate(dec, [x], tol=1e-12, final=final)  # tol 1e-12: no group merges
+    off = [m for m in out if isinstance(m, SwitchedOff)]
+    if final:
+        assert [m.to_dict() for m in off] == [{"site": "linear1", "off_for_good": [4, 5]}]
+        assert float(bias[5]) == pytest.approx(b5 - FINAL_MARGIN)
+        assert bool((dec.causal_importance(unseen)["linear1"][:, 5] == 0).all())
+    else:
+        assert off == [] and float(bias[5]) == b5
+    torch.testing.assert_close(dec.causal_importance(unseen)["linear1"][:, :4], others)

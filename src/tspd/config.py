@@ -129,7 +129,8 @@ class ConsolidateConfig(Strict):
     at_frac: list[float] = Field(
         default_factory=list,
         description="fractions of train.steps at which co-active subcomponents are merged into fewer rank-1 pieces "
-        "(tspd.consolidate; a tspd addition, not in the SPD papers); 1.0: after the last step; empty: never",
+        "(tspd.consolidate; a tspd addition, not in the SPD papers); 1.0: after the last step, ending with every piece "
+        "whose CI is 0 on all merge batches switched off for good; empty: never",
     )
 
     @field_validator("at_frac")

@@ -36,6 +36,15 @@ is unchanged):
    that fire on a few edge cases (M at the last positions, ...) which the minimality loss leaves
    on because they are rare, and which would otherwise each count as one more distinct piece.
 
+6. The last consolidation (`final=True`: at_frac 1.0, after the last step, with no training to
+   follow) makes every "off" decision hold beyond the batches it was judged on: each piece whose
+   CI is 0 on every input of the batches (merge remainders, pruned pieces, pieces that never fire)
+   has its last bias lowered by a further FINAL_MARGIN, so it cannot fire on an unseen input
+   either. Without this, a remainder whose logit sat just below 0 on the 2048 merge sequences
+   fired on one token of the census's 2000 and counted as one more distinct piece (induction seed
+   3: K0 and V0 each had such a third piece). It costs nothing on the batches (their CI there is
+   already 0); on unseen inputs it only removes pieces the batches said were not needed.
+
 The optimiser's state of the changed factors is reset by the caller (training resumes with the
 new pieces). Configured by the recipe's `consolidate` section (README, Configuration).
 """
@@ -51,6 +60,7 @@ from tspd.decomposition import Batch, Decomposition, _key
 
 
 QUANTILE = 0.95  # the merge's error bound holds for this share of a group's inputs
+FINAL_MARGIN = 100.0  # CI logits are O(1): a piece lowered this far stays off on any input
 
 
 @dataclass
@@ -78,6 +88,17 @@ class Pruned:
 
     def to_dict(self) -> dict:
         return {"site": self.site, "pruned": self.slots, "increase": round(self.increase, 6)}
+
+
+@dataclass
+class SwitchedOff:
+    """Pieces the final consolidation switched off for good (CI 0 on every input of its batches)."""
+
+    site: str
+    slots: list[int]
+
+    def to_dict(self) -> dict:
+        return {"site": self.site, "off_for_good": self.slots}
 
 
 def co_active_groups(active: Tensor, overlap: float) -> list[list[int]]:
@@ -196,8 +217,8 @@ def _switch_off(dec: Decomposition, s: str, slots: Tensor, runs: list) -> None:
 @torch.no_grad()
 def consolidate(
     dec: Decomposition, batches: list[Batch], tol: float = 0.05, overlap: float = 0.9, max_increase: float | None = None,
-    prune: float | None = None,
-) -> list[Merge | Pruned]:
+    prune: float | None = None, final: bool = False,
+) -> list[Merge | Pruned | SwitchedOff]:
     """Merge co-active subcomponents of every (non-embedding) site in place, then (with `prune`)
     switch off the pieces that cost at most `prune` each; returns the merges and prunings.
 
@@ -205,7 +226,35 @@ def consolidate(
     whose merge (remainder slots off, active slots on wherever a member was) raises the CI-masked
     output divergence on `batches` by at most `max_increase` (nats for KL) over the larger of the
     current one and the group's members all on wherever any of them is (the CI the merged pieces
-    need: switching members on together has a cost of its own that no rank removes)."""
+    need: switching members on together has a cost of its own that no rank removes).
+    With `final` (no training follows), every piece whose CI ends at 0 on every input of
+    `batches` is then switched off for good (see the module docstring, step 6)."""
+    changes = _consolidate(dec, batches, tol, overlap, max_increase, prune)
+    if final:
+        changes += _switch_off_for_good(dec, batches)
+    return changes
+
+
+def _switch_off_for_good(dec: Decomposition, batches: list[Batch]) -> list[SwitchedOff]:
+    """Lower the last bias of every piece with CI 0 on all of `batches` by FINAL_MARGIN more."""
+    zs = [dec.ci_logits(dec.run_target(b)[1]) for b in batches]
+    out = []
+    for s in dec.site_names:
+        if dec.component(s).kind == "embedding":
+            continue
+        top = torch.cat([z[s].reshape(-1, z[s].shape[-1]) for z in zs]).amax(0)
+        slots = torch.nonzero(top <= 0).flatten()  # CI = clamp(logit, 0, 1): 0 on every input
+        if len(slots) == 0:
+            continue
+        top = top[slots]
+        dec.ci_fns[_key(s)].output_bias()[slots] -= top.clamp_min(0) + FINAL_MARGIN
+        out.append(SwitchedOff(s, slots.tolist()))
+    return out
+
+
+def _consolidate(
+    dec: Decomposition, batches: list[Batch], tol: float, overlap: float, max_increase: float | None, prune: float | None
+) -> list[Merge | Pruned]:
     from tspd.losses import Reference, recon_passes
 
     cfg = dec.config
