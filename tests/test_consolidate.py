@@ -191,10 +191,8 @@ def test_a_rarely_active_member_keeps_its_direction():
     assert float(err[0]) > 0.05  # one direction leaves x1's output wrong
 
 
-def test_functional_rank_counts_the_rotation_not_the_union_of_the_members_activity(monkeypatch):
-    """Piece 0 is on at inputs a and b = 2a, piece 1 at b only. Merged, one piece must be on at both,
-    which changes the output at a whatever the rotation; the merge is judged against that union
-    (members all on wherever any is), so an exact rank-1 merge is accepted."""
+def _on_at_a_and_2a(monkeypatch):
+    """linear1 factored exactly; inputs a and 2a; CI: piece 0 on at both, piece 1 at 2a only."""
     from conftest import TwoLayer
 
     torch.manual_seed(0)
@@ -202,11 +200,18 @@ def test_functional_rank_counts_the_rotation_not_the_union_of_the_members_activi
     dec = tspd.Decomposition(TwoLayer(6, 4, 6), cfg)
     set_exact_factors(dec, "linear1")
     a = torch.randn(1, 6)
-    x = torch.cat([a, 2 * a])
     ci = torch.zeros(2, 6)
     ci[:, 0], ci[1, 1] = 1.0, 1.0
     real = dec.ci_from_logits
     monkeypatch.setattr(dec, "ci_from_logits", lambda z: ({"linear1": ci.clone()}, real(z)[1]))
+    return dec, torch.cat([a, 2 * a])
+
+
+def test_functional_rank_counts_the_rotation_not_the_union_of_the_members_activity(monkeypatch):
+    """Piece 0 is on at inputs a and b = 2a, piece 1 at b only. Merged, one piece must be on at both,
+    which changes the output at a whatever the rotation; the merge is judged against that union
+    (members all on wherever any is), so an exact rank-1 merge is accepted."""
+    dec, x = _on_at_a_and_2a(monkeypatch)
     (m,) = consolidate(dec, [x], max_increase=1e-9)
     assert m.rank == 1 and sorted(m.slots) == [0, 1] and m.residual < 1e-6
 
@@ -214,19 +219,8 @@ def test_functional_rank_counts_the_rotation_not_the_union_of_the_members_activi
 def test_strict_rounds_judge_a_merge_against_the_current_divergence(monkeypatch):
     """The same two pieces as above: a late round (strict: no training follows to adapt the CI)
     refuses the merge, since switching the merged piece on at input a costs output there."""
-    from conftest import TwoLayer
-
-    torch.manual_seed(0)
-    cfg = make_cfg([("linear1", 6)], ci={"kind": "vector_mlp", "hidden": [4]}, output={"divergence": "mse"})
-    dec = tspd.Decomposition(TwoLayer(6, 4, 6), cfg)
-    set_exact_factors(dec, "linear1")
-    a = torch.randn(1, 6)
-    x = torch.cat([a, 2 * a])
-    ci = torch.zeros(2, 6)
-    ci[:, 0], ci[1, 1] = 1.0, 1.0
+    dec, x = _on_at_a_and_2a(monkeypatch)
     w0 = dec.component("linear1").weight().clone()
-    real = dec.ci_from_logits
-    monkeypatch.setattr(dec, "ci_from_logits", lambda z: ({"linear1": ci.clone()}, real(z)[1]))
     assert consolidate(dec, [x], max_increase=1e-9, strict=True) == []
     torch.testing.assert_close(dec.component("linear1").weight(), w0)
 
