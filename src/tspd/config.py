@@ -160,12 +160,6 @@ class ConsolidateConfig(Strict):
         description="choose each group's rank by function: the smallest whose merge raises the CI-masked divergence "
         "on the merge batches by at most this over the group's pieces all on wherever any of them is (None: by tol)",
     )
-    strict_from: float = Field(
-        1.0, gt=0, le=1,
-        description="with max_increase: rounds at or after this fraction of training (and always the round after the "
-        "last step) accept a merge only within max_increase of the current CI-masked divergence, with no allowance for "
-        "the members' union: too little training follows for the CI to adapt to the merged pieces",
-    )
     prune: float | None = Field(
         None, gt=0,
         description="after the merges, switch off each piece whose removal raises the CI-masked divergence on the "

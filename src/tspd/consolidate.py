@@ -217,7 +217,7 @@ def _switch_off(dec: Decomposition, s: str, slots: Tensor, runs: list) -> None:
 @torch.no_grad()
 def consolidate(
     dec: Decomposition, batches: list[Batch], tol: float = 0.05, overlap: float = 0.9, max_increase: float | None = None,
-    prune: float | None = None, final: bool = False, strict: bool = False,
+    prune: float | None = None, final: bool = False,
 ) -> list[Merge | Pruned | SwitchedOff]:
     """Merge co-active subcomponents of every (non-embedding) site in place, then (with `prune`)
     switch off the pieces that cost at most `prune` each; returns the merges and prunings.
@@ -226,12 +226,10 @@ def consolidate(
     whose merge (remainder slots off, active slots on wherever a member was) raises the CI-masked
     output divergence on `batches` by at most `max_increase` (nats for KL) over the larger of the
     current one and the group's members all on wherever any of them is (the CI the merged pieces
-    need: switching members on together has a cost of its own that no rank removes). That
-    allowance assumes training follows, in which the CI adapts to the merged pieces; with `strict`
-    (late rounds, where the learning rate is nearly spent) a merge is judged against the current
-    divergence alone. With `final` (no training follows), every piece whose CI ends at 0 on every input of
+    need: switching members on together has a cost of its own that no rank removes).
+    With `final` (no training follows), every piece whose CI ends at 0 on every input of
     `batches` is then switched off for good (see the module docstring, step 6)."""
-    changes = _consolidate(dec, batches, tol, overlap, max_increase, prune, strict)
+    changes = _consolidate(dec, batches, tol, overlap, max_increase, prune)
     if final:
         changes += _switch_off_for_good(dec, batches)
     return changes
@@ -255,8 +253,7 @@ def _switch_off_for_good(dec: Decomposition, batches: list[Batch]) -> list[Switc
 
 
 def _consolidate(
-    dec: Decomposition, batches: list[Batch], tol: float, overlap: float, max_increase: float | None, prune: float | None,
-    strict: bool = False,
+    dec: Decomposition, batches: list[Batch], tol: float, overlap: float, max_increase: float | None, prune: float | None
 ) -> list[Merge | Pruned]:
     from tspd.losses import Reference, recon_passes
 
@@ -313,7 +310,7 @@ def _consolidate(
                 def merged(rank: int) -> list[Tensor]:  # every batch's CI of site s, the group merged to rank
                     return [_merged_ci(run[2][s], slots, rank) for run in runs]
 
-                union = current if strict else masked_divergence(s, merged(len(slots)))
+                union = masked_divergence(s, merged(len(slots)))
                 for cand in range(1, min(len(slots) - 1, len(b)) + 1):
                     if not _write(comp, idx, *split_at(V0, U0, b, cand), V0 @ U0):
                         break

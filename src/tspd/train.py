@@ -150,7 +150,7 @@ def _step_fn(dec: Decomposition, w: distributed.World, device: torch.device) -> 
 
 def _consolidate(
     dec: Decomposition, opt: torch.optim.Optimizer, stream: "DataStream", device: torch.device, w: distributed.World,
-    final: bool = False, strict: bool = False,
+    final: bool = False,
 ) -> list[dict]:
     """Merge co-active subcomponents (tspd.consolidate) on `consolidate.batches` held-out batches,
     which every rank draws alike, so all ranks make the same merges (checked). The Adam moments of the rewritten pieces
@@ -159,7 +159,7 @@ def _consolidate(
 
     c = dec.config.consolidate
     batches = [distributed.to_device(b, device) for b in stream.held_out(c.batches)]
-    merges = consolidate(dec, batches, c.tol, c.overlap, c.max_increase, c.prune, final=final, strict=strict)
+    merges = consolidate(dec, batches, c.tol, c.overlap, c.max_increase, c.prune, final=final)
     for m in merges:
         comp, idx = dec.component(m.site), torch.tensor(m.slots)
         for p, along_columns in ((comp.V, True), (comp.U, False), (dec.ci_fns[_key(m.site)].output_bias(), False)):
@@ -260,8 +260,7 @@ def decompose(
     )
 
     def consolidate_and_log(step: int) -> None:
-        strict = step == t.steps or step >= config.consolidate.strict_from * t.steps
-        merged = _consolidate(dec, opt, stream, device, w, final=step == t.steps, strict=strict)
+        merged = _consolidate(dec, opt, stream, device, w, final=step == t.steps)
         if metrics_file:
             metrics_file.write(json.dumps({"step": step, "consolidate": merged}) + "\n")
             metrics_file.flush()
