@@ -246,8 +246,7 @@ def _switch_off_for_good(dec: Decomposition, batches: list[Batch]) -> list[Switc
         slots = torch.nonzero(top <= 0).flatten()  # CI = clamp(logit, 0, 1): 0 on every input
         if len(slots) == 0:
             continue
-        top = top[slots]
-        dec.ci_fns[_key(s)].output_bias()[slots] -= top.clamp_min(0) + FINAL_MARGIN
+        dec.ci_fns[_key(s)].output_bias()[slots] -= FINAL_MARGIN
         out.append(SwitchedOff(s, slots.tolist()))
     return out
 
