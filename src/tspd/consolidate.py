@@ -229,15 +229,16 @@ def consolidate(
     need: switching members on together has a cost of its own that no rank removes).
     With `final` (no training follows), every piece whose CI ends at 0 on every input of
     `batches` is then switched off for good (see the module docstring, step 6)."""
-    changes = _consolidate(dec, batches, tol, overlap, max_increase, prune)
+    changes, inputs = _consolidate(dec, batches, tol, overlap, max_increase, prune)
     if final:
-        changes += _switch_off_for_good(dec, batches)
+        changes += _switch_off_for_good(dec, inputs)
     return changes
 
 
-def _switch_off_for_good(dec: Decomposition, batches: list[Batch]) -> list[SwitchedOff]:
-    """Lower the last bias of every piece with CI 0 on all of `batches` by FINAL_MARGIN more."""
-    zs = [dec.ci_logits(dec.run_target(b)[1]) for b in batches]
+def _switch_off_for_good(dec: Decomposition, inputs: list[dict[str, Tensor]]) -> list[SwitchedOff]:
+    """Lower the last bias of every piece with CI 0 on all of the batches (their recorded site
+    `inputs`) by FINAL_MARGIN more."""
+    zs = [dec.ci_logits(x) for x in inputs]  # fresh: the merges may have changed V and the biases
     out = []
     for s in dec.site_names:
         if dec.component(s).kind == "embedding":
@@ -253,7 +254,8 @@ def _switch_off_for_good(dec: Decomposition, batches: list[Batch]) -> list[Switc
 
 def _consolidate(
     dec: Decomposition, batches: list[Batch], tol: float, overlap: float, max_increase: float | None, prune: float | None
-) -> list[Merge | Pruned]:
+) -> tuple[list[Merge | Pruned], list[dict[str, Tensor]]]:
+    """The merges and prunings (see `consolidate`), and each batch's recorded site inputs."""
     from tspd.losses import Reference, recon_passes
 
     cfg = dec.config
@@ -327,7 +329,7 @@ def _consolidate(
             _switch_off(dec, s, idx[r:], runs)
             merges.append(Merge(s, slots, r, float(err[r - 1])))
     if prune is None:
-        return merges
+        return merges, [run[3] for run in runs]
     if max_increase is None:  # the merges by tol left the CI as it was on the merged groups' slots
         for run in runs:
             run[2].update(dec.ci_from_logits(dec.ci_logits(run[3]))[0])
@@ -358,4 +360,4 @@ def _consolidate(
                     run[2][s] = g_new
                 _switch_off(dec, s, torch.tensor(slots), runs)
                 done.update(slots)
-    return merges
+    return merges, [run[3] for run in runs]
