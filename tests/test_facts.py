@@ -250,10 +250,12 @@ def test_facts_pipeline_on_a_tiny_run(gpt2_run, tmp_path):
     scan_out = scan_model("tiny-gpt2", tmp_path / "scan")
     assert (tmp_path / "scan" / "scan.png").exists() and scan_out["n_prompts"] > 0
     result = facts_ablate(gpt2_run, k=2, n_random=2, n_text=8, min_ci=0.0, min_gap=0.0, progress=False,
-                          choose_size=True)
+                          choose_size=True, out_dir=tmp_path / "k2")
     assert set(result["sports"]) == set(facts.answers) and result["choose_size"]
     assert result["faithfulness"]["active_per_token"] >= 0
-    assert (gpt2_run / "facts.json").exists() and (gpt2_run / "facts.html").exists()
+    # outputs go to out_dir, and the run folder is left as it was
+    assert json.loads((tmp_path / "k2" / "facts.json").read_text())["k"] == 2 and (tmp_path / "k2" / "facts.html").exists()
+    assert not (gpt2_run / "facts.json").exists()
     done = [r for r in result["sports"].values() if "both" in r]
     for r in done:
         assert len(r["pieces"]) <= 2 and r["text"]["kl"] >= 0

@@ -139,20 +139,21 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_facts(args: argparse.Namespace) -> None:
     from tspd.analysis import facts_study
 
+    out = args.out or ("runs/facts" if args.action != "ablate" else args.run_dir)
     if args.action == "screen":
-        r = facts_study.screen_model(args.model, args.out)
+        r = facts_study.screen_model(args.model, out)
         print(json.dumps({k: r[k] for k in ("overall", "accuracy", "by_template", "default_answer")}, indent=2))
     elif args.action == "scan":
-        r = facts_study.scan_model(args.model, args.out)
+        r = facts_study.scan_model(args.model, out)
         print(f"MLP drop per layer: {[round(v, 3) for v in r['mlp']]}")
         print(f"attention drop per layer: {[round(v, 3) for v in r['attn']]}")
-        print(f"largest MLP drop at layer {r['best_mlp_layer']}; scan.json and scan.png in {args.out}")
+        print(f"largest MLP drop at layer {r['best_mlp_layer']}; scan.json and scan.png in {out}")
     else:
         if args.run_dir is None:
             raise ConfigError("tspd facts ablate needs RUN_DIR (a finished language-model decomposition)")
         r = facts_study.facts_ablate(args.run_dir, k=args.k, select=args.select, collateral_weight=args.collateral_weight,
                                       n_candidates=args.candidates, min_ci=args.min_ci, min_gap=args.min_gap,
-                                      choose_size=args.choose_size)
+                                      choose_size=args.choose_size, out_dir=out)
         f = r["faithfulness"]
         print(f"faithfulness on held-out text: KL {f['kl_per_token']:.4f} nats/token, CE +{f['ce_increase']:.4f}, "
               f"{f['active_per_token']:.1f} active/token")
@@ -163,7 +164,7 @@ def cmd_facts(args: argparse.Namespace) -> None:
             print(f"{sport:18} own {row['both']['target_effect']:7.3f}  others {row['both']['collateral_facts']:7.3f}  "
                   f"random {row['random_target_effect']:7.3f}  svd {row['svd']['target_effect']:7.3f}  "
                   f"text KL {row['text']['kl']:.4f}  {'PASS' if row['passes'] else 'fail'}")
-        print(f"facts.json, facts.html and figures in {args.run_dir}")
+        print(f"facts.json, facts.html and figures in {out}")
 
 
 def _asset_list(text: str) -> list[str]:
@@ -280,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["screen", "scan", "ablate"])
     p.add_argument("run_dir", nargs="?", help="ablate: the decomposition's run folder")
     p.add_argument("--model", default="smollm2", help="screen/scan: smollm2, tiny-gpt2, tiny-llama or a model folder")
-    p.add_argument("--out", default="runs/facts", help="screen/scan: output folder")
+    p.add_argument("--out", default=None,
+                   help="output folder (screen/scan: default runs/facts; ablate: default RUN_DIR, give another to keep "
+                        "several selection settings side by side)")
     p.add_argument("--k", type=int, default=4, help="ablate: at most this many subcomponents per sport")
     p.add_argument("--select", choices=["causal", "ci"], default="causal",
                    help="ablate: causal = CI candidates ranked by ablating each on discovery prompts; ci = CI only")

@@ -139,7 +139,7 @@ def faithfulness_on_text(dec: Decomposition, ids: torch.Tensor, chunk: int = 16)
 def facts_ablate(
     run_dir: str | Path, k: int = 4, n_random: int = 10, n_text: int = 64, min_ci: float = 0.5, min_gap: float = 0.25,
     max_default_share: float = 0.5, select: str = "causal", n_candidates: int = 24, progress: bool = True,
-    collateral_weight: float = 1.0, choose_size: bool = False,
+    collateral_weight: float = 1.0, choose_size: bool = False, out_dir: str | Path | None = None,
 ) -> dict:
     """Per sport: choose subcomponents on discovery athletes, ablate them at the name tokens of
     held-out athletes; collateral on other sports and general text; random and SVD baselines.
@@ -151,7 +151,9 @@ def facts_ablate(
     with the largest drop on the sport minus the absolute change on other sports (held-out
     athletes are never looked at while choosing); `collateral_weight` w scores a candidate by
     drop on the sport - w |change on other sports|. `choose_size` (causal): of those k, keep the
-    prefix whose joint ablation scores best on the discovery prompts (F.best_prefix)."""
+    prefix whose joint ablation scores best on the discovery prompts (F.best_prefix).
+    `out_dir` (default RUN_DIR) receives the outputs instead, so that several selection settings
+    can be kept side by side for one decomposition."""
     if select not in ("ci", "causal"):
         raise ValueError(f"select must be 'ci' or 'causal', not {select!r}")
     from tspd.report.facts import facts_effect_figure, facts_parts_figure, facts_report
@@ -247,8 +249,10 @@ def facts_ablate(
         )
         result["sports"][sport] = row
     result["sports_passing"] = [s for s, r in result["sports"].items() if r.get("passes")]
-    write_json(run_dir / "facts.json", result)
-    facts_effect_figure(result, run_dir / "facts_effects.png")
-    facts_parts_figure(result, run_dir / "facts_name_parts.png")
-    facts_report(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "facts.json", result)
+    facts_effect_figure(result, out / "facts_effects.png")
+    facts_parts_figure(result, out / "facts_name_parts.png")
+    facts_report(out)
     return result
