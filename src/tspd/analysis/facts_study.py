@@ -143,7 +143,8 @@ def facts_ablate(
 ) -> dict:
     """Per sport: choose subcomponents on discovery athletes, ablate them at the name tokens of
     held-out athletes; collateral on other sports and general text; random and SVD baselines.
-    Writes RUN_DIR/facts.json and the figures facts_effects.png and facts_name_parts.png.
+    Writes facts.json, facts.html and the figures facts_effects.png and facts_name_parts.png to
+    `out_dir` (default RUN_DIR).
 
     select="ci": the k subcomponents with name-token CI >= min_ci on the sport's discovery prompts
     and >= min_gap above other sports'. select="causal": up to n_candidates subcomponents with CI
@@ -151,9 +152,8 @@ def facts_ablate(
     with the largest drop on the sport minus the absolute change on other sports (held-out
     athletes are never looked at while choosing); `collateral_weight` w scores a candidate by
     drop on the sport - w |change on other sports|. `choose_size` (causal): of those k, keep the
-    prefix whose joint ablation scores best on the discovery prompts (F.best_prefix).
-    `out_dir` (default RUN_DIR) receives the outputs instead, so that several selection settings
-    can be kept side by side for one decomposition."""
+    prefix whose joint ablation scores best on the discovery prompts (F.best_prefix). A separate
+    `out_dir` keeps several selection settings of one decomposition side by side."""
     if select not in ("ci", "causal"):
         raise ValueError(f"select must be 'ci' or 'causal', not {select!r}")
     from tspd.report.facts import facts_effect_figure, facts_parts_figure, facts_report
