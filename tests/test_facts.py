@@ -159,6 +159,40 @@ def test_rank_by_ablation_scores_each_candidate_on_discovery_prompts(gpt2_run, t
         assert r5["score"] == pytest.approx(r["drop_own"] - 5.0 * abs(r["drop_other"]), abs=1e-5)
 
 
+def test_attribution_drops_match_a_finite_difference(gpt2_run, tiny_tok):
+    dec, batch, sport_of, answer_ids = _two_sports(gpt2_run, tiny_tok)
+    drops = F.attribution_drops(dec, batch, sport_of, answer_ids, chunk=5)  # chunks of 5, 5, 2 rows
+    assert set(drops) == set(dec.site_names) and all(d.shape == (12, 16) for d in drops.values())
+    rows, eps = torch.arange(12), 1e-2
+    right = answer_ids[sport_of]
+
+    def right_lp(site, c, scale):
+        """Right-sport log-probability with piece (site, c) at mask `scale` on the name tokens."""
+        with torch.no_grad():
+            _, inputs = dec.run_target(batch.ids)
+            ci, _ = dec.ci_from_logits(dec.ci_logits(inputs))
+            p = dec.ones_pass(ci)
+            p.masks[site][..., c] = torch.where(batch.names["both"], scale, 1.0)
+            return F.last_logprobs(dec.run_pass(batch.ids, p), batch.last)[rows, right]
+
+    # layer 1 is the last block: its MLP at the name tokens cannot reach the last position
+    assert float(drops["transformer.h.1.mlp.c_proj"].abs().max()) == 0.0
+    for site, c in (("transformer.h.0.mlp.c_fc", 3), ("transformer.h.0.mlp.c_proj", 7)):
+        fd = (right_lp(site, c, 1.0) - right_lp(site, c, 1.0 - eps)) / eps  # drop per unit of mask removed
+        assert torch.allclose(drops[site][:, c], fd, rtol=0.05, atol=2e-4), (site, c)
+        assert float(fd.abs().max()) > 1e-4  # the piece does move the answer, so the check has teeth
+
+
+def test_select_by_attribution_needs_ci_and_a_positive_estimate():
+    drops = {"s": torch.tensor([[0.3, 0.5, 0.2, -0.1], [0.3, 0.5, 0.2, -0.1], [0.0, 0.4, 0.0, 0.0], [0.0, 0.4, 0.0, 0.0]])}
+    ci = {"s": torch.tensor([[0.9, 0.9, 0.1, 0.9]] * 4)}
+    is_sport = torch.tensor([True, True, False, False])
+    # c0: own 0.3, other 0 -> 0.3; c1: 0.5 - 0.4 = 0.1; c2 has CI 0.1 < 0.25; c3 is negative.
+    assert F.select_by_attribution(drops, ci, is_sport, n=4) == [("s", 0), ("s", 1)]
+    assert F.select_by_attribution(drops, ci, is_sport, n=4, collateral_weight=2.0) == [("s", 0)]
+    assert F.select_by_attribution(drops, ci, is_sport, n=1, min_ci=0.05) == [("s", 0)]
+
+
 def test_best_prefix_scores_joint_ablations_and_keeps_the_best(gpt2_run, tiny_tok):
     dec, batch, sport_of, answer_ids = _two_sports(gpt2_run, tiny_tok)
     site = "transformer.h.0.mlp.c_fc"
@@ -250,8 +284,8 @@ def test_facts_pipeline_on_a_tiny_run(gpt2_run, tmp_path):
     scan_out = scan_model("tiny-gpt2", tmp_path / "scan")
     assert (tmp_path / "scan" / "scan.png").exists() and scan_out["n_prompts"] > 0
     result = facts_ablate(gpt2_run, k=2, n_random=2, n_text=8, min_ci=0.0, min_gap=0.0, progress=False,
-                          choose_size=True, out_dir=tmp_path / "k2")
-    assert set(result["sports"]) == set(facts.answers) and result["choose_size"]
+                          choose_size=True, out_dir=tmp_path / "k2", select="attribution")
+    assert set(result["sports"]) == set(facts.answers) and result["choose_size"] and result["select"] == "attribution"
     assert result["faithfulness"]["active_per_token"] >= 0
     # outputs go to out_dir, and the run folder is left as it was
     assert json.loads((tmp_path / "k2" / "facts.json").read_text())["k"] == 2 and (tmp_path / "k2" / "facts.html").exists()

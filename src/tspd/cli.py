@@ -285,8 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (screen/scan: default runs/facts; ablate: default RUN_DIR, give another to keep "
                         "several selection settings side by side)")
     p.add_argument("--k", type=int, default=4, help="ablate: at most this many subcomponents per sport")
-    p.add_argument("--select", choices=["causal", "ci"], default="causal",
-                   help="ablate: causal = CI candidates ranked by ablating each on discovery prompts; ci = CI only")
+    p.add_argument("--select", choices=["causal", "attribution", "ci"], default="causal",
+                   help="ablate: causal = CI candidates ranked by ablating each on discovery prompts; attribution = "
+                        "candidates by a gradient estimate of their effect (no CI gap needed; for dense "
+                        "decompositions), then measured like causal; ci = CI only")
     p.add_argument("--collateral-weight", type=float, default=1.0,
                    help="ablate (causal): score = drop on the sport - W x |change on other sports| (default 1)")
     p.add_argument("--candidates", type=int, default=24,

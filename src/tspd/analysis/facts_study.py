@@ -136,6 +136,9 @@ def faithfulness_on_text(dec: Decomposition, ids: torch.Tensor, chunk: int = 16)
     }
 
 
+SELECT_MODES = ("causal", "attribution", "ci")
+
+
 def facts_ablate(
     run_dir: str | Path, k: int = 4, n_random: int = 10, n_text: int = 64, min_ci: float = 0.5, min_gap: float = 0.25,
     max_default_share: float = 0.5, select: str = "causal", n_candidates: int = 24, progress: bool = True,
@@ -146,6 +149,9 @@ def facts_ablate(
     Writes facts.json, facts.html and the figures facts_effects.png and facts_name_parts.png to
     `out_dir` (default RUN_DIR).
 
+    select="attribution": like "causal", but the candidates are the n_candidates pieces with CI
+    >= min_ci / 2 (no gap needed) whose first-order estimated ablation score (F.attribution_drops,
+    one backward pass for all pieces) is best; they are then measured exactly as for "causal".
     select="ci": the k subcomponents with name-token CI >= min_ci on the sport's discovery prompts
     and >= min_gap above other sports'. select="causal": up to n_candidates subcomponents with CI
     >= min_ci / 2 and a gap >= min_gap / 2, each ablated alone on the discovery prompts; the k
@@ -154,8 +160,8 @@ def facts_ablate(
     drop on the sport - w |change on other sports|. `choose_size` (causal): of those k, keep the
     prefix whose joint ablation scores best on the discovery prompts (F.best_prefix). A separate
     `out_dir` keeps several selection settings of one decomposition side by side."""
-    if select not in ("ci", "causal"):
-        raise ValueError(f"select must be 'ci' or 'causal', not {select!r}")
+    if select not in SELECT_MODES:
+        raise ValueError(f"select must be one of {', '.join(SELECT_MODES)}, not {select!r}")
     from tspd.report.facts import facts_effect_figure, facts_parts_figure, facts_report
     from tspd.targets.huggingface import load_tokenizer
 
@@ -193,8 +199,10 @@ def facts_ablate(
         return {"target_effect": float(-own.mean()), "collateral_facts": float(-other.mean())}
 
     rng = random.Random(cfg.seed)
-    d_clean = None
-    if select == "causal":
+    d_clean = drops = None
+    if select == "attribution":
+        drops = F.attribution_drops(dec, d_batch, d_sport, answer_ids)
+    if select in ("causal", "attribution"):
         d_clean = F.ablation_logprobs(dec, d_batch, answer_ids, [[]], d_batch.names["both"])[0][torch.arange(len(disc)), d_sport]
     result = {"k": k, "select": select, "n_candidates": n_candidates, "collateral_weight": collateral_weight,
               "choose_size": choose_size, "min_ci": min_ci, "min_gap": min_gap,
@@ -213,14 +221,19 @@ def facts_ablate(
             pieces = F.select_for_sport(ci, is_sport, k, min_ci, min_gap)
             why = f"no subcomponent with name-token CI >= {min_ci} and >= {min_gap} above other sports"
         else:
-            cands = F.select_for_sport(ci, is_sport, n_candidates, min_ci / 2, min_gap / 2)
+            if select == "causal":
+                cands = F.select_for_sport(ci, is_sport, n_candidates, min_ci / 2, min_gap / 2)
+                pool = f"name-token CI >= {min_ci / 2}, >= {min_gap / 2} above other sports"
+            else:
+                cands = F.select_by_attribution(drops, ci, is_sport, n_candidates, min_ci / 2, collateral_weight)
+                pool = f"name-token CI >= {min_ci / 2}, positive estimated score"
             pieces, row["candidates"] = F.rank_by_ablation(dec, d_batch, d_sport, s_idx, answer_ids, cands, k, d_clean,
                                                            collateral_weight)
             if choose_size:
                 pieces, row["prefixes"] = F.best_prefix(dec, d_batch, d_sport, s_idx, answer_ids, pieces, d_clean,
                                                         collateral_weight)
-            why = (f"none of {len(cands)} candidates (name-token CI >= {min_ci / 2}, >= {min_gap / 2} above other "
-                   "sports) lowers the sport more than the others when ablated on discovery prompts")
+            why = (f"none of {len(cands)} candidates ({pool}) lowers the sport more than the others when ablated "
+                   "on discovery prompts")
         row["pieces"] = [[s, c] for s, c in pieces]
         if not pieces:
             row["skipped"] = why
