@@ -119,12 +119,19 @@ def facts_report(run_dir: str | Path) -> Path:
             r["random_target_effect"], r["svd"]["target_effect"], r["text"]["kl"], r["passes"],
             *_interval(r.get("bootstrap")),
         ])
-    if result.get("select") == "causal":
-        how = (f"Candidates: up to {result['n_candidates']} subcomponents whose mean name-token CI on the sport's "
-               f"discovery prompts is at least {result['min_ci'] / 2} and at least {result['min_gap'] / 2} above other "
-               f"sports'; each ablated alone at the name tokens of the discovery prompts; the {result['k']} with the "
-               f"largest drop of the right sport's log-probability on the sport minus {result.get('collateral_weight', 1.0):g} "
-               "times the absolute change on other sports are ablated on the held-out athletes.")
+    if result.get("select") in ("causal", "attribution"):
+        w = f"{result.get('collateral_weight', 1.0):g}"
+        if result["select"] == "causal":
+            pool = (f"up to {result['n_candidates']} subcomponents whose mean name-token CI on the sport's discovery "
+                    f"prompts is at least {result['min_ci'] / 2} and at least {result['min_gap'] / 2} above other sports'")
+        else:
+            pool = (f"the {result['n_candidates']} subcomponents with mean name-token CI at least {result['min_ci'] / 2} "
+                    "on the sport's discovery prompts whose first-order (gradient) estimate of the score below is best")
+        how = (f"Candidates: {pool}; each ablated alone at the name tokens of the discovery prompts; the "
+               f"{result['k']} with the largest drop of the right sport's log-probability on the sport minus {w} "
+               "times the absolute change on other sports are ablated on the held-out athletes"
+               + (" (of those, the prefix whose joint ablation scores best on the discovery prompts)."
+                  if result.get("choose_size") else "."))
     else:
         how = (f"The {result['k']} subcomponents with mean name-token CI at least {result['min_ci']} on the sport's "
                f"discovery prompts and at least {result['min_gap']} above other sports'.")
