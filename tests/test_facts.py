@@ -284,7 +284,10 @@ def test_facts_pipeline_on_a_tiny_run(gpt2_run, tmp_path):
     scan_out = scan_model("tiny-gpt2", tmp_path / "scan")
     assert (tmp_path / "scan" / "scan.png").exists() and scan_out["n_prompts"] > 0
     result = facts_ablate(gpt2_run, k=2, n_random=2, n_text=8, min_ci=0.0, min_gap=0.0, progress=False,
-                          choose_size=True, out_dir=tmp_path / "k2", select="attribution")
+                          choose_size=True, out_dir=tmp_path / "k2", select="attribution", name_at_start=False)
+    # only prompts whose name is not their first token: at most the held-out athletes x inner templates
+    inner = [t for t in facts.templates if not t.startswith("{name}")]
+    assert 0 < result["n_heldout_prompts"] <= len(split_athletes(facts, seed=0)[1]) * len(inner) and not result["name_at_start"]
     assert set(result["sports"]) == set(facts.answers) and result["choose_size"] and result["select"] == "attribution"
     assert result["faithfulness"]["active_per_token"] >= 0
     # outputs go to out_dir, and the run folder is left as it was

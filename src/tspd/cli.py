@@ -153,7 +153,8 @@ def cmd_facts(args: argparse.Namespace) -> None:
             raise ConfigError("tspd facts ablate needs RUN_DIR (a finished language-model decomposition)")
         r = facts_study.facts_ablate(args.run_dir, k=args.k, select=args.select, collateral_weight=args.collateral_weight,
                                       n_candidates=args.candidates, min_ci=args.min_ci, min_gap=args.min_gap,
-                                      choose_size=args.choose_size, out_dir=out)
+                                      choose_size=args.choose_size, out_dir=out,
+                                      name_at_start=not args.name_not_first)
         f = r["faithfulness"]
         print(f"faithfulness on held-out text: KL {f['kl_per_token']:.4f} nats/token, CE +{f['ce_increase']:.4f}, "
               f"{f['active_per_token']:.1f} active/token")
@@ -299,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ablate: CI gap above other sports (ci: min_gap; causal candidates: min_gap / 2); default 0.25")
     p.add_argument("--choose-size", action="store_true",
                    help="ablate (causal): keep the prefix of the k ranked pieces whose joint ablation scores best on discovery prompts")
+    p.add_argument("--name-not-first", action="store_true",
+                   help="ablate: leave out prompts whose name is their first token (position 0, where a model without "
+                        "a BOS token keeps its attention sink), for discovery and held-out athletes alike")
     p.set_defaults(func=cmd_facts)
     sub.add_parser("bench", help="time SPD steps on the standard cases (tspd bench --help; benchmarks/README.md)")
 

@@ -143,6 +143,7 @@ def facts_ablate(
     run_dir: str | Path, k: int = 4, n_random: int = 10, n_text: int = 64, min_ci: float = 0.5, min_gap: float = 0.25,
     max_default_share: float = 0.5, select: str = "causal", n_candidates: int = 24, progress: bool = True,
     collateral_weight: float = 1.0, choose_size: bool = False, out_dir: str | Path | None = None,
+    name_at_start: bool = True,
 ) -> dict:
     """Per sport: choose subcomponents on discovery athletes, ablate them at the name tokens of
     held-out athletes; collateral on other sports and general text; random and SVD baselines.
@@ -159,7 +160,10 @@ def facts_ablate(
     athletes are never looked at while choosing); `collateral_weight` w scores a candidate by
     drop on the sport - w |change on other sports|. `choose_size` (causal): of those k, keep the
     prefix whose joint ablation scores best on the discovery prompts (F.best_prefix). A separate
-    `out_dir` keeps several selection settings of one decomposition side by side."""
+    `out_dir` keeps several selection settings of one decomposition side by side.
+    `name_at_start=False` leaves out every prompt whose name starts at position 0: with no BOS
+    token (SmolLM2) that position is the attention sink and behaves unlike any later one, and
+    pieces acting there can move the answer without touching how later positions look facts up."""
     if select not in SELECT_MODES:
         raise ValueError(f"select must be one of {', '.join(SELECT_MODES)}, not {select!r}")
     from tspd.report.facts import facts_effect_figure, facts_parts_figure, facts_report
@@ -180,6 +184,11 @@ def facts_ablate(
 
     disc, held = (known_prompts(*screened_prompts(dec.target, tokenizer, facts, a), max_default_share)
                   for a in (discovery, heldout))
+    if not name_at_start:
+        disc, held = ([p for p in ps if min(p.first) > 0] for ps in (disc, held))
+        if not disc or not held:
+            raise ValueError("no prompt has its name after position 0: every template starts with {name} and the "
+                             "tokenizer adds no BOS token; drop --name-not-first or add templates")
     d_batch, h_batch = F.batch_prompts(disc, pad), F.batch_prompts(held, pad)
     d_sport = torch.tensor([sports.index(p.athlete.sport) for p in disc])
     h_sport = torch.tensor([sports.index(p.athlete.sport) for p in held])
@@ -206,7 +215,7 @@ def facts_ablate(
         d_clean = F.ablation_logprobs(dec, d_batch, answer_ids, [[]], d_batch.names["both"])[0][torch.arange(len(disc)), d_sport]
     result = {"k": k, "select": select, "n_candidates": n_candidates, "collateral_weight": collateral_weight,
               "choose_size": choose_size, "min_ci": min_ci, "min_gap": min_gap,
-              "max_default_share": max_default_share, "n_discovery_prompts": len(disc),
+              "max_default_share": max_default_share, "name_at_start": name_at_start, "n_discovery_prompts": len(disc),
               "n_heldout_prompts": len(held), "faithfulness": faithfulness_on_text(dec, text_ids), "sports": {}}
     bar = tqdm(sports, desc="facts ablation", disable=not progress)
     for s_idx, sport in enumerate(bar):
