@@ -301,8 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--choose-size", action="store_true",
                    help="ablate (causal): keep the prefix of the k ranked pieces whose joint ablation scores best on discovery prompts")
     p.add_argument("--name-not-first", action="store_true",
-                   help="ablate: leave out prompts whose name is their first token (position 0, where a model without "
-                        "a BOS token keeps its attention sink), for discovery and held-out athletes alike")
+                   help="ablate: leave out prompts whose name is their first token (position 0; with no BOS token, as in "
+                        "SmolLM2, that position usually acts as an attention sink and behaves unlike later ones), for discovery and held-out athletes alike")
     p.set_defaults(func=cmd_facts)
     sub.add_parser("bench", help="time SPD steps on the standard cases (tspd bench --help; benchmarks/README.md)")
 

@@ -162,7 +162,7 @@ def facts_ablate(
     prefix whose joint ablation scores best on the discovery prompts (F.best_prefix). A separate
     `out_dir` keeps several selection settings of one decomposition side by side.
     `name_at_start=False` leaves out every prompt whose name starts at position 0: with no BOS
-    token (SmolLM2) that position is the attention sink and behaves unlike any later one, and
+    token (SmolLM2) that position usually serves as an attention sink and behaves unlike later ones, and
     pieces acting there can move the answer without touching how later positions look facts up."""
     if select not in SELECT_MODES:
         raise ValueError(f"select must be one of {', '.join(SELECT_MODES)}, not {select!r}")
