@@ -291,15 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "candidates by a gradient estimate of their effect (no CI gap needed; for dense "
                         "decompositions), then measured like causal; ci = CI only")
     p.add_argument("--collateral-weight", type=float, default=1.0,
-                   help="ablate (causal): score = drop on the sport - W x |change on other sports| (default 1)")
+                   help="ablate (causal, attribution): score = drop on the sport - W x |change on other sports| (default 1)")
     p.add_argument("--candidates", type=int, default=24,
-                   help="ablate (causal): at most this many CI candidates per sport are tested on discovery prompts (default 24)")
+                   help="ablate (causal, attribution): at most this many candidates per sport are tested on discovery prompts (default 24)")
     p.add_argument("--min-ci", type=float, default=0.5,
                    help="ablate: name-token CI bar (ci: min_ci; causal candidates: min_ci / 2); default 0.5")
     p.add_argument("--min-gap", type=float, default=0.25,
                    help="ablate: CI gap above other sports (ci: min_gap; causal candidates: min_gap / 2); default 0.25")
     p.add_argument("--choose-size", action="store_true",
-                   help="ablate (causal): keep the prefix of the k ranked pieces whose joint ablation scores best on discovery prompts")
+                   help="ablate (causal, attribution): keep the prefix of the k ranked pieces whose joint ablation scores best on discovery prompts")
     p.add_argument("--name-not-first", action="store_true",
                    help="ablate: leave out prompts whose name is their first token (position 0; with no BOS token, as in "
                         "SmolLM2, that position usually acts as an attention sink and behaves unlike later ones), for discovery and held-out athletes alike")

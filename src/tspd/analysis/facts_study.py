@@ -187,8 +187,9 @@ def facts_ablate(
     if not name_at_start:
         disc, held = ([p for p in ps if min(p.first) > 0] for ps in (disc, held))
         if not disc or not held:
-            raise ValueError("no prompt has its name after position 0: every template starts with {name} and the "
-                             "tokenizer adds no BOS token; drop --name-not-first or add templates")
+            raise ValueError("no right-answered discovery or held-out prompt has its name after position 0 (a template "
+                             "that starts with {name} puts it there when the tokenizer adds no BOS token); drop "
+                             "--name-not-first or add templates whose name comes later")
     d_batch, h_batch = F.batch_prompts(disc, pad), F.batch_prompts(held, pad)
     d_sport = torch.tensor([sports.index(p.athlete.sport) for p in disc])
     h_sport = torch.tensor([sports.index(p.athlete.sport) for p in held])
