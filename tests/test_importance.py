@@ -183,8 +183,10 @@ def test_vector_mlp_ci_is_per_position():
     torch.testing.assert_close(z[:, 1:], z2[:, 1:], rtol=0, atol=1e-6)
 
 
-def test_vector_mlp_recomputing_backward_matches_autograd():
-    """PerComponentMLP saves only its input and recomputes the hidden layer in the backward."""
+@pytest.mark.parametrize("chunk_rows", [None, 5])
+def test_vector_mlp_recomputing_backward_matches_autograd(chunk_rows):
+    """PerComponentMLP saves only its input and recomputes the hidden layer in the backward, in
+    one chunk or in chunks of rows (5 rows: 18 rows in 4 chunks, the last one short)."""
     import torch.nn.functional as F
 
     from tspd.importance import PerComponentMLP
@@ -192,6 +194,8 @@ def test_vector_mlp_recomputing_backward_matches_autograd():
     torch.manual_seed(0)
     m = PerComponentMLP(7, 5, 4).double()
     m.RECOMPUTE_BYTES = 0  # always take the recomputing path
+    if chunk_rows is not None:
+        m.CHUNK_BYTES = chunk_rows * 5 * 4 * 4  # rows x C x hidden x 4 bytes
     for p in m.parameters():
         p.data.normal_()
     x = torch.randn(3, 6, 7, dtype=torch.double, requires_grad=True)

@@ -81,32 +81,48 @@ def upper_leaky_hard_sigmoid(z: Tensor, leak: float = 0.01) -> Tensor:
 
 class _PerComponentMLPFn(torch.autograd.Function):
     """z[n, c] = w2[c] . gelu(x[n] @ w1[:, c] + b1[c]) + b2[c], saving only x for the backward.
-
     The hidden activations (rows x C x hidden) are the largest tensors of a vector_mlp step; the
     backward recomputes them from x (one more x @ w1) instead of keeping two copies alive from the
-    forward to the backward."""
+    forward to the backward. Both directions run over chunks of `chunk` rows, so the hidden
+    activations alive at any time are one chunk's, not the whole batch's."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
-        mm = x @ w1  # under autocast: bf16; the backward recomputes in the same dtype
-        ctx.mm_dtype = mm.dtype
-        hid = F.gelu(mm + b1).unflatten(-1, w2.shape)
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, chunk: int) -> Tensor:
+        outs = []
+        dt = x.dtype
+        for xc in x.split(chunk):
+            mm = xc @ w1  # under autocast: bf16; the backward recomputes in the same dtype
+            dt = mm.dtype
+            hid = F.gelu(mm + b1).unflatten(-1, w2.shape)
+            outs.append(torch.einsum("nch,ch->nc", hid, w2.to(hid.dtype)))  # no (rows, C, hidden) product
+        ctx.mm_dtype, ctx.chunk = dt, chunk
         ctx.save_for_backward(x, w1, b1, w2)
-        return torch.einsum("nch,ch->nc", hid, w2.to(hid.dtype)) + b2  # no (rows, C, hidden) product
+        return torch.cat(outs) + b2 if len(outs) > 1 else outs[0] + b2
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, w1, b1, w2 = ctx.saved_tensors
         dt = ctx.mm_dtype
-        pre = x.to(dt) @ w1.to(dt) + b1
-        hid = F.gelu(pre)
-        grad = grad.to(pre.dtype)
-        grad_w2 = torch.einsum("nc,nch->ch", grad, hid.unflatten(-1, w2.shape))
-        grad_hid = (grad.unsqueeze(-1) * w2.to(pre.dtype)).flatten(-2)
-        grad_pre = torch.ops.aten.gelu_backward(grad_hid, pre)
-        grad_x = (grad_pre.to(dt) @ w1.to(dt).T).to(x.dtype)
-        grad_w1 = (x.to(dt).T @ grad_pre.to(dt)).to(w1.dtype)
-        return grad_x, grad_w1, grad_pre.sum(0).to(b1.dtype), grad_w2.to(w2.dtype), grad.sum(0)
+        w1c, w2c = w1.to(dt), None
+        grad_x, grad_w1, grad_b1, grad_w2 = [], None, None, None
+        for xc, gc in zip(x.split(ctx.chunk), grad.split(ctx.chunk)):
+            pre = xc.to(dt) @ w1c + b1
+            hid = F.gelu(pre)
+            gc = gc.to(pre.dtype)
+            if w2c is None:
+                w2c = w2.to(pre.dtype)
+            gw2 = torch.einsum("nc,nch->ch", gc, hid.unflatten(-1, w2.shape))
+            del hid
+            grad_pre = torch.ops.aten.gelu_backward((gc.unsqueeze(-1) * w2c).flatten(-2), pre)
+            del pre
+            grad_x.append((grad_pre.to(dt) @ w1c.T).to(x.dtype))
+            gw1 = xc.to(dt).T @ grad_pre.to(dt)
+            gb1 = grad_pre.sum(0)
+            grad_w1 = gw1 if grad_w1 is None else grad_w1.add_(gw1)
+            grad_b1 = gb1 if grad_b1 is None else grad_b1.add_(gb1)
+            grad_w2 = gw2 if grad_w2 is None else grad_w2.add_(gw2)
+        gx = torch.cat(grad_x) if len(grad_x) > 1 else grad_x[0]
+        return gx, grad_w1.to(w1.dtype), grad_b1.to(b1.dtype), grad_w2.to(w2.dtype), grad.sum(0), None
 
 
 class PerComponentMLP(nn.Module):
@@ -123,12 +139,15 @@ class PerComponentMLP(nn.Module):
     # Above this size of the hidden activations, the backward recomputes them (less memory, ~40 %
     # more time on the induction vector_mlp benchmark); below it, autograd keeps them.
     RECOMPUTE_BYTES = 64 * 2**20
+    # The recomputing path's hidden activations are computed this many bytes of rows at a time.
+    CHUNK_BYTES = 8 * 2**20
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         rows = x.numel() // x.shape[-1]
         if torch.is_grad_enabled() and rows * self.C * self.hidden * 4 > self.RECOMPUTE_BYTES:
-            z = _PerComponentMLPFn.apply(x.reshape(-1, x.shape[-1]), self.w1, self.b1, self.w2, self.b2)
+            chunk = max(1, self.CHUNK_BYTES // (self.C * self.hidden * 4))
+            z = _PerComponentMLPFn.apply(x.reshape(-1, x.shape[-1]), self.w1, self.b1, self.w2, self.b2, chunk)
             return z.reshape(*lead, self.C)
         hid = F.gelu(x @ self.w1 + self.b1).unflatten(-1, (self.C, self.hidden))
         return (hid * self.w2).sum(-1) + self.b2
