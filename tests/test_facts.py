@@ -10,7 +10,7 @@ import yaml
 import tspd
 from tspd.analysis import facts as F
 from tspd.cli import main
-from tspd.data.facts import fact_sentences, load_facts, split_athletes
+from tspd.data.facts import FACTS_FILE, fact_sentences, load_facts, split_athletes
 from tspd.decomposition import call_target
 from tspd.targets.huggingface import load_lm, load_tokenizer
 
@@ -283,11 +283,17 @@ def test_facts_pipeline_on_a_tiny_run(gpt2_run, tmp_path):
     assert len(scan["mlp"]) == len(scan["attn"]) == 2 and any(abs(v) > 0 for v in scan["mlp"])
     scan_out = scan_model("tiny-gpt2", tmp_path / "scan")
     assert (tmp_path / "scan" / "scan.png").exists() and scan_out["n_prompts"] > 0
+    # a facts file of our own: the shipped athletes with the templates whose name is not first, and one more
+    inner = [t for t in facts.templates if not t.startswith("{name}")] + ["In short, {name} plays the sport of"]
+    raw = json.loads(FACTS_FILE.read_text())
+    own = tmp_path / "inner-facts.json"
+    own.write_text(json.dumps({**raw, "templates": inner}))
     result = facts_ablate(gpt2_run, k=2, n_random=2, n_text=8, min_ci=0.0, min_gap=0.0, progress=False,
-                          choose_size=True, out_dir=tmp_path / "k2", select="attribution", name_at_start=False)
-    # only prompts whose name is not their first token: at most the held-out athletes x inner templates
-    inner = [t for t in facts.templates if not t.startswith("{name}")]
+                          choose_size=True, out_dir=tmp_path / "k2", select="attribution", name_at_start=False,
+                          facts_file=own)
+    # only prompts whose name is not their first token, from the file's templates: at most held-out athletes x 3
     assert 0 < result["n_heldout_prompts"] <= len(split_athletes(facts, seed=0)[1]) * len(inner) and not result["name_at_start"]
+    assert result["facts_file"] == str(own)
     assert set(result["sports"]) == set(facts.answers) and result["choose_size"] and result["select"] == "attribution"
     assert result["faithfulness"]["active_per_token"] >= 0
     # outputs go to out_dir, and the run folder is left as it was
@@ -299,6 +305,28 @@ def test_facts_pipeline_on_a_tiny_run(gpt2_run, tmp_path):
         assert len(r["pieces"]) == max(r["prefixes"], key=lambda p: p["score"])["size"]
         lo, hi = r["bootstrap"]["target_effect"]
         assert lo <= hi and 0 <= r["bootstrap"]["pass_fraction"] <= 1
+
+
+def test_own_facts_file(tmp_path):
+    from tspd.analysis.facts_study import screen_model
+
+    own = tmp_path / "facts.json"
+    own.write_text(json.dumps({"templates": ["Fact: {name} plays"], "sports": [
+        {"name": "golf", "answer": " golf", "athletes": ["Tiger Woods", "Rory McIlroy"]},
+        {"name": "chess", "answer": " chess", "athletes": ["Magnus Carlsen", "Judit Polgar", "Garry Kasparov"]}]}))
+    facts = load_facts(own)
+    assert [s.name for s in facts.sports] == ["golf", "chess"] and facts.prompts()[2].text == "Fact: Magnus Carlsen plays"
+    scr = screen_model("tiny-gpt2", tmp_path / "screen", facts_file=own)
+    assert set(scr["accuracy"]) == {"golf", "chess"}
+    assert len(json.loads((tmp_path / "screen" / "screen.json").read_text())["prompts"]) == 5
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_facts(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text('{"templates": ["{name} plays"]}')
+    with pytest.raises(ValueError, match="missing key.*sports"):
+        load_facts(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_facts(tmp_path / "bad.json")
 
 
 def test_bootstrap_effect_resamples_athletes():

@@ -141,10 +141,10 @@ def cmd_facts(args: argparse.Namespace) -> None:
 
     out = args.out or ("runs/facts" if args.action != "ablate" else args.run_dir)
     if args.action == "screen":
-        r = facts_study.screen_model(args.model, out)
+        r = facts_study.screen_model(args.model, out, facts_file=args.facts)
         print(json.dumps({k: r[k] for k in ("overall", "accuracy", "by_template", "default_answer")}, indent=2))
     elif args.action == "scan":
-        r = facts_study.scan_model(args.model, out)
+        r = facts_study.scan_model(args.model, out, facts_file=args.facts)
         print(f"MLP drop per layer: {[round(v, 3) for v in r['mlp']]}")
         print(f"attention drop per layer: {[round(v, 3) for v in r['attn']]}")
         print(f"largest MLP drop at layer {r['best_mlp_layer']}; scan.json and scan.png in {out}")
@@ -154,7 +154,7 @@ def cmd_facts(args: argparse.Namespace) -> None:
         r = facts_study.facts_ablate(args.run_dir, k=args.k, select=args.select, collateral_weight=args.collateral_weight,
                                       n_candidates=args.candidates, min_ci=args.min_ci, min_gap=args.min_gap,
                                       choose_size=args.choose_size, out_dir=out,
-                                      name_at_start=not args.name_not_first)
+                                      name_at_start=not args.name_not_first, facts_file=args.facts)
         f = r["faithfulness"]
         print(f"faithfulness on held-out text: KL {f['kl_per_token']:.4f} nats/token, CE +{f['ce_increase']:.4f}, "
               f"{f['active_per_token']:.1f} active/token")
@@ -285,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="output folder (screen/scan: default runs/facts; ablate: default RUN_DIR, give another to keep "
                         "several selection settings side by side)")
+    p.add_argument("--facts", default=None, metavar="FILE",
+                   help="athletes and templates from this JSON instead of the shipped tspd/data/facts.json (same layout: "
+                        "templates with {name} once, sports with an answer and athletes' full names)")
     p.add_argument("--k", type=int, default=4, help="ablate: at most this many subcomponents per sport")
     p.add_argument("--select", choices=["causal", "attribution", "ci"], default="causal",
                    help="ablate: causal = CI candidates ranked by ablating each on discovery prompts; attribution = "

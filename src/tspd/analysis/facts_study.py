@@ -36,12 +36,13 @@ def known_prompts(prompts: list[F.TokenPrompt], scr: dict, max_default_share: fl
     return [p for p, r in zip(prompts, scr["right"]) if r and default.get(p.template) != p.athlete.sport]
 
 
-def screen_model(model_name: str, out: str | Path | None = None, seed: int = 0) -> dict:
-    """Screen every (athlete, template) prompt; writes OUT/screen.json. Returns the summary."""
+def screen_model(model_name: str, out: str | Path | None = None, seed: int = 0, facts_file: str | Path | None = None) -> dict:
+    """Screen every (athlete, template) prompt; writes OUT/screen.json. Returns the summary.
+    `facts_file`: a facts JSON of the shipped layout (tspd/data/facts.json) instead of the shipped one."""
     from tspd.targets.huggingface import load_lm
 
+    facts = load_facts(facts_file)  # a bad file fails before the model loads
     model, tokenizer = load_lm(model_name, seed)
-    facts = load_facts()
     prompts, result = screened_prompts(model, tokenizer, facts)
     discovery, heldout = split_athletes(facts, seed=seed)
     held = {a.name for a in heldout}
@@ -56,13 +57,13 @@ def screen_model(model_name: str, out: str | Path | None = None, seed: int = 0) 
     return result
 
 
-def scan_model(model_name: str, out: str | Path, seed: int = 0) -> dict:
+def scan_model(model_name: str, out: str | Path, seed: int = 0, facts_file: str | Path | None = None) -> dict:
     """The layer scan on the discovery prompts the model gets right; writes scan.json and scan.png."""
     from tspd.report.facts import facts_scan_figure
     from tspd.targets.huggingface import load_lm
 
+    facts = load_facts(facts_file)  # a bad file fails before the model loads
     model, tokenizer = load_lm(model_name, seed)
-    facts = load_facts()
     discovery, _ = split_athletes(facts, seed=seed)
     right = known_prompts(*screened_prompts(model, tokenizer, facts, discovery))
     if not right:
@@ -143,7 +144,7 @@ def facts_ablate(
     run_dir: str | Path, k: int = 4, n_random: int = 10, n_text: int = 64, min_ci: float = 0.5, min_gap: float = 0.25,
     max_default_share: float = 0.5, select: str = "causal", n_candidates: int = 24, progress: bool = True,
     collateral_weight: float = 1.0, choose_size: bool = False, out_dir: str | Path | None = None,
-    name_at_start: bool = True,
+    name_at_start: bool = True, facts_file: str | Path | None = None,
 ) -> dict:
     """Per sport: choose subcomponents on discovery athletes, ablate them at the name tokens of
     held-out athletes; collateral on other sports and general text; random and SVD baselines.
@@ -163,19 +164,21 @@ def facts_ablate(
     `out_dir` keeps several selection settings of one decomposition side by side.
     `name_at_start=False` leaves out every prompt whose name starts at position 0: with no BOS
     token (SmolLM2) that position usually serves as an attention sink and behaves unlike later ones, and
-    pieces acting there can move the answer without touching how later positions look facts up."""
+    pieces acting there can move the answer without touching how later positions look facts up.
+    `facts_file`: athletes and templates from a facts JSON of the shipped layout instead of the
+    shipped tspd/data/facts.json (discovery and held-out athletes are split from it the same way)."""
     if select not in SELECT_MODES:
         raise ValueError(f"select must be one of {', '.join(SELECT_MODES)}, not {select!r}")
     from tspd.report.facts import facts_effect_figure, facts_parts_figure, facts_report
     from tspd.targets.huggingface import load_tokenizer
 
     run_dir = Path(run_dir)
+    facts = load_facts(facts_file)  # a bad file fails before the run loads
     dec = load(run_dir)
     cfg = dec.config
     if cfg.target is None or cfg.target.kind != "huggingface":
         raise ValueError(f"{run_dir} is not a language-model run (target kind huggingface); the facts study needs one")
     tokenizer = load_tokenizer(cfg.target.model)
-    facts = load_facts()
     discovery, heldout = split_athletes(facts, seed=cfg.seed)
     pad = F.pad_id(tokenizer)
     answers = F.sport_tokens(tokenizer, facts.answers)
@@ -216,7 +219,8 @@ def facts_ablate(
         d_clean = F.ablation_logprobs(dec, d_batch, answer_ids, [[]], d_batch.names["both"])[0][torch.arange(len(disc)), d_sport]
     result = {"k": k, "select": select, "n_candidates": n_candidates, "collateral_weight": collateral_weight,
               "choose_size": choose_size, "min_ci": min_ci, "min_gap": min_gap,
-              "max_default_share": max_default_share, "name_at_start": name_at_start, "n_discovery_prompts": len(disc),
+              "max_default_share": max_default_share, "name_at_start": name_at_start,
+              "facts_file": None if facts_file is None else str(facts_file), "n_discovery_prompts": len(disc),
               "n_heldout_prompts": len(held), "faithfulness": faithfulness_on_text(dec, text_ids), "sports": {}}
     bar = tqdm(sports, desc="facts ablation", disable=not progress)
     for s_idx, sport in enumerate(bar):

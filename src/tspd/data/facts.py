@@ -78,9 +78,17 @@ class Facts:
 
 
 def _check(raw: dict, path: Path) -> None:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a facts file is a JSON object with keys templates and sports (and optionally about)")
     unknown = set(raw) - {"about", "templates", "sports"}
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; expected about, templates, sports")
+    missing = {"templates", "sports"} - set(raw)
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {', '.join(sorted(missing))}; a facts file needs templates and sports")
+    for s in raw["sports"]:
+        if not {"name", "answer", "athletes"} <= set(s):
+            raise ValueError(f"{path}: each sport needs name, answer and athletes; got keys {', '.join(sorted(s))}")
     for t in raw["templates"]:
         if t.count("{name}") != 1:
             raise ValueError(f"{path}: template {t!r} must hold {{name}} exactly once")
@@ -99,7 +107,12 @@ def _check(raw: dict, path: Path) -> None:
 def load_facts(path: str | Path | None = None) -> Facts:
     """The facts dataset: the shipped `facts.json`, or a file of the same layout."""
     path = FACTS_FILE if path is None else Path(path)
-    raw = json.loads(path.read_text(encoding="utf-8"))
+    if not path.is_file():
+        raise FileNotFoundError(f"facts file {path} does not exist; give a JSON laid out like {FACTS_FILE}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); a facts file is laid out like {FACTS_FILE}") from None
     _check(raw, path)
     sports = tuple(
         Sport(s["name"], s["answer"], tuple(Athlete(*n.strip().split(" ", 1), sport=s["name"]) for n in s["athletes"]))
