@@ -293,7 +293,7 @@ def test_facts_pipeline_on_a_tiny_run(gpt2_run, tmp_path):
                           facts_file=own)
     # only prompts whose name is not their first token, from the file's templates: at most held-out athletes x 3
     assert 0 < result["n_heldout_prompts"] <= len(split_athletes(facts, seed=0)[1]) * len(inner) and not result["name_at_start"]
-    assert result["facts_file"] == str(own)
+    assert result["facts_file"] == str(own) and "inner-facts.json" in (tmp_path / "k2" / "facts.html").read_text()
     assert set(result["sports"]) == set(facts.answers) and result["choose_size"] and result["select"] == "attribution"
     assert result["faithfulness"]["active_per_token"] >= 0
     # outputs go to out_dir, and the run folder is left as it was

@@ -135,7 +135,12 @@ def facts_report(run_dir: str | Path) -> Path:
     else:
         how = (f"The {result['k']} subcomponents with mean name-token CI at least {result['min_ci']} on the sport's "
                f"discovery prompts and at least {result['min_gap']} above other sports'.")
-    sections.append(("How subcomponents were chosen", f"<p>{html.escape(how)}</p>"))
+    prompts = (f"Prompts: athletes and templates from {result['facts_file']}" if result.get("facts_file")
+               else "Prompts: the shipped athletes and templates (tspd/data/facts.json)")
+    prompts += (f"; {result['n_discovery_prompts']} discovery and {result['n_heldout_prompts']} held-out prompts the "
+                "model answers right" if "n_discovery_prompts" in result else "")
+    prompts += ("; prompts whose name is their first token left out." if result.get("name_at_start") is False else ".")
+    sections.append(("How subcomponents were chosen", f"<p>{html.escape(prompts)}</p><p>{html.escape(how)}</p>"))
     sections.append(("Per sport (ablation at both name parts)", table(
         ["sport", "held-out prompts", "pieces", "own drop", "other sports' drop", "random drop", "SVD drop",
          "text KL", "passes", "own drop, 90 % interval (athletes resampled)", "share of resamples passing"], rows)))
