@@ -80,14 +80,16 @@ def test_load_gpt2_uses_the_offline_tokenizer_for_a_bare_folder(tmp_path, gpt2_t
         load_gpt2(tmp_path / "small")
 
 
-def test_sport_answers_start_with_distinct_single_tokens(smollm2, gpt2_tokenizer):
+def test_sport_answers_start_with_distinct_first_tokens(smollm2, gpt2_tokenizer):
+    """The study scores an answer's first token, so those must differ between sports; an answer may
+    run on past it (' ice hockey' starts with ' ice')."""
     from tspd.data.facts import load_facts
 
     answers = [s.answer for s in load_facts().sports]
     for tok in (smollm2[1], gpt2_tokenizer):
         first = [tok(a, add_special_tokens=False).input_ids[0] for a in answers]
         assert len(set(first)) == len(answers), dict(zip(answers, first))
-        assert all(tok.decode([t]) == a for t, a in zip(first, answers))  # each answer is one whole token
+        assert all(a.startswith(tok.decode([t])) and len(tok.decode([t]).strip()) > 2 for t, a in zip(first, answers))
 
 
 def test_wiki_corpus_size(smollm2):
