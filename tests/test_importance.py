@@ -206,3 +206,25 @@ def test_vector_mlp_recomputing_backward_matches_autograd(chunk_rows):
     params = [x, *m.parameters()]
     for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(plain, params, g)):
         torch.testing.assert_close(a, b)
+
+
+def test_vector_mlp_chunks_under_bf16_autocast_match_one_chunk():
+    """Under bf16 autocast the chunked recomputation gives the one-chunk gradients (to bf16 precision):
+    w1's gradient is summed over chunks in fp32."""
+    from tspd.importance import PerComponentMLP
+
+    torch.manual_seed(0)
+    m = PerComponentMLP(8, 6, 4)
+    m.RECOMPUTE_BYTES = 0
+    x = torch.randn(64, 8)
+    grads = []
+    for chunk_rows in (64, 7):
+        m.CHUNK_BYTES = chunk_rows * 6 * 4 * 4
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = m(x)
+        (z.float() ** 2).sum().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*grads):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)

@@ -81,6 +81,7 @@ def upper_leaky_hard_sigmoid(z: Tensor, leak: float = 0.01) -> Tensor:
 
 class _PerComponentMLPFn(torch.autograd.Function):
     """z[n, c] = w2[c] . gelu(x[n] @ w1[:, c] + b1[c]) + b2[c], saving only x for the backward.
+
     The hidden activations (rows x C x hidden) are the largest tensors of a vector_mlp step; the
     backward recomputes them from x (one more x @ w1) instead of keeping two copies alive from the
     forward to the backward. Both directions run over chunks of `chunk` rows, so the hidden
@@ -116,7 +117,7 @@ class _PerComponentMLPFn(torch.autograd.Function):
             grad_pre = torch.ops.aten.gelu_backward((gc.unsqueeze(-1) * w2c).flatten(-2), pre)
             del pre
             grad_x.append((grad_pre.to(dt) @ w1c.T).to(x.dtype))
-            gw1 = xc.to(dt).T @ grad_pre.to(dt)
+            gw1 = (xc.to(dt).T @ grad_pre.to(dt)).to(w1.dtype)  # summed over chunks in w1's dtype, not bf16
             gb1 = grad_pre.sum(0)
             grad_w1 = gw1 if grad_w1 is None else grad_w1.add_(gw1)
             grad_b1 = gb1 if grad_b1 is None else grad_b1.add_(gb1)
