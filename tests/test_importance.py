@@ -193,7 +193,6 @@ def test_vector_mlp_recomputing_backward_matches_autograd(chunk_rows):
 
     torch.manual_seed(0)
     m = PerComponentMLP(7, 5, 4).double()
-    m.RECOMPUTE_BYTES = 0  # always take the recomputing path
     if chunk_rows is not None:
         m.CHUNK_BYTES = chunk_rows * 5 * 4 * 4  # rows x C x hidden x 4 bytes
     for p in m.parameters():
@@ -215,7 +214,6 @@ def test_vector_mlp_chunks_under_bf16_autocast_match_one_chunk():
 
     torch.manual_seed(0)
     m = PerComponentMLP(8, 6, 4)
-    m.RECOMPUTE_BYTES = 0
     x = torch.randn(64, 8)
     grads = []
     for chunk_rows in (64, 7):

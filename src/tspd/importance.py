@@ -80,54 +80,63 @@ def upper_leaky_hard_sigmoid(z: Tensor, leak: float = 0.01) -> Tensor:
 
 
 class _PerComponentMLPFn(torch.autograd.Function):
-    """z[n, c] = w2[c] . gelu(x[n] @ w1[:, c] + b1[c]) + b2[c], saving only x for the backward.
+    """z[n, c] = w2[c] . gelu(x[n] @ w1[:, c] + b1[c]) + b2[c], over chunks of `chunk` rows, saving
+    only x for the backward.
 
-    The hidden activations (rows x C x hidden) are the largest tensors of a vector_mlp step; the
-    backward recomputes them from x (one more x @ w1) instead of keeping two copies alive from the
-    forward to the backward. Both directions run over chunks of `chunk` rows, so the hidden
-    activations alive at any time are one chunk's, not the whole batch's."""
+    The hidden activations (rows x C x hidden) are the largest tensors of a vector_mlp step, and
+    eager elementwise ops over them are bound by memory traffic. Here every op runs on one chunk of
+    rows small enough to stay in the CPU's cache, and nothing of that size is written out: the
+    backward recomputes the chunk's pre-activations from x (one more small matmul per chunk)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, chunk: int) -> Tensor:
-        outs = []
+        rows = x.shape[0]
+        autocast = torch.is_autocast_enabled(x.device.type)
+        out = torch.empty(rows, w2.shape[0], dtype=torch.promote_types(x.dtype, w2.dtype), device=x.device)
         dt = x.dtype
-        for xc in x.split(chunk):
-            mm = xc @ w1  # under autocast: bf16; the backward recomputes in the same dtype
-            dt = mm.dtype
-            hid = F.gelu(mm + b1).unflatten(-1, w2.shape)
-            outs.append(torch.einsum("nch,ch->nc", hid, w2.to(hid.dtype)))  # no (rows, C, hidden) product
+        for i in range(0, rows, chunk):
+            xc = x[i : i + chunk]
+            if autocast:  # bf16 matmul (the backward recomputes in the same dtype), bias and GELU in fp32
+                mm = xc @ w1
+                dt = mm.dtype
+                pre = mm + b1
+            else:  # the bias added inside the matmul
+                pre = torch.addmm(b1, xc, w1)
+            hid = F.gelu(pre).unflatten(-1, w2.shape)
+            torch.sum(hid.mul_(w2), -1, out=out[i : i + chunk])  # no second (chunk, C, hidden) tensor
         ctx.mm_dtype, ctx.chunk = dt, chunk
         ctx.save_for_backward(x, w1, b1, w2)
-        return torch.cat(outs) + b2 if len(outs) > 1 else outs[0] + b2
+        return out.add_(b2)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, w1, b1, w2 = ctx.saved_tensors
-        dt = ctx.mm_dtype
-        w1c, w2c = w1.to(dt), None
-        grad_x, grad_w1, grad_b1, grad_w2 = [], None, None, None
-        for xc, gc in zip(x.split(ctx.chunk), grad.split(ctx.chunk)):
-            pre = xc.to(dt) @ w1c + b1
-            hid = F.gelu(pre)
-            gc = gc.to(pre.dtype)
-            if w2c is None:
-                w2c = w2.to(pre.dtype)
-            gw2 = torch.einsum("nc,nch->ch", gc, hid.unflatten(-1, w2.shape))
-            del hid
-            grad_pre = torch.ops.aten.gelu_backward((gc.unsqueeze(-1) * w2c).flatten(-2), pre)
-            del pre
-            grad_x.append((grad_pre.to(dt) @ w1c.T).to(x.dtype))
-            gw1 = (xc.to(dt).T @ grad_pre.to(dt)).to(w1.dtype)  # summed over chunks in w1's dtype, not bf16
-            gb1 = grad_pre.sum(0)
-            grad_w1 = gw1 if grad_w1 is None else grad_w1.add_(gw1)
-            grad_b1 = gb1 if grad_b1 is None else grad_b1.add_(gb1)
-            grad_w2 = gw2 if grad_w2 is None else grad_w2.add_(gw2)
-        gx = torch.cat(grad_x) if len(grad_x) > 1 else grad_x[0]
-        return gx, grad_w1.to(w1.dtype), grad_b1.to(b1.dtype), grad_w2.to(w2.dtype), grad.sum(0), None
+        dt, chunk = ctx.mm_dtype, ctx.chunk
+        w1c = w1.to(dt)
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        # w1's gradient is summed over chunks transposed (grad_pre^T x runs faster than x^T grad_pre
+        # at these shapes) and in w1's dtype, not bf16.
+        grad_w1t = torch.zeros_like(w1.T)
+        grad_b1 = torch.zeros_like(b1)
+        grad_w2 = torch.zeros_like(w2)
+        grad = grad.to(w2.dtype)
+        for i in range(0, x.shape[0], chunk):
+            xc, gc = x[i : i + chunk], grad[i : i + chunk].unsqueeze(-1)
+            pre = torch.addmm(b1, xc, w1) if dt == w1.dtype else xc.to(dt) @ w1c + b1
+            grad_w2.add_(F.gelu(pre).unflatten(-1, w2.shape).mul_(gc).sum(0))
+            grad_pre = torch.ops.aten.gelu_backward((gc * w2).flatten(-2), pre)
+            if dt == w1.dtype:
+                grad_w1t.addmm_(grad_pre.T, xc)
+            else:
+                grad_w1t.add_(grad_pre.to(dt).T @ xc.to(dt))
+            grad_b1.add_(grad_pre.sum(0))
+            if grad_x is not None:
+                grad_x[i : i + chunk] = grad_pre.to(dt) @ w1c.T
+        return grad_x, grad_w1t.T.contiguous(), grad_b1, grad_w2, grad.sum(0), None
 
 
 class PerComponentMLP(nn.Module):
-    """C independent MLPs d_in -> hidden -> 1 (GELU), evaluated with one matmul."""
+    """C independent MLPs d_in -> hidden -> 1 (GELU), evaluated with one matmul per chunk of rows."""
 
     def __init__(self, d_in: int, C: int, hidden: int):
         super().__init__()
@@ -137,24 +146,16 @@ class PerComponentMLP(nn.Module):
         self.w2 = nn.Parameter(torch.randn(C, hidden) / math.sqrt(hidden))
         self.b2 = nn.Parameter(torch.zeros(C))
 
-    # Above this size of the hidden activations, the backward recomputes them (less memory, ~40 %
-    # more time on the induction vector_mlp benchmark); below it, autograd keeps them.
-    RECOMPUTE_BYTES = 64 * 2**20
-    # The recomputing path's hidden activations are computed this many bytes of rows at a time.
-    CHUNK_BYTES = 8 * 2**20
+    # The hidden activations are computed this many bytes (in fp32) of rows at a time. Measured on
+    # induction-vector-64, steps of each size alternated in one process: 0.5 / 1 / 2 MB -> 141 / 130
+    # / 127 ms (median); in a slower run 2 / 3 / 4 / 8 MB -> 131 / 131 / 137 / 147 ms (25th pct).
+    CHUNK_BYTES = 2 * 2**20
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        rows = x.numel() // x.shape[-1]
-        if torch.is_grad_enabled() and rows * self.C * self.hidden * 4 > self.RECOMPUTE_BYTES:
-            chunk = max(1, self.CHUNK_BYTES // (self.C * self.hidden * 4))
-            z = _PerComponentMLPFn.apply(x.reshape(-1, x.shape[-1]), self.w1, self.b1, self.w2, self.b2, chunk)
-            return z.reshape(*lead, self.C)
-        if torch.is_autocast_enabled(x.device.type):  # bf16 matmul, bias and GELU in fp32
-            hid = F.gelu(x @ self.w1 + self.b1)
-        else:  # the bias added inside the matmul: one pass fewer over the hidden activations
-            hid = F.gelu(torch.addmm(self.b1, x.reshape(-1, x.shape[-1]), self.w1)).reshape(*lead, -1)
-        return (hid.unflatten(-1, (self.C, self.hidden)) * self.w2).sum(-1) + self.b2
+        chunk = max(1, self.CHUNK_BYTES // (self.C * self.hidden * 4))
+        z = _PerComponentMLPFn.apply(x.reshape(-1, x.shape[-1]), self.w1, self.b1, self.w2, self.b2, chunk)
+        return z.reshape(*lead, self.C)
 
 
 class ScalarMLP(nn.Module):
