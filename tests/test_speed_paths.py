@@ -249,6 +249,25 @@ def test_bench_case_runs_and_reports(tmp_path):
         run_case("nope")
 
 
+def test_bench_repeats_report_the_median_run():
+    from tspd.bench import combine_repeats, run_all
+
+    rows = [{"case": "c", "ms_per_step": ms, "peak_rss_gb": rss} for ms, rss in [(30.0, 1.0), (10.0, 1.2), (20.0, 0.9)]]
+    row = combine_repeats(rows)
+    assert row["ms_per_step"] == 20.0 and row["ms_per_step_runs"] == [30.0, 10.0, 20.0]
+    assert row["repeats"] == 3 and row["peak_rss_gb"] == 1.2  # the highest peak of the runs
+    assert combine_repeats(rows[:2])["ms_per_step"] == 10.0  # even count: the lower middle run
+    failed = combine_repeats([{"case": "c", "error": "boom"}, rows[0]])
+    assert failed["ms_per_step"] == 30.0 and failed["failed_runs"] == 1
+    assert combine_repeats([{"case": "c", "error": "boom"}])["error"] == "boom"
+    lines = []
+    report = run_all(["tms-5-2"], steps=1, warmup=1, threads=1, out=None, progress=lines.append, repeats=2)
+    assert report["results"][0]["repeats"] == 2 and len(report["results"][0]["ms_per_step_runs"]) == 2
+    assert lines[0].startswith("[1/2] tms-5-2") and lines[2] == "median of the repeats:"
+    with pytest.raises(ValueError, match="repeats must be at least 1"):
+        run_all(["tms-5-2"], steps=1, warmup=1, threads=1, out=None, repeats=0)
+
+
 def test_count_gflop_counts_a_known_matmul():
     from tspd.bench import count_gflop
 

@@ -316,22 +316,56 @@ def machine_info(threads: int | None) -> dict:
     }
 
 
-def run_all(names: list[str], steps: int, warmup: int, threads: int | None, out: Path | None, progress=print) -> dict:
-    """Run each case in a fresh subprocess; returns {"machine": ..., "results": [...]}, also written to `out`."""
-    results = []
+def _run_one(name: str, steps: int, warmup: int, threads: int | None) -> dict:
+    """One case in a fresh subprocess (so peak RSS is the case's own)."""
+    cmd = [sys.executable, "-m", "tspd.bench", "--one", name, "--steps", str(steps), "--warmup", str(warmup)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"case": name, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def combine_repeats(rows: list[dict]) -> dict:
+    """One row from repeated runs of a case: the run with the median ms/step (the lower middle one
+    for an even count), with every run's ms/step in run order and the highest peak RSS of them."""
+    timed = [r for r in rows if "ms_per_step" in r]
+    if not timed:
+        return rows[0]
+    row = dict(sorted(timed, key=lambda r: r["ms_per_step"])[(len(timed) - 1) // 2])
+    if len(rows) > 1:
+        row["repeats"] = len(timed)
+        row["ms_per_step_runs"] = [r["ms_per_step"] for r in timed]
+        row["peak_rss_gb"] = max(r["peak_rss_gb"] for r in timed)
+        if len(timed) < len(rows):
+            row["failed_runs"] = len(rows) - len(timed)
+    return row
+
+
+def run_all(
+    names: list[str], steps: int, warmup: int, threads: int | None, out: Path | None, progress=print, repeats: int = 1
+) -> dict:
+    """Run each case in a fresh subprocess, `repeats` times round-robin over the cases (so a slow
+    spell of a shared host spreads over cases instead of hitting one); returns {"machine": ...,
+    "results": [...]}, one row per case (`combine_repeats`), also written to `out`."""
     for name in names:
         if name not in CASES:
             raise KeyError(f"unknown benchmark case {name!r}; cases: {', '.join(CASES)}")
-        cmd = [sys.executable, "-m", "tspd.bench", "--one", name, "--steps", str(steps), "--warmup", str(warmup)]
-        if threads:
-            cmd += ["--threads", str(threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            row = {"case": name, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
-        else:
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
-        results.append(row)
-        progress(_format_row(row))
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for i in range(repeats):
+        for name in names:
+            row = _run_one(name, steps, warmup, threads)
+            runs[name].append(row)
+            progress((f"[{i + 1}/{repeats}] " if repeats > 1 else "") + _format_row(row))
+    results = [combine_repeats(runs[name]) for name in names]
+    if repeats > 1:
+        progress("median of the repeats:")
+        for row in results:
+            runs_ms = row.get("ms_per_step_runs")
+            progress(_format_row(row) + (f"  runs {', '.join(f'{m:.1f}' for m in runs_ms)}" if runs_ms else ""))
     report = {"machine": machine_info(threads), "results": results}
     if out is not None:
         from tspd.decomposition import atomic_write_bytes
@@ -359,6 +393,8 @@ def main(argv: list[str] | None = None, default_out: Path | None = None) -> None
     ap.add_argument("--steps", type=int, default=20, help="timed steps per case (median reported)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="fresh-process runs per case, round-robin; the median run is reported (default 1)")
     ap.add_argument("--out", type=Path, default=default_out, help="JSON file to write")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -366,7 +402,9 @@ def main(argv: list[str] | None = None, default_out: Path | None = None) -> None
         print(json.dumps(run_case(args.one, args.steps, args.warmup, args.threads)))
         return
     names = list(CASES) if args.cases == "all" else [c.strip() for c in args.cases.split(",") if c.strip()]
-    run_all(names, args.steps, args.warmup, args.threads, args.out)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
+    run_all(names, args.steps, args.warmup, args.threads, args.out, repeats=args.repeats)
     if args.out:
         print(f"results written to {args.out}")
 
