@@ -310,8 +310,6 @@ def test_facts_pipeline_on_a_tiny_run(gpt2_run, tmp_path):
 def test_name_inside_facts_keep_the_shipped_athletes():
     """facts_name_inside.json repeats the shipped sports so that --facts with it splits the same
     athletes; this keeps the copy from drifting. Its names never start a prompt."""
-    from tspd.data.facts import FACTS_FILE
-
     inside = load_facts(FACTS_FILE.with_name("facts_name_inside.json"))
     assert inside.sports == load_facts().sports
     assert all(not t.startswith("{name}") for t in inside.templates) and len(inside.templates) == 6
