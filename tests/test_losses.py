@@ -276,3 +276,38 @@ def test_compiled_kl_matches_eager():
     torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-8)
     assert float(values[0]) > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_target_without_autocast(dtype):
+    """A target held in bf16/fp16 (no autocast): the fp32 masks meet factors in the target's dtype."""
+    torch.manual_seed(0)
+    target = TwoLayer(6, 4, 6).to(dtype)
+    cfg = make_cfg([("linear*", 5)], losses=ALL_TERMS, masks={"delta_component": True}, output={"divergence": "mse"})
+    dec = tspd.Decomposition(target, cfg)
+    assert dec.component("linear1").V.dtype == dtype
+    total, terms, _ = compute_losses(dec, torch.randn(16, 6).to(dtype), 0, torch.Generator().manual_seed(0))
+    assert set(terms) == set(ALL_TERMS) and torch.isfinite(total)
+    total.backward()
+    assert all(float(dec.component(s).U.grad.abs().sum()) > 0 for s in dec.site_names)
+
+
+def test_adversarial_term_runs_under_the_runs_autocast(monkeypatch):
+    """The adversarial passes are compared with a target output computed under autocast, so they
+    must run under it too (else bf16 rounding alone gives the term a floor)."""
+    import tspd.losses as losses
+
+    seen = []
+    real = losses.adversarial_recon
+
+    def spy(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "adversarial_recon", spy)
+    torch.manual_seed(0)
+    for autocast, expected in ((None, False), ("bf16", True)):
+        cfg = make_cfg([("linear*", 5)], losses=ALL_TERMS, output={"divergence": "mse"}, train={"autocast": autocast})
+        dec = tspd.Decomposition(TwoLayer(6, 4, 6), cfg)
+        compute_losses(dec, torch.randn(8, 6), 0, torch.Generator().manual_seed(0))
+        assert seen[-1] is expected

@@ -131,8 +131,51 @@ def test_resume_errors(tmp_path):
         tspd.decompose(_tms_target(), data, cfg, run_dir=tmp_path / "none", progress=False, resume=True)
     tspd.decompose(_tms_target(), data, cfg, run_dir=tmp_path / "r", progress=False, stop_after=1)
     other = cfg.with_overrides(["losses.faithfulness=3"])
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(ValueError, match=r"different config \(losses.faithfulness: 1.0 in the checkpoint, 3.0 now\)"):
         tspd.decompose(_tms_target(), data, other, run_dir=tmp_path / "r", progress=False, resume=True)
+
+
+def test_fresh_run_in_a_used_folder_drops_the_earlier_checkpoint(tmp_path):
+    """A fresh run killed before its first checkpoint must not leave the earlier run's checkpoint
+    for a later --resume to pick up."""
+    cfg = _resume_cfg(steps=8)
+    src = TMSData(5, 0.2, 32)
+    tspd.decompose(_tms_target(), src, cfg, run_dir=tmp_path, progress=False, stop_after=6)
+    assert (tmp_path / CHECKPOINT).exists()
+
+    def killed_at_step_1(step):
+        if step >= 1:
+            raise KeyboardInterrupt
+        return src(step)
+
+    with pytest.raises(KeyboardInterrupt):
+        tspd.decompose(_tms_target(), killed_at_step_1, cfg, run_dir=tmp_path, progress=False)
+    assert not (tmp_path / CHECKPOINT).exists()
+    assert all(m["step"] < 1 for m in _metric_lines(tmp_path))  # the earlier run's lines are gone too
+
+
+def test_resume_keeps_the_autocast_the_run_started_with(tmp_path):
+    """train.autocast 'auto' measures bf16 against fp32 per process; a resumed run must use the
+    checkpointed run's choice even where the new process measures otherwise."""
+    from tspd.losses import cpu_has_fast_bf16, pin_fast_bf16
+
+    cfg = _resume_cfg(steps=8, autocast="auto")
+    data = TMSData(5, 0.2, 32)
+    try:
+        pin_fast_bf16(False)
+        full = tspd.decompose(_tms_target(), data, cfg, run_dir=tmp_path / "a", progress=False)
+        tspd.decompose(_tms_target(), data, cfg, run_dir=tmp_path / "b", progress=False, stop_after=3)
+        pin_fast_bf16(True)  # the resuming process "measures" fast bf16
+        resumed = tspd.decompose(_tms_target(), data, cfg, run_dir=tmp_path / "b", progress=False, resume=True)
+        assert cpu_has_fast_bf16() is False
+    finally:
+        pin_fast_bf16(None)
+    assert_same_state(full.state_dict(), resumed.state_dict())
+
+
+def test_iterable_shorter_than_the_resume_step_is_named():
+    with pytest.raises(RuntimeError, match="ran out at batch 2 while skipping the 5 batches"):
+        DataStream(iter([1, 2]), 0, start_step=5)
 
 
 def test_same_seed_same_result_without_run_dir():

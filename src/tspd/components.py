@@ -170,7 +170,12 @@ class SiteModule(nn.Module):
             coeff = seg.masks - d.unsqueeze(-1)
         else:
             d, coeff = None, seg.masks
-        out = (self.components.inner(x) * coeff) @ self.components.U
+        U = self.components.U
+        if coeff.dtype != U.dtype:
+            # The CI and so the masks are fp32; a bf16 or fp16 target (without autocast) has factors
+            # in its own dtype, and the product must be in one dtype.
+            coeff, d = coeff.to(U.dtype), (d.to(U.dtype) if d is not None else None)
+        out = (self.components.inner(x) * coeff) @ U
         if d is not None:
             out = out + d.unsqueeze(-1) * self._target_linear(x)
         b = self.bias()

@@ -190,7 +190,10 @@ def compute_losses(
             vals = [ref.divergence(o) for o, owner in zip(outs, owners) if owner == t]
             terms[t] = torch.stack(vals).mean()
     if coeffs.adversarial_recon > 0:
-        terms["adversarial_recon"] = adversarial_recon(dec, batch, target_out, ci_lower, gen)
+        # Under the same autocast as the target output it is compared with: otherwise bf16 rounding
+        # alone would give the term a floor (KL ~3e-6 for an all-ones pass on the induction model).
+        with autocast_for(cfg, dec.target):
+            terms["adversarial_recon"] = adversarial_recon(dec, batch, target_out, ci_lower, gen)
     if coeffs.importance_minimality > 0:
         p = annealed_p(cfg, step)
         terms["importance_minimality"] = importance_minimality(ci_upper, p, cfg.minimality.eps)

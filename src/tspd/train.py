@@ -17,6 +17,7 @@ import inspect
 import itertools
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -27,7 +28,7 @@ from tspd import distributed
 from tspd.analysis.metrics import evaluate
 from tspd.config import RunConfig
 from tspd.decomposition import Batch, Decomposition, _key, atomic_write_bytes
-from tspd.losses import annealed_p, compute_losses, l0
+from tspd.losses import annealed_p, compute_losses, l0, pin_fast_bf16, resolve_autocast
 from tspd.seeding import generator
 
 CHECKPOINT = "checkpoint.pt"
@@ -56,8 +57,12 @@ class DataStream:
             return
         self._iter = iter(data)
         self.eval_batches = list(itertools.islice(self._iter, n_eval))
-        for _ in range(start_step):
-            next(self._iter)
+        for i in range(start_step):
+            if next(self._iter, None) is None:
+                raise RuntimeError(
+                    f"the data iterable ran out at batch {i} while skipping the {start_step} batches a resumed run "
+                    f"already used; resume with the same (or a longer) data source"
+                )
 
     def held_out(self, n: int | None) -> list[Batch]:
         """`n` batches never used for training: the evaluation batches, continued with steps
@@ -181,6 +186,9 @@ def _save_checkpoint(run_dir: Path, dec: Decomposition, opt: torch.optim.Optimiz
         "optimizer": opt.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "config": dec.config.model_dump(mode="json"),
+        # What train.autocast resolved to: 'auto' times matmuls at start-up, and a resumed run must
+        # use the dtype the checkpointed run used, whatever the new process measures.
+        "autocast": resolve_autocast(dec.config.train.autocast, _device_type(dec)),
     }
     atomic_write_bytes(run_dir / CHECKPOINT, lambda p: torch.save(state, p))
 
@@ -188,15 +196,34 @@ def _save_checkpoint(run_dir: Path, dec: Decomposition, opt: torch.optim.Optimiz
 def _load_checkpoint(run_dir: Path, dec: Decomposition, opt: torch.optim.Optimizer) -> int:
     state = torch.load(run_dir / CHECKPOINT, weights_only=False)
     saved = RunConfig.model_validate(state["config"])
-    if saved.model_dump(exclude={"train"}) != dec.config.model_dump(exclude={"train"}):
+    diff = _first_difference(saved.model_dump(exclude={"train"}), dec.config.model_dump(exclude={"train"}))
+    if diff is not None:
         raise ValueError(
-            f"{run_dir / CHECKPOINT} was written with a different config; resume with the run's own "
+            f"{run_dir / CHECKPOINT} was written with a different config ({diff}); resume with the run's own "
             f"config.yaml, or start a new run folder"
         )
+    if dec.config.train.autocast == "auto" and _device_type(dec) == "cpu" and "autocast" in state:
+        pin_fast_bf16(state["autocast"] == "bf16")
     dec.load_state_dict(state["decomposition"])
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     return int(state["step"])
+
+
+def _device_type(dec: Decomposition) -> str:
+    p = next(dec.target.parameters(), None)
+    return p.device.type if p is not None else "cpu"
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
+    """'key: saved -> given' for the first dotted key where two config dumps differ, else None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            d = _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+            if d is not None:
+                return d
+        return None
+    return None if a == b else f"{path}: {a!r} in the checkpoint, {b!r} now"
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -242,6 +269,11 @@ def decompose(
             start = _load_checkpoint(run_path, dec, opt)
         elif resume:
             raise FileNotFoundError(f"--resume given but {run_path / CHECKPOINT} does not exist; drop --resume to start")
+        elif w.main and (run_path / CHECKPOINT).exists():
+            # A fresh run in a used folder: an earlier run's checkpoint must not be what a later
+            # --resume of this run picks up (the config check ignores the train section).
+            print(f"tspd: starting afresh in {run_path}; removing the earlier run's {CHECKPOINT}", file=sys.stderr)
+            (run_path / CHECKPOINT).unlink()
     if writes:
         run_path.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(run_path / "config.yaml", lambda p: Path(p).write_text(config.to_yaml()))
