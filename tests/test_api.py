@@ -259,3 +259,53 @@ def test_cli_decompose_then_resume_and_train_target(tmp_path, capsys):
 
     saved = yaml.safe_load((tdir / "target.yaml").read_text())
     assert saved["seed"] == 3 and saved["train_steps"] == 10
+
+
+def test_fresh_run_remakes_a_target_made_with_other_settings(tmp_path, capsys):
+    """A fresh run in a used folder reuses the folder's target only when its recorded settings
+    match; a resume always reuses it (the checkpoint's config check guards the rest)."""
+    from safetensors.torch import load_file
+
+    from tspd.experiments import _target_for
+
+    out = tmp_path / "run"
+    out.mkdir()
+    base = tspd.RunConfig.from_yaml(cli._recipe("tms-5-2"), ["target.train_steps=10"])
+    seed1, seed2 = (base.with_overrides([f"target.seed={s}"]) for s in (1, 2))
+    w1 = _target_for(seed1, out).linear1.weight.detach().clone()
+    assert torch.equal(load_file(out / "target.safetensors")["linear1.weight"], w1)
+    assert _target_for(seed1, out).linear1.weight.equal(w1)  # same settings: reused
+    w2 = _target_for(seed2, out).linear1.weight.detach().clone()
+    assert not torch.equal(w1, w2) and "other target settings" in capsys.readouterr().err
+    assert yaml_seed(out) == 2
+    assert _target_for(seed1, out, resume=True).linear1.weight.equal(w2)  # resume: the folder's target
+
+
+def yaml_seed(out):
+    import yaml
+
+    return yaml.safe_load((out / "target.yaml").read_text())["seed"]
+
+
+def test_cli_prints_user_errors_without_a_traceback(tmp_path, capsys, monkeypatch, tms_run):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"templates": ["{name} plays"]}')
+    assert cli.main(["facts", "screen", "--facts", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tspd: error:") and "missing key" in err and "Traceback" not in err
+    assert cli.main(["facts", "screen", str(tmp_path)]) == 2
+    assert "takes no RUN_DIR" in capsys.readouterr().err
+    assert cli.main(["causal", str(tms_run)]) == 2
+    assert "has no census.json; run `tspd census" in capsys.readouterr().err
+    monkeypatch.setenv("TSPD_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="missing key"):
+        cli.main(["facts", "screen", "--facts", str(bad)])
+
+
+def test_training_curves_skip_the_line_a_running_training_is_writing(tmp_path, tms_run):
+    from tspd.report.figures import training_curves_figure
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text((tms_run / "metrics.jsonl").read_text() + '{"step": 6, "loss": 0.1, "l0/linear1')
+    out = training_curves_figure(metrics, tmp_path / "curves.png")
+    assert out.exists() and out.stat().st_size > 1000

@@ -35,6 +35,8 @@ def test_induction_adapter_parses_prompts_and_names_each_error():
         a.encode("1 2 3 4 5 6")
     with pytest.raises(PromptError, match="empty"):
         a.encode("  ")
+    with pytest.raises(PromptError, match="'²'.*not in the vocabulary"):  # '²'.isdigit() is True
+        a.encode("3 ² S")
 
 
 def test_feature_adapter_parses_index_value_pairs():
@@ -293,11 +295,21 @@ def test_api_serves_the_page_and_every_endpoint(api):
     ("/api/sample?run=induction&seed=1.5", None, 400, "'seed' must be an integer"),
     ("/api/nothing", None, 404, "no endpoint"),
     ("/api/prompt", None, 405, "takes POST"),
+    ("/api/subcomponent?run=induction&site=blocks.0.attn.q_proj&idx=%C2%B2", None, 400, "not an integer"),
+    ("/api/sample?run=induction&seed=%C2%B2", None, 400, "'seed' must be an integer"),
+    ("/api/prompt", {"run": ["induction"], "prompt": "1 S"}, 400, "'run' must be a run folder's name"),
 ])
 def test_api_answers_bad_requests_with_a_clear_4xx(api, path, body, status, phrase):
     got, headers, raw = call(api, path, body)
     assert got == status and headers["Content-Type"] == "application/json"
     assert phrase in json.loads(raw)["error"]
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH"])
+def test_api_answers_other_methods_with_a_json_405(api, method):
+    got, headers, raw = call(api, "/api/prompt?run=induction", {"prompt": "1 S"}, method=method)
+    assert got == 405 and headers["Content-Type"] == "application/json"
+    assert f"takes POST, not {method}" in json.loads(raw)["error"]
 
 
 @pytest.mark.parametrize("headers, status", [({}, 411), ({"Content-Length": str(10**9)}, 413)])
@@ -324,6 +336,8 @@ def test_cli_harvest_and_serve_errors(tms_run, tmp_path, capsys):
     st = (run / "decomposition.safetensors").stat()
     os.utime(run / "decomposition.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # as a re-run would
     assert RunSession(run).info()["harvest"]["stale"] is True
+    assert main(["harvest", str(run), "--n-examples", "0"]) == 2
+    assert "--n-examples must be at least 1" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert "is not a folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()

@@ -94,6 +94,14 @@ def test_mixed_data_rows_and_heldout_athletes(text_file, tiny_tok):
     assert " plays the sport of" in text or " famous for playing" in text or " competes in" in text
     assert not any(a.name in text for a in heldout), "held-out athletes leaked into training rows"
     assert torch.equal(data(0), batch)  # resumable: a batch is a function of the step
+    # the facts rows come from the discovery athletes of the run's own seed, the split `facts ablate` uses
+    for seed in (0, 1):
+        mixed = text_data(TextDataConfig(source=str(text_file), seq_len=32, facts_fraction=0.5),
+                          HuggingFaceTargetConfig(model="tiny-gpt2"), batch_size=8, seed=seed)
+        trained = tiny_tok.decode(mixed.parts[0].chunks.train.flatten())
+        discovery, heldout = split_athletes(facts, seed=seed)
+        assert not any(a.name in trained for a in heldout), seed
+        assert sum(a.name in trained for a in discovery) > 0.9 * len(discovery), seed
 
 
 def test_split_is_per_sport_and_disjoint():
@@ -367,3 +375,16 @@ def test_dashboard_adapter_for_language_model_runs(gpt2_run):
     assert adapter.prompt_of(ids[0]) == "Tiger Woods plays the sport of"
     sample = adapter.sample(3, seed=0)
     assert sample.shape == (3, 32) and adapter.readout("transformer.h.0.mlp.c_proj").shape[1] == len(load_tokenizer("tiny-gpt2"))
+
+
+def test_ablate_refuses_a_facts_file_whose_heldout_athletes_were_trained_on(gpt2_run, tmp_path):
+    """The run mixed the shipped discovery athletes' facts into its data; a facts file whose split
+    holds some of them out would judge the run on facts it was trained on."""
+    from tspd.analysis.facts_study import facts_ablate
+
+    raw = json.loads(FACTS_FILE.read_text())
+    own = tmp_path / "reordered.json"
+    own.write_text(json.dumps({**raw, "sports": [{**s, "athletes": s["athletes"][::-1]} for s in raw["sports"]]}))
+    with pytest.raises(ValueError, match="held-out athletes of the facts file .* had their facts in this run's"):
+        facts_ablate(gpt2_run, k=1, n_random=1, n_text=2, progress=False, facts_file=own, out_dir=tmp_path / "x")
+    assert not (tmp_path / "x" / "facts.json").exists()

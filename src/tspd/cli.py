@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -77,6 +78,7 @@ def cmd_circuit_check(args: argparse.Namespace) -> None:
     from tspd.analysis.induction import CIRCUIT_VARIANTS, circuit_only_check
     from tspd.config import InductionTargetConfig
     from tspd.data.induction import InductionTask
+    from tspd.decomposition import write_json
     from tspd.targets import build_target
 
     print(f"last-position KL (nats) / accuracy with Q/K/V outputs kept only at their roles; {args.n_sequences} sequences")
@@ -88,7 +90,7 @@ def cmd_circuit_check(args: argparse.Namespace) -> None:
         tcfg = InductionTargetConfig(**{**yaml.safe_load(settings.read_text()), "path": str(weights)})
         res = circuit_only_check(build_target(tcfg), InductionTask(tcfg.n_tokens, tcfg.seq_len), n_sequences=args.n_sequences)
         if args.write:
-            (folder / "circuit_check.json").write_text(json.dumps(res, indent=1))
+            write_json(folder / "circuit_check.json", res)
         cells = "".join(f"{res[v]['kl']:>13.3f} / {res[v]['accuracy']:.3f}" for v in CIRCUIT_VARIANTS)
         print(f"{str(folder)[-40:]:40}{res['target_accuracy']:>10.4f}{cells}")
 
@@ -139,6 +141,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_facts(args: argparse.Namespace) -> None:
     from tspd.analysis import facts_study
 
+    if args.action != "ablate" and args.run_dir is not None:
+        raise ConfigError(f"tspd facts {args.action} takes no RUN_DIR (it studies --model); use --out DIR for where to write")
     out = args.out or ("runs/facts" if args.action != "ablate" else args.run_dir)
     if args.action == "screen":
         r = facts_study.screen_model(args.model, out, facts_file=args.facts)
@@ -189,6 +193,8 @@ def cmd_assets(args: argparse.Namespace) -> None:
 def cmd_harvest(args: argparse.Namespace) -> None:
     from tspd.app.harvest import harvest
 
+    if args.n_examples is not None and args.n_examples < 1:
+        raise ConfigError(f"--n-examples must be at least 1, got {args.n_examples}; leave it out for the target kind's default")
     summary = harvest(args.run_dir, n_examples=args.n_examples, top_k=args.top_k)
     print(f"harvested {summary['n_examples']} examples in {summary['seconds']:.1f} s; written {summary['path']}")
 
@@ -334,8 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.func(args)
-    except (ConfigError, OSError, AssetError) as err:
+    except (ConfigError, OSError, AssetError, ValueError, RuntimeError) as err:
+        # The messages written for users (bad config, facts file, missing asset, a run that
+        # diverged) name the problem and the fix; the traceback only on request.
+        if os.environ.get("TSPD_TRACEBACK"):
+            raise
         print(f"tspd: error: {err}", file=sys.stderr)
+        if not isinstance(err, (ConfigError, OSError, AssetError)):
+            print("tspd: (set TSPD_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
         return 2
     finally:
         distributed.leave()

@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tspd import distributed
-from tspd.config import RunConfig, apply_overrides
+from tspd.config import ConfigError, RunConfig, apply_overrides
 from tspd.decomposition import Decomposition, atomic_write_bytes, load, save_state, write_json
 from tspd.targets import build_data, build_target, saved_with_run
 from tspd.train import DataStream, decompose
@@ -40,20 +41,28 @@ def shipped_target(tcfg) -> Path | None:
     return None
 
 
-def _target_for(cfg: RunConfig, out: Path):
-    """Reuse the run folder's target when it exists (resume); else load target.path, else a
-    shipped target with the same settings, else train one; save it in the run folder first."""
+def _target_for(cfg: RunConfig, out: Path, resume: bool = False):
+    """Reuse the run folder's target when resuming or when it was made with the same target
+    settings (recorded in the folder's target.yaml); else load target.path, else a shipped target
+    with the same settings, else train one; save it and its settings in the run folder first."""
     import shutil
 
     if cfg.target is None:
-        raise ValueError("the config has no `target` section; the CLI needs one (the Python API takes a model)")
+        raise ConfigError("the config has no `target` section; the CLI needs one (the Python API takes a model)")
     if not saved_with_run(cfg.target):
         return build_target(cfg.target)
-    path = out / "target.safetensors"
+    path, meta = out / "target.safetensors", out / "target.yaml"
+    settings = cfg.target.model_dump(mode="json")
     if path.exists():
-        target = build_target(cfg.target, train=False)
-        target.load_state_dict(load_file(path))
-        return target
+        recorded = yaml.safe_load(meta.read_text()) if meta.exists() else None
+        if resume or recorded == settings:
+            target = build_target(cfg.target, train=False)
+            target.load_state_dict(load_file(path))
+            return target
+        print(f"tspd: {path} was made with other target settings; making the target afresh", file=sys.stderr)
+        if distributed.world().main:
+            for name in TARGET_EXTRAS:
+                (out / name).unlink(missing_ok=True)
     if cfg.target.kind == "induction" and cfg.target.path is None:
         folder = shipped_target(cfg.target)
         if folder is not None:
@@ -69,6 +78,7 @@ def _target_for(cfg: RunConfig, out: Path):
         target = build_target(cfg.target)
     if distributed.world().main:
         save_state(target, path)
+        atomic_write_bytes(meta, lambda p: Path(p).write_text(yaml.safe_dump(settings)))
     return target
 
 
@@ -78,7 +88,7 @@ def decompose_from_config(
     """Build the config's target and data, then decompose into `out` (see tspd.train.decompose)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    target = _target_for(cfg, out).to(distributed.device_for(cfg.train.device))
+    target = _target_for(cfg, out, resume).to(distributed.device_for(cfg.train.device))
     if cfg.data is None:
         raise ValueError("the config has no `data` section; the CLI needs one (the Python API takes a data source)")
     data = build_data(cfg.data, cfg.target, cfg.train.batch_size, cfg.seed)
@@ -166,7 +176,10 @@ def causal_run(run_dir: str | Path, dec: Decomposition | None = None, table: dic
 
     run_dir = Path(run_dir)
     dec = dec or load(run_dir)
-    table = table or json.loads((run_dir / "census.json").read_text())
+    if table is None:
+        if not (run_dir / "census.json").exists():
+            raise ConfigError(f"{run_dir} has no census.json; run `tspd census {run_dir}` first")
+        table = json.loads((run_dir / "census.json").read_text())
     check = causal_check(dec, table, seed=dec.config.seed)
     write_json(run_dir / "causal.json", check)
     causal_figure(check, run_dir / "causal_check.png")

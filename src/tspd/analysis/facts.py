@@ -383,7 +383,7 @@ def rank_by_ablation(
     """Rank candidates by a causal test on the *discovery* prompts: ablate each one alone at the
     name tokens and score it by the drop of the right sport's log-probability on this sport's
     prompts minus `collateral_weight` times the absolute mean change on other sports' prompts
-    (5 mirrors the study's 5x collateral bar). Returns the (at most k)
+    (default 1; 5 would mirror the study's 5x collateral bar). Returns the (at most k)
     candidates with a positive score, best first, and every candidate's scores."""
     rows = torch.arange(len(batch))
     if clean is None:

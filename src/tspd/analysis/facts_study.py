@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from tspd.analysis import facts as F
 from tspd.data.facts import Facts, load_facts, split_athletes
-from tspd.decomposition import Decomposition, load, write_json
+from tspd.decomposition import Decomposition, call_target, load, write_json
 from tspd.losses import recon_passes
 
 
@@ -180,6 +180,15 @@ def facts_ablate(
         raise ValueError(f"{run_dir} is not a language-model run (target kind huggingface); the facts study needs one")
     tokenizer = load_tokenizer(cfg.target.model)
     discovery, heldout = split_athletes(facts, seed=cfg.seed)
+    if getattr(cfg.data, "facts_fraction", 0) > 0:  # the run trained on the shipped discovery athletes' facts
+        trained = {a.name for a in split_athletes(load_facts(), seed=cfg.seed)[0]}
+        seen = sorted(a.name for a in heldout if a.name in trained)
+        if seen:
+            raise ValueError(
+                f"{len(seen)} held-out athletes of the facts file (e.g. {', '.join(seen[:3])}) had their facts in "
+                f"this run's decomposition data (data.facts_fraction > 0 mixes the shipped facts.json's discovery "
+                f"athletes in); use a facts file with the shipped athletes in the shipped order, or none"
+            )
     pad = F.pad_id(tokenizer)
     answers = F.sport_tokens(tokenizer, facts.answers)
     sports = list(facts.answers)
@@ -202,10 +211,15 @@ def facts_ablate(
     rows = torch.arange(len(held))
     h_athlete = [p.athlete.name for p in held]
     clean_right = F.ablation_logprobs(dec, h_batch, answer_ids, [[]], h_batch.names["both"])[0][rows, h_sport]
+    # The SVD baseline edits the target's own weights, so its effects are measured against the plain
+    # target (the same as all-ones masks only with the delta component on).
+    with torch.no_grad():
+        target_right = F.answer_logprobs(lambda ids, _rows: call_target(dec.target, ids), h_batch, answer_ids,
+                                         model=dec.target, skip=dec.site_names)[rows, h_sport]
 
-    def effects(lp: torch.Tensor) -> torch.Tensor:
+    def effects(lp: torch.Tensor, clean: torch.Tensor = clean_right) -> torch.Tensor:
         """Change of each held-out prompt's right-sport log-probability."""
-        return lp[rows, h_sport] - clean_right
+        return lp[rows, h_sport] - clean
 
     def summary(delta: torch.Tensor, s: int) -> dict:
         own, other = delta[h_sport == s], delta[h_sport != s]
@@ -229,6 +243,10 @@ def facts_ablate(
         row: dict = {"n_heldout_prompts": n_held, "n_discovery_prompts": int(is_sport.sum())}
         if n_held == 0 or not bool(is_sport.any()):
             row["skipped"] = "the model gets no discovery or no held-out prompt of this sport right"
+            result["sports"][sport] = row
+            continue
+        if n_held == len(held):
+            row["skipped"] = "the model gets no held-out prompt of another sport right, so no collateral can be measured"
             result["sports"][sport] = row
             continue
         if select == "ci":
@@ -264,7 +282,7 @@ def facts_ablate(
         counts = {s: len(c) for s, c in F.group(pieces).items()}
         svd_lp = F.answer_logprobs(F.svd_forward(dec, counts, h_batch.names["both"]), h_batch, answer_ids,
                                    model=dec.target, skip=dec.site_names)
-        row["svd"] = summary(effects(svd_lp), s_idx)
+        row["svd"] = summary(effects(svd_lp, target_right), s_idx)
         row["text"] = _text_effect(dec, text_ids, pieces)
         b = row["both"]
         row["bootstrap"] = F.bootstrap_effect(deltas["both"], h_sport, h_athlete, s_idx, row["random_target_effect"], seed=cfg.seed)

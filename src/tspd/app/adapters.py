@@ -100,7 +100,7 @@ class InductionAdapter(Adapter):
             return self.task.bos
         if upper == "S":
             return self.task.special
-        if word.isdigit() and int(word) < self.task.n_tokens:
+        if word.isascii() and word.isdigit() and int(word) < self.task.n_tokens:  # '²'.isdigit() is True
             return int(word)
         raise PromptError(f"token {word!r} (word {pos + 1}) is not in the vocabulary; use {self.prompt_help}")
 

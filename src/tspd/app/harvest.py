@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from torch import Tensor
 
 from tspd.app.adapters import Adapter, adapter_for
-from tspd.decomposition import Decomposition, load
+from tspd.decomposition import Decomposition, atomic_write_bytes, load
 
 DB_NAME = "dashboard.sqlite"
 SCHEMA_VERSION = 1
@@ -107,7 +106,9 @@ def harvest(
     run_dir = Path(run_dir)
     dec = dec or load(run_dir)
     adapter = adapter or adapter_for(dec, run_dir)
-    n = n_examples or adapter.harvest_examples
+    if n_examples is not None and n_examples < 1:
+        raise ValueError(f"n_examples must be at least 1, got {n_examples} (None: the target kind's default)")
+    n = n_examples if n_examples is not None else adapter.harvest_examples
     data = adapter.sample(n, dec.config.seed)
     threshold = dec.config.eval.active_threshold
     stats = {s: _SiteStats(dec.component(s).C, bins, top_k) for s in dec.site_names}
@@ -130,37 +131,40 @@ def harvest(
                 rows[s][e] = g[j]
 
     path = run_dir / DB_NAME
-    tmp = run_dir / f".{DB_NAME}.tmp"
-    tmp.unlink(missing_ok=True)
-    con = sqlite3.connect(tmp)
-    try:
-        con.executescript(SCHEMA)
-        meta = {
-            "schema": SCHEMA_VERSION, "fingerprint": fingerprint(run_dir), "n_examples": n, "positions": positions,
-            "threshold": threshold, "bins": bins, "top_k": top_k, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-        con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
-        con.executemany("INSERT INTO examples VALUES (?, ?)", [(e, json.dumps(adapter.input_labels(data[e]))) for e in examples])
-        for s, st in stats.items():
-            hist = st.hist.view(st.C, bins)
-            freq = st.active / st.n_tokens
-            sign = torch.sign(st.inner_active)
-            con.executemany(
-                "INSERT INTO subcomponents VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(s, c, float(freq[c]), float(st.ci_sum[c] / st.n_tokens), float(st.ci_max[c]), float(sign[c]),
-                  json.dumps([int(x) for x in hist[c]])) for c in range(st.C)],
-            )
-            ctx = []
-            for c in range(st.C):
-                for rank, (v, t) in enumerate(zip(st.top_ci[:, c].tolist(), st.top_token[:, c].tolist())):
-                    if v > 0:
-                        e, p = divmod(t, positions)
-                        row = [round(x, 3) for x in rows[s][e][:, c].tolist()]
-                        ctx.append((s, c, rank, e, p, v, json.dumps(row)))
-            con.executemany("INSERT INTO contexts VALUES (?, ?, ?, ?, ?, ?, ?)", ctx)
-        con.commit()
-    finally:
-        con.close()
-    os.replace(tmp, path)
+
+    def build(tmp: str) -> None:
+        con = sqlite3.connect(tmp)
+        try:
+            con.executescript(SCHEMA)
+            meta = {
+                "schema": SCHEMA_VERSION, "fingerprint": fingerprint(run_dir), "n_examples": n, "positions": positions,
+                "threshold": threshold, "bins": bins, "top_k": top_k, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
+            con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
+            con.executemany("INSERT INTO examples VALUES (?, ?)", [(e, json.dumps(adapter.input_labels(data[e]))) for e in examples])
+            for s, st in stats.items():
+                hist = st.hist.view(st.C, bins)
+                freq = st.active / st.n_tokens
+                sign = torch.sign(st.inner_active)
+                con.executemany(
+                    "INSERT INTO subcomponents VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(s, c, float(freq[c]), float(st.ci_sum[c] / st.n_tokens), float(st.ci_max[c]), float(sign[c]),
+                      json.dumps([int(x) for x in hist[c]])) for c in range(st.C)],
+                )
+                ctx = []
+                for c in range(st.C):
+                    for rank, (v, t) in enumerate(zip(st.top_ci[:, c].tolist(), st.top_token[:, c].tolist())):
+                        if v > 0:
+                            e, p = divmod(t, positions)
+                            row = [round(x, 3) for x in rows[s][e][:, c].tolist()]
+                            ctx.append((s, c, rank, e, p, v, json.dumps(row)))
+                con.executemany("INSERT INTO contexts VALUES (?, ?, ?, ?, ?, ?, ?)", ctx)
+            con.commit()
+        finally:
+            con.close()
+
+    # A unique temporary name, renamed into place: a failed or concurrent harvest never leaves
+    # a half-written database where the dashboard reads one.
+    atomic_write_bytes(path, build)
     return {"path": str(path), "n_examples": n, "positions": positions, "contexts_examples": len(examples),
             "seconds": round(time.time() - t0, 2)}

@@ -84,6 +84,13 @@ class Handler(BaseHTTPRequestHandler):
             return
         self._api("POST", url.path, params)
 
+    def _other_method(self):
+        """PUT, DELETE, PATCH: the API's 405 (or 404) in JSON, not http.server's 501 page."""
+        self.close_connection = True  # its body, if any, is not read
+        self._api(self.command, urlsplit(self.path).path, {})
+
+    do_PUT = do_DELETE = do_PATCH = _other_method
+
     @staticmethod
     def _query(query: str) -> dict:
         return {k: v[-1] for k, v in parse_qs(query).items()}

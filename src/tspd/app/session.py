@@ -30,6 +30,12 @@ TABLE_FILES = ("census", "causal", "baseline", "facts", "results", "eval")
 NOT_SCALARS = {"step", "lr", "p", "l0", "eval"}
 
 
+
+def _is_int_text(text: str) -> bool:
+    """An optionally negative integer in ASCII digits ('²'.isdigit() is True but int('²') fails)."""
+    digits = text[1:] if text.startswith("-") else text
+    return digits.isascii() and digits.isdigit()
+
 class AppError(Exception):
     """A request the dashboard cannot serve; `status` is the HTTP status (4xx), the message says why."""
 
@@ -160,7 +166,7 @@ class RunSession:
 
     def sample_prompt(self, seed) -> dict:
         """A dataset example as prompt text (seed: any integer)."""
-        if not (isinstance(seed, int) or (isinstance(seed, str) and seed.lstrip("-").isdigit())) or isinstance(seed, bool):
+        if not (isinstance(seed, int) or (isinstance(seed, str) and _is_int_text(seed))) or isinstance(seed, bool):
             raise AppError(f"'seed' must be an integer, got {seed!r}")
         example = self.adapter.sample(1, int(seed))[0]
         return {"prompt": self.adapter.prompt_of(example)}
@@ -170,7 +176,7 @@ class RunSession:
             raise AppError(f"unknown site {site!r}; sites are {self.dec.site_names}", 404)
         C = self.dec.component(site).C
         integer = isinstance(idx, int) and not isinstance(idx, bool)
-        if not (integer or (isinstance(idx, str) and idx.strip().lstrip("-").isdigit())):
+        if not (integer or (isinstance(idx, str) and _is_int_text(idx.strip()))):
             raise AppError(f"subcomponent id {idx!r} is not an integer; {site} has subcomponents 0..{C - 1}")
         c = int(idx)
         if not 0 <= c < C:
@@ -352,6 +358,8 @@ class RunRegistry:
         return list(self.runs)
 
     def get(self, name) -> RunSession:
+        if name is not None and not isinstance(name, str):
+            raise AppError(f"'run' must be a run folder's name (a string), got {name!r}")
         if name is None:
             if len(self.runs) == 1:
                 name = next(iter(self.runs))

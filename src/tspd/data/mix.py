@@ -60,4 +60,5 @@ def text_data(cfg, target_cfg, batch_size: int, seed: int):
     text = load_text(cfg.source, tokenizer, cfg.seq_len, cfg.heldout_fraction)
     if cfg.facts_fraction == 0:
         return TextData(text, batch_size, seed)
-    return MixedData(text, facts_chunks(tokenizer, cfg.seq_len), batch_size, cfg.facts_fraction, seed)
+    # The athletes are split with the run's seed, the split `tspd facts ablate` judges the run by.
+    return MixedData(text, facts_chunks(tokenizer, cfg.seq_len, seed), batch_size, cfg.facts_fraction, seed)

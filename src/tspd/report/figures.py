@@ -139,7 +139,12 @@ def training_curves_figure(metrics_path: str | Path, path: str | Path) -> Path:
     """From a run's metrics.jsonl: every loss term (log scale) and L0 per site, by step."""
     import json
 
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    rows = []
+    for line in Path(metrics_path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # blank, or the line a running training is writing
+            continue
     merges = [r["step"] for r in rows if "consolidate" in r]
     rows = [r for r in rows if "loss" in r]  # training rows (not evaluations or merges)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
