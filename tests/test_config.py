@@ -179,3 +179,18 @@ def test_readme_lists_every_config_key():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [key for key, _, _ in describe_keys() if f"`{key}`" not in readme]
     assert not missing, f"README lacks {missing}; regenerate its table with `tspd config-keys`"
+
+
+def test_readme_key_table_is_what_config_keys_prints(capsys):
+    """Every row `tspd config-keys` prints (every section and kind) is in the README as printed, so
+    a changed default or description shows up here."""
+    from pathlib import Path
+
+    from tspd.cli import main
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    assert main(["config-keys"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert len(rows) > 80 and any(r.startswith("| `data.facts_fraction (text)`") for r in rows)
+    stale = [r for r in rows if r not in readme]
+    assert not stale, f"README's key table differs from `tspd config-keys` at {stale[:3]}; regenerate it"

@@ -206,12 +206,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_config_keys(args: argparse.Namespace) -> None:
-    from tspd.config import InductionTargetConfig, TMSDataConfig, TMSTargetConfig, describe_keys
+    from tspd.config import (
+        HuggingFaceTargetConfig, InductionDataConfig, InductionTargetConfig, SiteConfig, TextDataConfig, TMSDataConfig,
+        TMSTargetConfig, describe_keys,
+    )
 
     rows = describe_keys()
-    for kind_cfg in (TMSTargetConfig, InductionTargetConfig):
-        rows += [(f"target.{k} ({kind_cfg().kind})", d, t) for k, d, t in describe_keys(kind_cfg)]
-    rows += [(f"data.{k} (tms)", d, t) for k, d, t in describe_keys(TMSDataConfig)]
+    rows += [(f"sites[].{k}", d, t) for k, d, t in describe_keys(SiteConfig)]
+    for section, kinds in (("target", (TMSTargetConfig, InductionTargetConfig, HuggingFaceTargetConfig)),
+                           ("data", (TMSDataConfig, InductionDataConfig, TextDataConfig))):
+        for kind_cfg in kinds:
+            kind = kind_cfg.model_fields["kind"].default
+            rows += [(f"{section}.{k} ({kind})", d, t or f"selects this {section} kind")
+                     for k, d, t in describe_keys(kind_cfg)]
     print("| key | default | meaning |\n|---|---|---|")
     for key, default, text in rows:
         print(f"| `{key}` | `{default}` | {text} |")
@@ -236,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_target)
 
     p = sub.add_parser("run", help="run an experiment end to end (target, decomposition, metrics, figures)")
-    p.add_argument("experiment", help="recipe name (tms-5-2, tms-40-10) or a config path")
+    p.add_argument("experiment", help="recipe name from configs/ (tms-5-2, tms-40-10, induction, smollm2-facts, ...) or a config path")
     p.add_argument("--out", help="run folder (default runs/<experiment>)")
     p.add_argument("--seed", type=int, help="decomposition seed (induction: the target seed too)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")

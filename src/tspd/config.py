@@ -43,7 +43,7 @@ class CIConfig(Strict):
     kind: Literal["mlp", "vector_mlp", "shared_mlp", "attention"] = Field(
         "mlp", description="causal-importance function (SPEC §3)"
     )
-    hidden: list[int] = Field([16], description="hidden widths of the CI MLPs (mlp/vector_mlp use the first only)")
+    hidden: list[int] = Field([16], description="hidden widths of the CI MLPs (mlp, vector_mlp and attention use the first only)")
     leak: float = Field(0.01, ge=0, description="leak of both hard sigmoids")
     attention: AttentionCIConfig = Field(default_factory=AttentionCIConfig, description="settings of the attention kind")
 
@@ -90,7 +90,7 @@ class TrainConfig(Strict):
     batch_size: int = Field(256, gt=0, description="examples per step (the data source is asked for this many)")
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
     optimizer: Literal["adam", "adamw"] = Field("adam", description="optimiser over U, V and CI parameters")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (only with train.optimizer: adamw)")
     warmup_frac: float = Field(0.0, ge=0, le=1, description="fraction of steps of linear lr warm-up")
     final_lr_frac: float = Field(0.0, ge=0, le=1, description="cosine decays to lr * final_lr_frac; 1.0 means constant")
     grad_clip: float | None = Field(None, gt=0, description="clip the global grad norm to this (None: off)")
@@ -106,14 +106,19 @@ class TrainConfig(Strict):
         description="masked passes replay the target's outputs of the blocks (and of the block's children, e.g. the "
         "attention before an MLP site) before their first routed site",
     )
-    threads: int | None = Field(None, gt=0, description="torch CPU threads per process (None: torch's default)")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads per process (None: torch's default). Do not run two multi-threaded jobs on "
+        "the same cores: a facts decomposition went from 1.7 to ~18 s per step while a `facts ablate` shared its 2 cores "
+        "(measured 2026-12-01); run them one after the other (pausing one with `kill -STOP` / `kill -CONT` works; a "
+        "checkpointed run can also be stopped and `--resume`d)")
     device: Literal["cpu", "cuda"] = Field(
         "cpu", description="where the CLI puts the target and the decomposition (under torchrun, cuda = the rank's local GPU)"
     )
     autocast: Literal["bf16", "auto"] | None = Field(
         None,
-        description="run the target and masked passes under bf16 autocast (CPU or GPU); 'auto': bf16 where "
-        "it is fast (a GPU with bf16, a CPU whose bf16 matmuls measure >= 1.5x fp32's), else the target's dtype; None: the target's dtype",
+        description="run the target and masked passes under bf16 autocast (CPU or GPU); `auto`: bf16 where it is fast "
+        "(a GPU with bf16; a CPU whose bf16 matmuls measure ≥ 1.5× faster than fp32 in a 0.1-s test at start-up: a "
+        "2-core AMD EPYC with AVX512-BF16 ran 850 vs 195 GFLOP/s, a 2-core Xeon with AVX512-BF16 but no AMX 164 vs 305, "
+        "i.e. *slower*; a resumed run keeps the checkpoint's choice), else the target's dtype; None: the target's dtype",
     )
     compile: bool = Field(
         False, description="torch.compile the per-pass KL into one fused kernel (first step compiles: seconds; CPU needs a C++ compiler)"
@@ -129,7 +134,8 @@ class ConsolidateConfig(Strict):
     at_frac: list[float] = Field(
         default_factory=list,
         description="fractions of train.steps at which co-active subcomponents are merged into fewer rank-1 pieces "
-        "(tspd.consolidate; a tspd addition, not in the SPD papers); 1.0: after the last step, ending with every piece "
+        "(tspd.consolidate; a tspd addition, not in the SPD papers); 1.0: after the last step (the final checkpoint is "
+        "from before it; a resumed finished run redoes it), ending with every piece "
         "whose CI is 0 on all merge batches switched off for good; empty: never",
     )
 
@@ -152,18 +158,20 @@ class ConsolidateConfig(Strict):
     )
     batches: int | None = Field(
         None, gt=0,
-        description="held-out batches of the data source the merges are judged on (a callable source: its steps -1, "
-        "-2, ..., never trained on; more batches catch rarely active pieces); None: the evaluation batches",
+        description="held-out batches of the data source the merges are judged on (a callable source's steps −1, "
+        "−2, …, never trained on); more catch rarely active pieces; `None`: the `train.eval_batches` evaluation batches",
     )
     max_increase: float | None = Field(
         None, gt=0,
         description="choose each group's rank by function: the smallest whose merge raises the CI-masked divergence "
-        "on the merge batches by at most this over the group's pieces all on wherever any of them is (None: by tol)",
+        "on the merge batches (`consolidate.batches`) by at most this, over the group's pieces all on wherever any of "
+        "them is (None: by tol)",
     )
     prune: float | None = Field(
         None, gt=0,
-        description="after the merges, switch off each piece whose removal raises the CI-masked divergence on the "
-        "merge batches by at most this (never-active pieces first, then the least often active); None: never",
+        description="after the merges, switch off (lower the CI function's last bias of) each piece whose removal "
+        "raises the CI-masked divergence on the merge batches by at most this: per site, the never-active pieces (CI "
+        "in (0, threshold]) together, else one by one, then the active ones from the least often active; `None`: never",
     )
 
 
@@ -327,6 +335,19 @@ def _explain(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _literal_choices(annotation) -> list[str]:
+    """The allowed values of a Literal (or optional Literal) annotation, as they are written in YAML."""
+    from typing import get_args, get_origin
+
+    if get_origin(annotation) is Literal:
+        return [str(a) for a in get_args(annotation)]
+    args = get_args(annotation)
+    if args and type(None) in args:
+        inner = [c for a in args if a is not type(None) for c in _literal_choices(a)]
+        return inner + ["null"] if inner else []
+    return []
+
+
 def describe_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted key, default, description) for every config field, for docs (`tspd config-keys`)."""
     rows = []
@@ -337,5 +358,9 @@ def describe_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[
             rows += describe_keys(sub, key + ".")
             continue
         default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-        rows.append((key, default, field.description or ""))
+        text = field.description or ""
+        choices = _literal_choices(field.annotation)
+        if choices and not (name == "kind" and len(choices) == 1):
+            text += f" (one of: {', '.join(choices)})"
+        rows.append((key, default, text))
     return rows
