@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     run = Path(args.run_dir)
     result: dict = {"run": str(run), "date": datetime.date.today().isoformat(), "machine": platform.platform(),
-                    "cpus": torch.get_num_threads(), "command": "python -m benchmarks.dashboard " + " ".join(argv),
+                    "cpus": os.cpu_count(), "torch_threads_serving": 1, "command": "python -m benchmarks.dashboard " + " ".join(argv),
                     "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
     if not args.no_harvest:
         t0 = time.time()
@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         server.shutdown()
         server.server_close()
+    failed = [t for t in timings if not t.get("ok", True)]
+    if failed:  # a fast error answer must not pass for a fast interaction
+        raise SystemExit(f"{len(failed)} of {len(timings)} interactions failed (e.g. {failed[0]['action']}); "
+                         "see the page's error box (--screenshots) or run the server with --verbose")
     actions = sorted({t["action"] for t in timings})
     result["interactions"] = {a: _stats([t["ms"] for t in timings if t["action"] == a]) for a in actions}
     for a, s in result["interactions"].items():

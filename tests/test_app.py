@@ -37,6 +37,12 @@ def test_induction_adapter_parses_prompts_and_names_each_error():
         a.encode("  ")
     with pytest.raises(PromptError, match="'²'.*not in the vocabulary"):  # '²'.isdigit() is True
         a.encode("3 ² S")
+    # the example prompt the page analyses on load fits the task's vocabulary and context
+    for n_tokens, seq_len in ((128, 64), (8, 8), (8, 4), (20, 16)):
+        b = InductionAdapter(InductionTask(n_tokens=n_tokens, seq_len=seq_len))
+        ids = b.encode(b.example_prompt)[0].tolist()
+        assert ids[0] == b.task.bos and ids[-1] == b.task.special and len(ids) <= seq_len
+    assert InductionAdapter(InductionTask(n_tokens=128, seq_len=64)).example_prompt == "BOS 7 3 S 42 11 5 9 S"
 
 
 def test_feature_adapter_parses_index_value_pairs():

@@ -163,7 +163,8 @@ CASES: dict[str, Case] = {
 
 
 def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # ru_maxrss is KiB on Linux
+    """This process's peak RSS in GiB (2^30 bytes; the tables' \"GB\"): ru_maxrss is KiB on Linux."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 def _target_fwd_bwd(target: torch.nn.Module, batch: Batch, cfg: RunConfig) -> Callable[[], None]:
@@ -404,6 +405,9 @@ def main(argv: list[str] | None = None, default_out: Path | None = None) -> None
     names = list(CASES) if args.cases == "all" else [c.strip() for c in args.cases.split(",") if c.strip()]
     if args.repeats < 1:
         ap.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.steps < 1 or args.warmup < 0 or args.threads < 1:
+        ap.error(f"--steps and --threads must be at least 1 and --warmup at least 0; got {args.steps}, "
+                 f"{args.threads}, {args.warmup}")
     run_all(names, args.steps, args.warmup, args.threads, args.out, repeats=args.repeats)
     if args.out:
         print(f"results written to {args.out}")

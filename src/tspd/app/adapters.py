@@ -87,7 +87,10 @@ class InductionAdapter(Adapter):
     def __init__(self, task, model: nn.Module | None = None):
         self.task, self.model = task, model
         self.context_length = task.seq_len
-        self.example_prompt = "BOS 7 3 S 42 11 5 9 S"
+        # An induction pattern (S, then its follower, ..., S again) inside this task's vocabulary and
+        # context: "BOS 7 3 S 42 11 5 9 S" on the paper's task (128 tokens, context 64).
+        words = ["BOS"] + [str(t % task.n_tokens) for t in (7, 3)] + ["S"] + [str(t % task.n_tokens) for t in (42, 11, 5, 9)]
+        self.example_prompt = " ".join(words[: max(task.seq_len - 1, 1)] + ["S"])
         self.prompt_help = (
             f"tokens separated by spaces: 0..{task.n_tokens - 1}, S (the special token), BOS (put in front "
             f"when missing); at most {task.seq_len}"

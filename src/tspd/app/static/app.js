@@ -64,14 +64,16 @@ async function api(path, body) {
 
 async function timed(action, fn) {
   const t0 = performance.now();
+  let ok = true;
   try {
     showError(null);
     await fn();
   } catch (err) {
+    ok = false;
     showError(err.message);
   } finally {
     const ms = performance.now() - t0;
-    window.tspdTimings.push({action, ms: Math.round(ms * 10) / 10});
+    window.tspdTimings.push({action, ms: Math.round(ms * 10) / 10, ok});
     $("status").textContent = `${action}: ${ms.toFixed(0)} ms`;
   }
 }
