@@ -164,7 +164,7 @@ def test_evaluate_reports_consistent_metrics():
 def test_tms_metrics_with_no_alive_subcomponent():
     _, dec = _tms_exact(C=6, alive=False)
     m = tms_metrics(dec, [TMSData(5, 0.1, 64)(0)], "linear1")
-    assert m["alive"] == 0
+    assert m["alive"] == 0 and m["mmcs"] == 0.0 and m["ml2r"] == 0.0 and m["n_features"] == 5
 
 
 def test_tms_figure_with_no_alive_subcomponent(tmp_path):

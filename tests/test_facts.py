@@ -274,6 +274,14 @@ def test_svd_baseline_removes_the_top_directions(gpt2_run):
             after = module(x)
     torch.testing.assert_close(after[0, 0], module.bias, atol=1e-4, rtol=0)
     torch.testing.assert_close(after[0, 1], before[0, 1])
+    # k = 1 removes exactly the largest singular direction (not any other one)
+    W = module.weight.detach().T  # Conv1D: (d_out, d_in) in nn.Linear layout
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    with torch.no_grad(), F.svd_removed(dec, {site: 1}, where, [slice(None)]):
+        top1 = module(x)
+    expected = before[0, 2] - (x[0, 2] @ Vh[0]) * S[0] * U[:, 0]
+    torch.testing.assert_close(top1[0, 2], expected, atol=1e-5, rtol=1e-5)
+    assert (before[0, 2] - top1[0, 2]).norm() > 1e-3  # something was removed, ~1000x the tolerance above
 
 
 def test_facts_pipeline_on_a_tiny_run(gpt2_run, tmp_path):

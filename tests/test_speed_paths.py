@@ -195,7 +195,8 @@ def test_uniform_is_uniform_on_the_open_interval_and_seeded():
 
 
 def test_bf16_autocast_losses_agree_with_fp32():
-    """Tolerance: every loss term within 5 % (relative) or 2e-3 (absolute) of its fp32 value."""
+    """Tolerance: every loss term within 1 % (relative, floor 1e-6) of its fp32 value. Measured on
+    three seeds of this case (2-core AMD EPYC, torch 2.13): at most 4.6e-4 relative."""
     model = make_gpt2(0)
     tokens = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
     terms = {}
@@ -211,7 +212,7 @@ def test_bf16_autocast_losses_agree_with_fp32():
         _, terms[autocast], _ = compute_losses(dec, tokens, 0, torch.Generator().manual_seed(5))
     assert terms[None].keys() == terms["bf16"].keys() and len(terms[None]) == 6
     for k, v in terms[None].items():
-        assert abs(terms["bf16"][k] - v) <= max(0.05 * abs(v), 2e-3), (k, v, terms["bf16"][k])
+        assert abs(terms["bf16"][k] - v) <= max(0.01 * abs(v), 1e-6), (k, v, terms["bf16"][k])
 
 
 def test_autocast_auto_picks_bf16_only_where_it_is_fast(monkeypatch):

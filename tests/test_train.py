@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -254,7 +255,8 @@ def test_lr_schedule_warmup_and_cosine():
     assert lr_at(cfg, 55) == pytest.approx(0.1 + 0.9 * 0.5)
     lrs = [lr_at(cfg, s) for s in range(10, 100)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
-    assert lrs[-1] > 0.1 - 1e-9
+    # the last step's cosine: frac 89/90 of the way down
+    assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)), rel=1e-12)
     const = make_cfg([("a", 1)], train={"steps": 10, "lr": 0.3, "final_lr_frac": 1.0})
     assert all(lr_at(const, s) == pytest.approx(0.3) for s in range(10))
 
@@ -324,3 +326,31 @@ def test_divergence_before_first_checkpoint_does_not_claim_one(tmp_path):
         tspd.decompose(_tms_target(), data, cfg, run_dir=tmp_path, progress=False)
     assert not (tmp_path / CHECKPOINT).exists()
     assert "intact" not in str(err.value)
+
+
+def test_decompose_applies_the_lr_schedule_and_clips_gradients(monkeypatch):
+    """The optimiser sees lr_at(step) at every step, and the gradient it steps on has norm <= grad_clip."""
+    import tspd.train as T
+
+    seen = []
+    real = T.make_optimizer
+
+    def spy(dec):
+        opt = real(dec)
+        step = opt.step
+
+        def recording_step(*args, **kwargs):
+            norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in dec.parameters() if p.grad is not None))
+            seen.append((opt.param_groups[0]["lr"], float(norm)))
+            return step(*args, **kwargs)
+
+        opt.step = recording_step
+        return opt
+
+    monkeypatch.setattr(T, "make_optimizer", spy)
+    cfg = _resume_cfg(steps=8, grad_clip=1e-3, eval_every=100)
+    tspd.decompose(_tms_target(), TMSData(5, 0.2, 32), cfg, progress=False)
+    assert [lr for lr, _ in seen] == pytest.approx([T.lr_at(cfg, s) for s in range(8)], rel=1e-12)
+    assert len({lr for lr, _ in seen}) > 4  # warm-up and decay, not a constant
+    norms = [n for _, n in seen]
+    assert max(norms) <= 1e-3 * (1 + 1e-5) and min(norms) > 0.9e-3, norms  # clipped, and clipping was active

@@ -30,7 +30,9 @@ def uniform(shape: tuple[int, ...] | torch.Size, generator: torch.Generator, dty
     bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), generator=generator, dtype=torch.int64)
     # Drawn on the CPU stream even for GPU tensors: the same masks on every device, exact resume.
     bits = bits.view(torch.int16)[:n].to(device, non_blocking=True)
-    return bits.to(dtype).add_(2**15 + 0.5).mul_(2.0**-16).view(shape)
+    # Computed in fp32 (exact on this grid); fp16 would overflow at 2^15 and bf16 round to 385 values.
+    u = bits.float().add_(2**15 + 0.5).mul_(2.0**-16).view(shape)
+    return u if dtype == torch.float32 else u.to(dtype)
 
 
 def sample_sources(like: Tensor, kind: str, generator: torch.Generator) -> Tensor:
