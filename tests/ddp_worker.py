@@ -1,7 +1,7 @@
 """One rank of the 2-process DDP test (tests/test_distributed.py launches it with torchrun).
 
 Runs the tms-5-2 recipe through the library the CLI calls and saves what this rank saw: its final
-parameters, its step-0 batch slice and its step-0 stochastic masks, in OUT/rank<r>.pt.
+parameters, its step-0 batch slice, its step-0 stochastic masks and its loss terms per step, in OUT/rank<r>.pt.
 usage: ddp_worker.py OUT STEPS [STOP_AFTER] [--resume]
 """
 
@@ -33,7 +33,9 @@ def recording_masks(ci, kind, gen):
 
 def recording_losses(dec, batch, step, gen):
     seen.setdefault("batch", batch.clone())
-    return real_losses(dec, batch, step, gen)
+    total, terms, ci = real_losses(dec, batch, step, gen)
+    seen.setdefault("terms", {})[step] = {**terms, "loss": float(total.detach())}  # this rank's own values
+    return total, terms, ci
 
 
 tspd.losses.stochastic_masks = recording_masks

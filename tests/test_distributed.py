@@ -55,6 +55,21 @@ def test_rank0_alone_writes_files(full_run):
     assert (full_run / "decomposition.safetensors").exists() and (full_run / "checkpoint.pt").exists()
 
 
+def test_logged_metrics_are_the_mean_over_ranks(full_run):
+    import json
+
+    r0, r1 = (torch.load(full_run / f"rank{r}.pt")["terms"] for r in (0, 1))
+    rows = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert rows and set(r0) == set(r1) == set(range(12))
+    differ = 0
+    for row in rows:
+        a, b = r0[row["step"]], r1[row["step"]]
+        for k in a:
+            assert row[k] == pytest.approx((a[k] + b[k]) / 2, rel=1e-12, abs=1e-15), (row["step"], k)
+            differ += a[k] != b[k]
+    assert differ > len(rows)  # the ranks' own values differ (their data halves), so this checks the mean
+
+
 def test_resume_under_ddp_matches_an_uninterrupted_run(full_run, tmp_path):
     torchrun(tmp_path, "12", "7")
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 7
