@@ -140,3 +140,50 @@ def test_svd_baseline_with_every_piece_is_the_target():
     assert sorted(result["pieces_per_site"].values()) == [8] * 6
     for k, v in target.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_census_counts_a_hand_set_ci_exactly(monkeypatch):
+    """Known answer: with CI set by hand from the tokens' roles, the census reports exactly those
+    counts (Q0's piece 2 at M; K1's pieces 0 and 1 at the first S; K1's piece 3 at 0.3 everywhere,
+    below the threshold)."""
+    import tspd
+    import tspd.analysis.induction as A
+    from tspd.cli import CONFIGS_DIR
+    from tspd.data.induction import InductionTask
+    from tspd.targets.induction import InductionTransformer
+
+    cfg = tspd.RunConfig.from_yaml(CONFIGS_DIR / "induction.yaml", TINY)
+    task = InductionTask(cfg.target.n_tokens, cfg.target.seq_len)
+    torch.manual_seed(0)
+    dec = tspd.Decomposition(InductionTransformer(task.n_tokens + 2, cfg.target.d_model, 2, task.seq_len), cfg)
+    seen = {}
+    real_eval = A.eval_sequences
+
+    def spy_eval(t, n, seed):
+        out = real_eval(t, n, seed)
+        seen["roles"] = t.roles(out[2])
+        return out
+
+    def hand_ci(_logits):
+        roles = seen["roles"]
+        ci = {s: torch.zeros(*roles.shape, dec.component(s).C) for s in dec.site_names}
+        ci["blocks.0.attn.q_proj"][..., 2] = (roles == ROLES.index("m")).float()
+        ci["blocks.1.attn.k_proj"][..., 0] = 0.8 * (roles == ROLES.index("first_s")).float()
+        ci["blocks.1.attn.k_proj"][..., 1] = 0.8 * (roles == ROLES.index("first_s")).float()
+        ci["blocks.1.attn.k_proj"][..., 3] = 0.3
+        return ci, ci
+
+    monkeypatch.setattr(A, "eval_sequences", spy_eval)
+    monkeypatch.setattr(dec, "ci_from_logits", hand_ci)
+    table = A.census(dec, n_sequences=200, batch=200)
+    q0, k1 = table["sites"]["blocks.0.attn.q_proj"], table["sites"]["blocks.1.attn.k_proj"]
+    assert q0["mean_active"] == {"first_s": 0.0, "m": 1.0, "final_s": 0.0, "other": 0.0}
+    assert q0["active_ids"] == [2] and q0["distinct_active"] == 1
+    assert k1["mean_active"] == {"first_s": 2.0, "m": 0.0, "final_s": 0.0, "other": 0.0}
+    assert k1["active_ids"] == [0, 1] and k1["mean_ci_by_role"]["first_s"] == [0.8, 0.8]
+    assert k1["mean_ci_by_role"]["other"] == [0.0, 0.0]
+    others = [s for s in dec.site_names if s not in ("blocks.0.attn.q_proj", "blocks.1.attn.k_proj")]
+    assert all(table["sites"][s]["distinct_active"] == 0 for s in others)
+    assert table["total_distinct"] == 3
+    assert table["active_per_input"] == pytest.approx(3.0)  # 1 + 2 distinct pieces in every sequence
+    assert table["active_per_token"] == pytest.approx(3 / task.seq_len)  # at 2 of each sequence's tokens
