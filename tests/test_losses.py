@@ -311,3 +311,26 @@ def test_adversarial_term_runs_under_the_runs_autocast(monkeypatch):
         dec = tspd.Decomposition(TwoLayer(6, 4, 6), cfg)
         compute_losses(dec, torch.randn(8, 6), 0, torch.Generator().manual_seed(0))
         assert seen[-1] is expected
+
+
+@pytest.mark.parametrize("terms", [
+    {"stochastic_recon": 1.0, "stochastic_recon_layerwise": 1.0},
+    dict(ALL_TERMS),
+])
+def test_forward_passes_counts_the_target_calls_of_a_step(terms):
+    """forward_passes (the harness's pass count for the overhead bar) equals the target forwards
+    one step runs when no pass is stacked or replayed."""
+    from tspd.losses import forward_passes
+
+    torch.manual_seed(0)
+    target = TwoLayer(6, 4, 6)
+    cfg = make_cfg([("linear*", 5)], losses=terms, masks={"n_samples": 2}, adversarial={"n_steps": 2},
+                   output={"divergence": "mse"}, train={"stack_passes": False, "reuse_prefix": False})
+    dec = tspd.Decomposition(target, cfg)
+    calls = []
+    handle = target.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        compute_losses(dec, torch.randn(8, 6), 0, torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    assert len(calls) == forward_passes(dec)
