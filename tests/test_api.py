@@ -287,7 +287,9 @@ def yaml_seed(out):
     return yaml.safe_load((out / "target.yaml").read_text())["seed"]
 
 
-def test_cli_prints_user_errors_without_a_traceback(tmp_path, capsys, monkeypatch, tms_run):
+def test_cli_prints_user_errors_without_a_traceback(tmp_path, capsys, monkeypatch, tms_run, induction_run):
+    import shutil
+
     bad = tmp_path / "bad.json"
     bad.write_text('{"templates": ["{name} plays"]}')
     assert cli.main(["facts", "screen", "--facts", str(bad)]) == 2
@@ -296,6 +298,12 @@ def test_cli_prints_user_errors_without_a_traceback(tmp_path, capsys, monkeypatc
     assert cli.main(["facts", "screen", str(tmp_path)]) == 2
     assert "takes no RUN_DIR" in capsys.readouterr().err
     assert cli.main(["causal", str(tms_run)]) == 2
+    err = capsys.readouterr().err
+    assert "needs an induction run" in err and "got tms" in err
+    run = tmp_path / "induction"
+    shutil.copytree(induction_run, run)
+    (run / "census.json").unlink()
+    assert cli.main(["causal", str(run)]) == 2
     assert "has no census.json; run `tspd census" in capsys.readouterr().err
     monkeypatch.setenv("TSPD_TRACEBACK", "1")
     with pytest.raises(ValueError, match="missing key"):
@@ -309,3 +317,60 @@ def test_training_curves_skip_the_line_a_running_training_is_writing(tmp_path, t
     metrics.write_text((tms_run / "metrics.jsonl").read_text() + '{"step": 6, "loss": 0.1, "l0/linear1')
     out = training_curves_figure(metrics, tmp_path / "curves.png")
     assert out.exists() and out.stat().st_size > 1000
+
+
+def test_cli_user_mistakes_fail_early_and_clearly(tmp_path, capsys, tms_run):
+    # a misspelt --set key: blamed on the override, with the closest key
+    assert cli.main(["run", "tms-5-2", "--out", str(tmp_path / "a"), "--set", "train.setps=3"]) == 2
+    err = capsys.readouterr().err
+    assert "(from --set train.setps=3)" in err and "did you mean 'train.steps'" in err
+    assert cli.main(["run", "tms-5-2", "--out", str(tmp_path / "a"), "--set", "target.train_step=3"]) == 2
+    assert "unknown key 'target.train_step'" in capsys.readouterr().err  # no internal 'tms' in the path
+    # --resume on an empty folder, and a site pattern that matches nothing: refused before any target
+    # is trained or file written
+    assert cli.main(["run", "induction", "--out", str(tmp_path / "b"), "--resume"]) == 2
+    assert "does not exist; drop --resume" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    assert cli.main(["run", "tms-5-2", "--out", str(tmp_path / "c"), "--set", "sites=[{pattern: 'nope*', C: 4}]"]) == 2
+    assert "matches no module" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    # --resume without CONFIG but with overrides: the run folder's own config, overrides on top
+    assert cli.main(["decompose", "--out", str(tmp_path / "empty"), "--resume"]) == 2
+    assert "which does not exist" in capsys.readouterr().err
+    # tspd report on a missing folder or a TMS run: an error, and no folder made
+    assert cli.main(["report", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "missing").exists()
+    assert cli.main(["report", str(tms_run)]) == 2
+    assert "is a 'tms' run" in capsys.readouterr().err and not (tms_run / "report.html").exists()
+    assert cli.main(["census", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_resume_from_the_run_folder_config_with_overrides(tmp_path, capsys):
+    out = tmp_path / "dec"
+    sets = ["--set", "train.steps=4", "--set", "target.train_steps=10", "--set", "train.batch_size=64",
+            "--set", "train.faithfulness_warmup_steps=5", "--set", "train.checkpoint_every=2"]
+    assert cli.main(["decompose", "tms-5-2", "--out", str(out), *sets]) == 0
+    assert cli.main(["decompose", "--out", str(out), "--resume", "--set", "train.steps=6"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 6
+    assert "steps: 6" in (out / "config.yaml").read_text()
+
+
+def test_api_run_refused_by_eval_with_a_message(tmp_path, capsys):
+    cfg = make_cfg([("linear*", 4)], train={"steps": 2, "batch_size": 16, "faithfulness_warmup_steps": 1},
+                   output={"divergence": "mse"})
+    torch.manual_seed(0)
+    tspd.decompose(TwoLayer(5, 3, 5), lambda step: torch.randn(16, 5), cfg, run_dir=tmp_path / "api", progress=False)
+    assert cli.main(["eval", str(tmp_path / "api")]) == 2
+    assert "made with the Python API" in capsys.readouterr().err
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    from tspd.decomposition import _FILE_MODE, write_json
+
+    write_json(tmp_path / "x.json", {"a": 1})
+    assert stat.S_IMODE(os.stat(tmp_path / "x.json").st_mode) == _FILE_MODE
+    mask = os.umask(0)
+    os.umask(mask)
+    assert _FILE_MODE == 0o666 & ~mask and _FILE_MODE & 0o044 == 0o044 & ~mask  # group/other read unless umasked

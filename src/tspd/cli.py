@@ -31,11 +31,15 @@ def cmd_decompose(args: argparse.Namespace) -> None:
     from tspd.experiments import decompose_from_config
 
     overrides = list(args.set or [])
-    if args.resume and (Path(args.out) / "config.yaml").exists() and not overrides and args.config is None:
-        cfg = RunConfig.from_yaml(Path(args.out) / "config.yaml")
+    saved = Path(args.out) / "config.yaml"
+    if args.config is None:
+        if not args.resume:
+            raise ConfigError("give a CONFIG.yaml or recipe name (or --resume to continue the run in --out)")
+        if not saved.exists():
+            raise ConfigError(f"--resume without a CONFIG reads {saved}, which does not exist: is {args.out} a run "
+                              f"folder? Give the CONFIG the run started with")
+        cfg = RunConfig.from_yaml(saved, overrides)  # the run's own config, with any --set on top
     else:
-        if args.config is None:
-            raise ConfigError("give a CONFIG.yaml (or --resume with an existing run folder)")
         cfg = RunConfig.from_yaml(_recipe(args.config), overrides)
     decompose_from_config(cfg, args.out, resume=args.resume)
     if distributed.world().main:
@@ -110,7 +114,11 @@ def cmd_census(args: argparse.Namespace) -> None:
           f"{table['active_per_input']:.2f}")
     print(f"faithfulness {table['faithfulness']:.3g}; KL CI-masked {table['recon_kl_ci_masked']:.3g}, stochastic "
           f"{table['recon_kl_stochastic']:.3g}")
-    print(f"attention-pattern KL, all rows {table['attention_kl']}; at the circuit's rows {table['attention_kl_circuit_rows']}")
+    def kls(d: dict) -> str:
+        return ", ".join(f"{k.replace('_', ' ')} {v:.3g}" for k, v in d.items())
+
+    print(f"attention-pattern KL, all rows: {kls(table['attention_kl'])}; at the circuit's rows: "
+          f"{kls(table['attention_kl_circuit_rows'])}")
     print(f"accuracy target {table['accuracy']['target']:.4f}, CI-masked {table['accuracy']['ci_masked']:.4f}")
     for name, ok in check_circuit(table).items():
         print(f"  [{'pass' if ok else 'FAIL'}] {name}")
@@ -130,6 +138,9 @@ def cmd_baseline(args: argparse.Namespace) -> None:
     print(f"SVD baseline needs {result['pieces_needed']} rank-1 pieces to reach SPD's KL {result['spd_kl']:.3g} "
           f"(SPD: {result['spd_active_per_token']:.2f} active per token, {result['spd_active_per_input']:.2f} per "
           f"sequence, {result['spd_total_distinct']} in total); written {Path(args.run_dir) / 'baseline.json'}")
+    if result["matched"] and result["pieces_needed"] == 0:
+        print("note: 0 pieces means SPD's KL is no better than keeping none of the sites' rank-1 pieces: the "
+              "decomposition does not reproduce the target yet (too few steps, or a faithfulness problem)")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -347,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.func(args)
+    except BrokenPipeError:  # output piped into `head` and the like: not an error of the command
+        try:
+            sys.stdout = open(os.devnull, "w")  # so the interpreter's final flush does not complain
+        except OSError:
+            pass
+        return 0
     except (ConfigError, OSError, AssetError, ValueError, RuntimeError) as err:
         # The messages written for users (bad config, facts file, missing asset, a run that
         # diverged) name the problem and the fix; the traceback only on request.

@@ -277,7 +277,7 @@ class RunConfig(Strict):
         try:
             return cls.model_validate(raw)
         except ValidationError as err:
-            raise ConfigError(_explain(err, source)) from None
+            raise ConfigError(_explain(err, source, overrides or [])) from None
 
     def with_overrides(self, overrides: list[str]) -> "RunConfig":
         return RunConfig.from_dict(self.model_dump(mode="json"), overrides)
@@ -324,14 +324,39 @@ def _set_path(out: dict[str, Any], key: str, value: str) -> None:
         raise TypeError(f"{last!r} is below a plain value")
 
 
-def _explain(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid config"]
+_KINDS = {"tms", "induction", "huggingface", "text"}
+
+
+def _all_keys() -> list[str]:
+    """Every dotted key a config can hold (the kinds' target.* and data.* keys merged), for suggestions."""
+    keys = [k for k, _, _ in describe_keys()]
+    keys += [f"sites.N.{k}" for k, _, _ in describe_keys(SiteConfig)]
+    for section, kinds in (("target", (TMSTargetConfig, InductionTargetConfig, HuggingFaceTargetConfig)),
+                           ("data", (TMSDataConfig, InductionDataConfig, TextDataConfig))):
+        keys += [f"{section}.{k}" for kind in kinds for k, _, _ in describe_keys(kind)]
+    return sorted(set(keys))
+
+
+def _explain(err: ValidationError, source: str, overrides: list[str] = ()) -> str:
+    """One line per problem: the key as the user writes it (no union tag such as 'tms' inside
+    target.*), the --set override it came from, and for an unknown key the closest known ones."""
+    import difflib
+
+    given = {item.split("=", 1)[0].strip(): item for item in overrides if "=" in item}
+    lines = [f"{source}" + (" with --set " + " ".join(overrides) if overrides else "") + ": invalid config"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        parts = [str(p) for p in e["loc"]]
+        if len(parts) > 1 and parts[0] in ("target", "data") and parts[1] in _KINDS:
+            parts.pop(1)
+        loc = ".".join(parts)
+        origin = f" (from --set {given[loc]})" if loc in given else ""
         if e["type"] == "extra_forbidden":
-            lines.append(f"  unknown key '{loc}': remove it or fix its spelling (see README, 'Config keys')")
+            pattern = ".".join("N" if p.isdigit() else p for p in parts)
+            close = difflib.get_close_matches(pattern, _all_keys(), n=2, cutoff=0.75)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            lines.append(f"  unknown key '{loc}'{origin}: remove it or fix its spelling{hint} (`tspd config-keys` lists every key)")
         else:
-            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  {loc}{origin}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
 
 

@@ -92,6 +92,17 @@ def call_target(model: nn.Module, batch: Batch) -> Tensor:
     return output_tensor(model(**batch) if isinstance(batch, dict) else model(batch))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once: mkstemp creates files readable by their owner only, which would keep a shared run
+# folder's results from collaborators; each written file gets the mode a plain open() would give.
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def atomic_write_bytes(path: Path, write) -> None:
     """Write via a temporary file in the same folder and rename, so a kill never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,6 +110,7 @@ def atomic_write_bytes(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -571,6 +583,8 @@ def load(directory: str | Path, target: nn.Module | None = None) -> Decompositio
     from tspd.targets import build_target, saved_with_run
 
     directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} does not exist (or is not a folder): give a tspd run folder")
     if not (directory / "decomposition.safetensors").exists():
         raise FileNotFoundError(f"{directory} holds no decomposition.safetensors: is it a tspd run folder?")
     config = RunConfig.from_yaml(directory / "config.yaml")

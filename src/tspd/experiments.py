@@ -16,10 +16,11 @@ import yaml
 from safetensors.torch import load_file
 
 from tspd import distributed
+from tspd.components import resolve_sites
 from tspd.config import ConfigError, RunConfig, apply_overrides
 from tspd.decomposition import Decomposition, atomic_write_bytes, load, save_state, write_json
 from tspd.targets import build_data, build_target, saved_with_run
-from tspd.train import DataStream, decompose
+from tspd.train import CHECKPOINT, DataStream, decompose
 
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -87,6 +88,11 @@ def decompose_from_config(
 ) -> Decomposition:
     """Build the config's target and data, then decompose into `out` (see tspd.train.decompose)."""
     out = Path(out)
+    # Bad input fails before any slow work (training a toy target takes minutes) and before writes.
+    if resume and not (out / CHECKPOINT).exists():
+        raise FileNotFoundError(f"--resume given but {out / CHECKPOINT} does not exist; drop --resume to start")
+    if cfg.target is not None and cfg.target.kind in ("tms", "induction"):
+        resolve_sites(build_target(cfg.target, train=False), [(s.pattern, s.C) for s in cfg.sites])  # untrained: instant
     out.mkdir(parents=True, exist_ok=True)
     target = _target_for(cfg, out, resume).to(distributed.device_for(cfg.train.device))
     if cfg.data is None:
@@ -129,7 +135,8 @@ def _train_induction_target(tcfg, out: Path):
     if final.get("accuracy", 0.0) < tcfg.target_accuracy:
         raise RuntimeError(
             f"the induction target reached accuracy {final.get('accuracy')} < {tcfg.target_accuracy} in "
-            f"{tcfg.max_steps} steps; raise target.max_steps or change target.seed"
+            f"{tcfg.max_steps} steps; raise target.max_steps, change target.seed, or lower target.target_accuracy "
+            f"(the bar before decomposing; 0.99 by default)"
         )
     return model
 
@@ -141,6 +148,11 @@ def evaluate_run(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     dec = load(run_dir)
     cfg = dec.config
+    if cfg.target is None or cfg.data is None:
+        raise ConfigError(
+            f"{run_dir} was made with the Python API (its config has no target/data section), so the CLI cannot "
+            "rebuild its data; from Python: tspd.analysis.metrics.evaluate(tspd.load(run_dir), batches)"
+        )
     data = build_data(cfg.data, cfg.target, cfg.train.batch_size, cfg.seed)
     batches = DataStream(data, cfg.train.eval_batches).eval_batches
     result = {"eval": evaluate(dec, batches)}
@@ -174,8 +186,11 @@ def causal_run(run_dir: str | Path, dec: Decomposition | None = None, table: dic
     from tspd.analysis.induction import causal_check
     from tspd.report.figures import causal_figure
 
+    from tspd.analysis.induction import task_of
+
     run_dir = Path(run_dir)
     dec = dec or load(run_dir)
+    task_of(dec)  # an induction run, or a clear error naming its kind
     if table is None:
         if not (run_dir / "census.json").exists():
             raise ConfigError(f"{run_dir} has no census.json; run `tspd census {run_dir}` first")

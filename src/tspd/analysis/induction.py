@@ -220,7 +220,8 @@ def causal_check(dec: Decomposition, table: dict, n_sequences: int = 1000, seed:
     """Ablate one site's active subcomponents at a time (mask 0 at every position, every other
     subcomponent at mask 1, i.e. the target minus those rank-1 pieces) and measure last-position
     accuracy and the circuit's attention weights; a control ablates as many never-active
-    subcomponents of the same site."""
+    subcomponents of the same site. "none" is the decomposition with nothing ablated (every mask 1)
+    on these sequences (its own held-out draw, so its accuracy differs from the census's)."""
     task = task_of(dec)
     tokens, labels, first_s = eval_sequences(task, n_sequences, seed + 1)
     base_logits, base_pats = _forward_patterns(dec, lambda: dec.forward_with_ablation(tokens, {}))

@@ -294,7 +294,9 @@ def adapter_for(dec: Decomposition, run_dir: str | Path) -> Adapter:
     kind = dec.config.target.kind if dec.config.target is not None else None
     if kind not in ADAPTERS:
         raise ValueError(
-            f"the dashboard has no adapter for target kind {kind!r} (known: {', '.join(ADAPTERS)}); from Python, "
-            "pass one: tspd.app.serve(run_dir, adapter=CausalLMAdapter(model, tokenizer, texts))"
+            f"the dashboard has no adapter for target kind {kind!r} (known: {', '.join(ADAPTERS)}; a run made with the "
+            "Python API has no target section); from Python, pass one: tspd.app.serve(run_dir, adapter=...) with "
+            "CausalLMAdapter(model, tokenizer, texts) for a language model, FeatureAdapter(n_features, sample_fn, model) "
+            "for a model of feature vectors, or a subclass of tspd.app.adapters.Adapter"
         )
     return ADAPTERS[kind](dec, Path(run_dir))
