@@ -50,4 +50,4 @@ w = distributed.world()
 state = {"params": {k: v.detach().clone() for k, v in dec.state_dict().items()}, **seen, "world": w.size,
          "fast_bf16": tspd.losses.cpu_has_fast_bf16()}
 torch.save(state, out / f"rank{w.rank}.pt")
-distributed.leave()
+distributed.leave(wait=True)

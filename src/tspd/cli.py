@@ -358,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.func(args)
+        distributed.leave(wait=True)
     except BrokenPipeError:  # output piped into `head` and the like: not an error of the command
         try:
             sys.stdout = open(os.devnull, "w")  # so the interpreter's final flush does not complain

@@ -13,6 +13,7 @@ Example (2 CPU processes on one machine):
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -80,9 +81,17 @@ def agree_on_autocast(autocast: str | None, device: torch.device, w: World) -> N
     pin_fast_bf16(bool(flag.item()))
 
 
-def leave() -> None:
-    """Leave the process group, if this process joined one (the CLI calls it on exit)."""
+def leave(wait: bool = False) -> None:
+    """Leave the process group, if this process joined one (the CLI calls it on exit). `wait`: on a
+    successful exit, first wait for every rank to get here, so that no rank tears its connections
+    down while another is still writing (a gloo rank leaving early aborted once under load). Never
+    on an error path: a peer may never arrive."""
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            if dist.get_backend() == "gloo":  # rank 0 may still be analysing (e.g. `tspd run`): no 30-min limit
+                dist.monitored_barrier(timeout=datetime.timedelta(days=1))
+            else:
+                dist.barrier()
         dist.destroy_process_group()
 
 

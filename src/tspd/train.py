@@ -355,4 +355,6 @@ def decompose(
     distributed.check_in_sync(list(dec.parameters()), w)
     if writes:
         dec.save(run_path)
+    if w.parallel:  # every rank returns once rank 0's files are written
+        torch.distributed.barrier()
     return dec
