@@ -248,6 +248,19 @@ def test_bench_case_runs_and_reports(tmp_path):
     assert saved["results"][0]["case"] == "tms-5-2" and "error" not in saved["results"][0]
     with pytest.raises(KeyError, match="unknown benchmark case"):
         run_case("nope")
+    assert row["device"] == "cpu" and saved["results"][0]["device"] == "cpu" and "cuda_peak_gb" not in row
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_bench_on_cuda_without_a_gpu_says_so(capsys):
+    from tspd.bench import run_case
+    from tspd.cli import main
+
+    with pytest.raises(RuntimeError, match="sees no CUDA GPU here; use --device cpu"):
+        run_case("tms-5-2", steps=1, warmup=0, device="cuda")
+    with pytest.raises(SystemExit):
+        main(["bench", "--cases", "tms-5-2", "--device", "cuda"])
+    assert "sees no CUDA GPU" in capsys.readouterr().err
 
 
 def test_bench_repeats_report_the_median_run():

@@ -196,14 +196,22 @@ def _plain_target(target: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(f)
 
 
-def _time_target_fwd_bwd(target: torch.nn.Module, batch: Batch, cfg: RunConfig, reps: int) -> float:
+def _sync(device: str) -> None:
+    """Wait for the device's queued work (GPU kernels run asynchronously), so a timer reads work done."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _time_target_fwd_bwd(target: torch.nn.Module, batch: Batch, cfg: RunConfig, reps: int, device: str = "cpu") -> float:
     """Median ms of one plain forward + backward of the target on `batch` (same autocast)."""
     run = _target_fwd_bwd(target, batch, cfg)
     times = []
     with _plain_target(target):
         for i in range(reps + 1):
+            _sync(device)
             t0 = time.perf_counter()
             run()
+            _sync(device)
             if i > 0:
                 times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times)
@@ -220,10 +228,13 @@ def count_gflop(fn: Callable[[], Any]) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def run_case(name: str, steps: int = 20, warmup: int = 3, threads: int | None = None) -> dict:
-    """Time one case in this process; returns its result row."""
+def run_case(name: str, steps: int = 20, warmup: int = 3, threads: int | None = None, device: str = "cpu") -> dict:
+    """Time one case in this process; returns its result row. `device`: where the target, batch
+    and decomposition live ('cpu', or 'cuda' for the GPU run the issue asks for)."""
     if name not in CASES:
         raise KeyError(f"unknown benchmark case {name!r}; cases: {', '.join(CASES)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device}: torch {torch.__version__} sees no CUDA GPU here; use --device cpu")
     if threads:
         torch.set_num_threads(threads)
     tune_cpu_allocator()
@@ -232,19 +243,27 @@ def run_case(name: str, steps: int = 20, warmup: int = 3, threads: int | None = 
         target, batch, cfg = case.build()
     except SkipCase as why:
         return {"case": name, "description": case.description, "skipped": str(why)}
+    if device != "cpu":
+        from tspd.distributed import to_device
+
+        target, batch = target.to(device), to_device(batch, torch.device(device))
     torch.manual_seed(cfg.seed)
-    dec = Decomposition(target, cfg)
+    dec = Decomposition(target, cfg)  # on the target's device
     opt = make_optimizer(dec)
     faithfulness_warmup(dec)  # as decompose() does; zero steps where the config has none
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for step in range(warmup + steps):
+        _sync(device)
         t0 = time.perf_counter()
         total, _, _ = compute_losses(dec, batch, step, generator(cfg.seed, step, 202))
         optimizer_step(dec, opt, total)
+        _sync(device)
         if step >= warmup:
             times.append(time.perf_counter() - t0)
     ms = 1000 * statistics.median(times)
-    fwd_bwd = _time_target_fwd_bwd(target, batch, cfg, reps=max(3, steps // 2))
+    fwd_bwd = _time_target_fwd_bwd(target, batch, cfg, reps=max(3, steps // 2), device=device)
 
     def one_step() -> None:
         total, _, _ = compute_losses(dec, batch, warmup + steps, generator(cfg.seed, warmup + steps, 202))
@@ -274,8 +293,9 @@ def run_case(name: str, steps: int = 20, warmup: int = 3, threads: int | None = 
         "reference_rss_gb": case.reference_rss_gb,
         "speedup_vs_reference": round(case.reference_ms / ms, 2) if case.reference_ms else None,
         "steps_timed": steps,
+        "device": device,
     }
-    if torch.cuda.is_available() and next(target.parameters()).is_cuda:
+    if device.startswith("cuda"):
         row["cuda_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
     return row
 
@@ -317,9 +337,10 @@ def machine_info(threads: int | None) -> dict:
     }
 
 
-def _run_one(name: str, steps: int, warmup: int, threads: int | None) -> dict:
+def _run_one(name: str, steps: int, warmup: int, threads: int | None, device: str = "cpu") -> dict:
     """One case in a fresh subprocess (so peak RSS is the case's own)."""
-    cmd = [sys.executable, "-m", "tspd.bench", "--one", name, "--steps", str(steps), "--warmup", str(warmup)]
+    cmd = [sys.executable, "-m", "tspd.bench", "--one", name, "--steps", str(steps), "--warmup", str(warmup),
+           "--device", device]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -345,7 +366,8 @@ def combine_repeats(rows: list[dict]) -> dict:
 
 
 def run_all(
-    names: list[str], steps: int, warmup: int, threads: int | None, out: Path | None, progress=print, repeats: int = 1
+    names: list[str], steps: int, warmup: int, threads: int | None, out: Path | None, progress=print, repeats: int = 1,
+    device: str = "cpu",
 ) -> dict:
     """Run each case in a fresh subprocess, `repeats` times round-robin over the cases (so a slow
     spell of a shared host spreads over cases instead of hitting one); returns {"machine": ...,
@@ -358,7 +380,7 @@ def run_all(
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for i in range(repeats):
         for name in names:
-            row = _run_one(name, steps, warmup, threads)
+            row = _run_one(name, steps, warmup, threads, device)
             runs[name].append(row)
             progress((f"[{i + 1}/{repeats}] " if repeats > 1 else "") + _format_row(row))
     results = [combine_repeats(runs[name]) for name in names]
@@ -397,10 +419,11 @@ def main(argv: list[str] | None = None, default_out: Path | None = None) -> None
     ap.add_argument("--repeats", type=int, default=1,
                     help="fresh-process runs per case, round-robin; the median run is reported (default 1)")
     ap.add_argument("--out", type=Path, default=default_out, help="JSON file to write")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: where target, batch and decomposition live")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
-        print(json.dumps(run_case(args.one, args.steps, args.warmup, args.threads)))
+        print(json.dumps(run_case(args.one, args.steps, args.warmup, args.threads, args.device)))
         return
     names = list(CASES) if args.cases == "all" else [c.strip() for c in args.cases.split(",") if c.strip()]
     if args.repeats < 1:
@@ -408,7 +431,9 @@ def main(argv: list[str] | None = None, default_out: Path | None = None) -> None
     if args.steps < 1 or args.warmup < 0 or args.threads < 1:
         ap.error(f"--steps and --threads must be at least 1 and --warmup at least 0; got {args.steps}, "
                  f"{args.threads}, {args.warmup}")
-    run_all(names, args.steps, args.warmup, args.threads, args.out, repeats=args.repeats)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA GPU here; use --device cpu")
+    run_all(names, args.steps, args.warmup, args.threads, args.out, repeats=args.repeats, device=args.device)
     if args.out:
         print(f"results written to {args.out}")
 
