@@ -183,10 +183,8 @@ def census_run(run_dir: str | Path, dec: Decomposition | None = None, n_sequence
 
 def causal_run(run_dir: str | Path, dec: Decomposition | None = None, table: dict | None = None) -> dict:
     """Ablate each site's active subcomponents: writes causal.json and causal_check.png."""
-    from tspd.analysis.induction import causal_check
+    from tspd.analysis.induction import causal_check, task_of
     from tspd.report.figures import causal_figure
-
-    from tspd.analysis.induction import task_of
 
     run_dir = Path(run_dir)
     dec = dec or load(run_dir)

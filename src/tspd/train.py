@@ -216,7 +216,7 @@ def _device_type(dec: Decomposition) -> str:
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
-    """'key: saved -> given' for the first dotted key where two config dumps differ, else None."""
+    """'key: X in the checkpoint, Y now' for the first dotted key where two config dumps differ, else None."""
     if isinstance(a, dict) and isinstance(b, dict):
         for k in list(a) + [k for k in b if k not in a]:
             d = _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
