@@ -79,6 +79,18 @@ def test_resume_under_ddp_matches_an_uninterrupted_run(full_run, tmp_path):
         assert torch.equal(v, resumed["params"][k]), f"{k} differs after resume"
 
 
+def test_drift_between_ranks_is_caught(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(WORKER.with_name("ddp_sync_worker.py")), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        lines = (tmp_path / f"sync{rank}.txt").read_text().splitlines()
+        assert lines[0] == "equal: ok"
+        assert lines[1].startswith("drifted: rank") and "drifted apart" in lines[1], lines
+
+
 def test_batch_must_split_over_ranks():
     from tspd.distributed import World, shard
 

@@ -157,7 +157,6 @@ def test_fused_gelu_matches_gpt2_and_is_restored():
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_hf_sites_reproduce_module_outputs_with_all_ones_masks(arch):
-    pytest.importorskip("transformers")
     from tspd.targets.huggingface import tiny_gpt2, tiny_llama
 
     if arch == "gpt2":
