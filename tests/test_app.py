@@ -365,3 +365,24 @@ def test_tspd_serve_prints_the_url_it_answers_on(induction_run):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_api_turns_nan_in_run_files_into_null(tms_run, tmp_path):
+    """A NaN in a run's JSON (Python writes it; a mean over an empty group gives one) must not make
+    the API's answer invalid JSON for the browser."""
+    run = tmp_path / "tms"
+    shutil.copytree(tms_run, run)
+    (run / "results.json").write_text('{"acc": NaN, "nested": [1.0, Infinity]}')
+    server = make_server(run, port=0)
+    server.start_background()
+    try:
+        _, _, raw = call(server.url, "/api/tables")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    tables = json.loads(raw, parse_constant=refuse)  # strict, as a browser's JSON.parse
+    assert tables["results"] == {"acc": None, "nested": [1.0, None]}

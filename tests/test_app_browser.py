@@ -128,3 +128,56 @@ def test_load_prompt_subcomponent_ablate(page_url, browser, tmp_path):
     assert statistics.median(interactions) <= INTERACTION_BUDGET_MS, timings
     assert max(interactions) <= 5 * INTERACTION_BUDGET_MS, timings  # headroom for a busy CI machine
     page.close()
+
+
+def test_views_follow_the_current_run_and_prompt(induction_run, tms_run, browser):
+    """Switching runs clears the previous run's subcomponent and ablation views; a per-position
+    ablation picked on one prompt is flagged, and refused, on another; an unknown #tab falls back
+    to the overview."""
+    assert induction_run.parent == tms_run.parent
+    server = make_server(induction_run.parent, port=0)
+    server.start_background()
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(server.url + "#nosuchtab")
+        page.wait_for_selector("body[data-ready='1']", timeout=15000)
+        assert page.is_visible("#tab-overview") and page.is_hidden("[data-testid=error]")
+        page.select_option("[data-testid=run-select]", "induction")
+        page.wait_for_function("document.getElementById('run-meta').textContent.startsWith('induction')")
+
+        page.click("[data-testid=tab-prompt]")
+        page.fill("[data-testid=prompt-input]", "BOS 1 2 S 3 4 S")
+        page.click("[data-testid=prompt-run]")
+        page.wait_for_function("document.querySelectorAll('#tokens .tok').length === 7")
+        page.click("[data-testid=tab-subcomponent]")
+        page.fill("[data-testid=sub-idx]", "1")
+        page.locator("#sub-form").evaluate("f => f.requestSubmit()")
+        page.wait_for_selector(".sub-head h2")
+        page.click("[data-testid=sub-ablate]")
+        page.click("[data-testid=tab-ablation]")
+        page.locator("#ablation-list select").select_option("6")  # the final S of this prompt
+
+        page.click("[data-testid=tab-prompt]")
+        page.fill("[data-testid=prompt-input]", "BOS 5 S")
+        page.click("[data-testid=prompt-run]")
+        page.wait_for_function("document.querySelectorAll('#tokens .tok').length === 3")
+        page.click("[data-testid=tab-ablation]")
+        assert "picked on another prompt" in page.inner_text("[data-testid=ablation-list]")
+        page.click("[data-testid=ablation-run]")
+        page.wait_for_selector("[data-testid=error]:not([hidden])")
+        assert "picked on another prompt" in page.inner_text("[data-testid=error]")
+        assert page.inner_text("[data-testid=ablation-result]").strip() == ""
+
+        page.select_option("[data-testid=run-select]", "tms")
+        page.wait_for_function("document.getElementById('run-meta').textContent.startsWith('tms')")
+        assert page.is_hidden("[data-testid=error]")
+        assert int(page.inner_text("#ablation-count")) == 0
+        assert "Pick a subcomponent" in page.inner_text("[data-testid=sub-detail]")
+        assert page.inner_text("[data-testid=ablation-result]").strip() == ""
+        assert not errors, errors
+    finally:
+        page.close()
+        server.shutdown()
+        server.server_close()

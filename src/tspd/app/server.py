@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import sys
 import threading
 import time
@@ -56,6 +57,17 @@ API: dict[tuple[str, str], Callable[[RunRegistry, dict], dict]] = {
     ("POST", "/api/ablate"): lambda r, p: r.get(p.get("run")).ablate(
         p.get("prompt"), p.get("ablations"), p.get("base", "ones"), _top_k(p.get("top_k"))),
 }
+
+
+def _finite(obj):
+    """A copy of a JSON-able object with every non-finite float replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -129,7 +141,9 @@ class Handler(BaseHTTPRequestHandler):
         self._json(status, result, server_ms=(time.perf_counter() - t0) * 1000)
 
     def _json(self, status: int, obj: dict, server_ms: float | None = None) -> None:
-        data = json.dumps(obj, separators=(",", ":")).encode()
+        # NaN / inf (e.g. a mean over an empty group in a run's JSON files) as null: browsers'
+        # JSON.parse rejects Python's NaN, which would blank the whole page.
+        data = json.dumps(_finite(obj), separators=(",", ":"), allow_nan=False).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))

@@ -5,6 +5,7 @@ const state = {
   run: null, info: null, prompt: "", analysis: null, pos: 0,
   ablations: [],            // [{site, idx, positions: null | [p]}]
   sub: null,                // {site, idx} shown in the subcomponent view
+  listSite: null,           // the site whose subcomponents the list shows
   ablationResult: null, ablationPos: 0,
 };
 // Every user interaction's time from the event to the updated page, read by the browser test.
@@ -49,6 +50,13 @@ function niceTicks(lo, hi, n = 5) {
 const ciColor = (g) => `rgba(79, 70, 229, ${0.06 + 0.94 * Math.max(0, Math.min(1, g))})`;
 const ciInk = (g) => g > 0.55 ? "#fff" : "inherit";
 const subName = (site, idx) => `${site}:${idx}`;
+// Requests of one view answer out of order when the user clicks fast: each view keeps only the
+// answer to its latest request (`const current = ticket("view")`, then `if (!current()) return`).
+const tickets = {};
+function ticket(view) {
+  const t = (tickets[view] = (tickets[view] || 0) + 1);
+  return () => tickets[view] === t;
+}
 
 // ---- API ----------------------------------------------------------------------------------
 async function api(path, body) {
@@ -86,6 +94,7 @@ function showError(message) {
 
 // ---- tabs ---------------------------------------------------------------------------------
 function showTab(name) {
+  if (!document.getElementById(`tab-${name}`)) name = "overview";  // an unknown #hash
   for (const b of document.querySelectorAll("#tabs button")) b.classList.toggle("active", b.dataset.tab === name);
   for (const s of document.querySelectorAll("section.tab")) s.hidden = s.id !== `tab-${name}`;
   if (location.hash !== `#${name}`) history.replaceState(null, "", `#${name}`);
@@ -222,12 +231,17 @@ async function loadOverview() {
 
 // ---- prompt view --------------------------------------------------------------------------
 async function analyse(prompt) {
+  const current = ticket("analyse");
+  const analysis = await api("/api/prompt", {prompt});
+  if (!current()) return;
+  // Only now: a prompt the server refused leaves the last good one, its tokens and its text in place.
   state.prompt = prompt;
   $("prompt-input").value = prompt;
   $("ablation-prompt").value = prompt;
-  state.analysis = await api("/api/prompt", {prompt});
-  state.pos = state.analysis.tokens.length - 1;
+  state.analysis = analysis;
+  state.pos = analysis.tokens.length - 1;
   renderPrompt();
+  renderAblationList();  // positions are this prompt's now
 }
 
 function renderPrompt() {
@@ -273,7 +287,10 @@ function bars(items, max, cls = "", format = fmt) {
 
 // ---- subcomponent view --------------------------------------------------------------------
 async function loadSubList(site) {
+  const current = ticket("sub-list");
   const data = await api(`/api/subcomponents?site=${encodeURIComponent(site)}`);
+  if (!current()) return;
+  state.listSite = site;
   const maxF = Math.max(1e-9, ...data.items.map((x) => x.frequency || 0));
   $("sub-list").replaceChildren(...data.items.map((x) => el("div", {
     class: `sub-item${x.max_ci !== undefined && x.max_ci < 0.1 ? " dead" : ""}${state.sub && state.sub.site === site && state.sub.idx === x.idx ? " sel" : ""}`,
@@ -290,8 +307,10 @@ function openSub(site, idx) {
   return timed("open subcomponent", async () => {
     $("sub-site").value = site;
     $("sub-idx").value = idx;
+    const current = ticket("sub-detail");
     const [detail] = await Promise.all([api(`/api/subcomponent?site=${encodeURIComponent(site)}&idx=${idx}`),
-                                        (!state.sub || state.sub.site !== site) ? loadSubList(site) : null]);
+                                        state.listSite !== site ? loadSubList(site) : null]);
+    if (!current()) return;
     state.sub = {site, idx: detail.idx};
     renderSub(detail);
     for (const item of document.querySelectorAll(".sub-item")) item.classList.toggle("sel", item.querySelector(".mono").textContent === `#${detail.idx}`);
@@ -361,9 +380,20 @@ function renderSub(d) {
 
 // ---- ablation playground ------------------------------------------------------------------
 function addAblation(site, idx, positions) {
+  const prompt = positions ? state.prompt : null;  // a position means a token of this prompt
   const same = state.ablations.find((a) => a.site === site && a.idx === idx);
-  if (same) same.positions = positions;
-  else state.ablations.push({site, idx, positions});
+  if (same) Object.assign(same, {positions, prompt});
+  else state.ablations.push({site, idx, positions, prompt});
+  ablationsChanged();
+}
+
+// An item whose position was picked on another prompt: running it would ablate whatever token
+// sits there now, so it is flagged and the run refuses until it is picked again.
+const staleAblation = (a) => a.positions !== null && a.prompt !== state.prompt;
+
+function ablationsChanged() {
+  state.ablationResult = null;  // the shown result was for the previous list
+  $("ablation-result").replaceChildren();
   renderAblationList();
 }
 
@@ -373,18 +403,31 @@ function renderAblationList() {
   const n = state.analysis ? state.analysis.tokens.length : 0;
   const tokens = state.analysis ? state.analysis.tokens : [];
   $("ablation-list").replaceChildren(state.ablations.length ? el("div", {}, state.ablations.map((a, k) => {
-    const where = el("select", {onchange: (ev) => { a.positions = ev.target.value === "all" ? null : [Number(ev.target.value)]; }},
+    const stale = staleAblation(a);
+    const where = el("select", {onchange: (ev) => {
+      a.positions = ev.target.value === "all" ? null : [Number(ev.target.value)];
+      a.prompt = a.positions ? state.prompt : null;
+      ablationsChanged();
+    }},
       el("option", {value: "all", text: "every position"}),
-      Array.from({length: n}, (_, i) => el("option", {value: i, text: `position ${i} (${tokens[i]})`})));
-    where.value = a.positions ? String(a.positions[0]) : "all";
+      Array.from({length: n}, (_, i) => el("option", {value: i, text: `position ${i} (${tokens[i]})`})),
+      stale ? el("option", {value: "stale", text: `position ${a.positions[0]} of an earlier prompt`}) : null);
+    where.value = stale ? "stale" : a.positions ? String(a.positions[0]) : "all";
     return el("div", {class: "abl-item"}, el("span", {class: "name", text: subName(a.site, a.idx)}), where,
-      el("button", {class: "small", onclick: () => { state.ablations.splice(k, 1); renderAblationList(); }}, "remove"));
+      stale ? el("span", {class: "warn", text: "picked on another prompt: pick the position again"}) : null,
+      el("button", {class: "small", onclick: () => { state.ablations.splice(k, 1); ablationsChanged(); }}, "remove"));
   })) : el("div", {class: "none", text: "nothing chosen: use “ablate” in the prompt view or “Ablate in playground” on a subcomponent"}));
 }
 
 async function runAblation(prompt) {
   if (prompt !== state.prompt || !state.analysis) await analyse(prompt);
-  state.ablationResult = await api("/api/ablate", {prompt, ablations: state.ablations, base: $("ablation-base").value});
+  const stale = state.ablations.filter(staleAblation);
+  if (stale.length) {
+    throw new Error(`${stale.map((a) => subName(a.site, a.idx)).join(", ")}: the position was picked on another prompt; ` +
+      "pick it again for this one (or choose every position)");
+  }
+  const ablations = state.ablations.map(({site, idx, positions}) => ({site, idx, positions}));
+  state.ablationResult = await api("/api/ablate", {prompt, ablations, base: $("ablation-base").value});
   state.ablationPos = state.ablationResult.tokens.length - 1;
   renderAblation();
 }
@@ -414,15 +457,25 @@ function renderAblation() {
         el("span", {class: "metric"}, el("span", {class: "k", text: `max ${kind} over positions`}), el("span", {class: "v", text: fmt(Math.max(...kl))})),
         el("span", {class: "metric"}, el("span", {class: "k", text: `unablated vs target ${kind} here`}), el("span", {class: "v", text: fmt(r.target_vs_unablated[p])}))),
       el("h3", {}, `${kind} to the unablated output per position`, el("span", {class: "sub", text: "click a token"})), strip),
-    el("div", {class: "panel"}, el("h3", {text: `Top ${what} at position ${p} (${r.tokens[p]}): before → after`}),
+    el("div", {class: "panel"}, el("h3", {}, `Top ${what} at position ${p} `, el("span", {class: "tok-inline", text: `(${r.tokens[p]})`}), ": before → after"),
       el("table", {class: "data change", "data-testid": "ablation-changes"},
         el("tr", {}, ["output", "before", "", "after", "", "change"].map((x) => el("th", {text: x}))), rows)));
 }
 
 // ---- start-up -----------------------------------------------------------------------------
 async function loadRun(run) {
+  const current = ticket("run");
+  const previous = state.run;
   state.run = run;
-  state.info = await api("/api/run");
+  let info;
+  try {
+    info = await api("/api/run");
+  } catch (err) {  // stay on the run that works, and say so in the picker too
+    if (current()) { state.run = previous; $("run-select").value = previous; }
+    throw err;
+  }
+  if (!current()) return;
+  state.info = info;
   const i = state.info;
   $("run-meta").textContent = `${i.run} · ${i.target_kind || "custom"} · ${i.sites.length} sites`;
   document.title = `${i.run} · tspd dashboard`;
@@ -430,7 +483,11 @@ async function loadRun(run) {
   $("tokens-title").textContent = i.input_kind === "tokens" ? "Tokens" : "Input (one feature vector)";
   $("prompt-input").placeholder = i.example_prompt;
   $("sub-site").replaceChildren(...i.sites.map((s) => el("option", {value: s.name, text: `${s.name} (C=${s.C})`})));
-  state.sub = null; state.analysis = null; state.ablations = []; state.ablationResult = null;
+  state.sub = null; state.listSite = null; state.analysis = null; state.prompt = ""; state.ablations = []; state.ablationResult = null;
+  $("sub-detail").replaceChildren(el("div", {class: "panel empty", text: "Pick a subcomponent: click one in the prompt view, or in the list."}));
+  $("sub-idx").value = "";
+  $("ablation-prompt").value = "";
+  $("ablation-result").replaceChildren();
   renderAblationList();
   await Promise.all([loadOverview(), analyse(i.example_prompt)]);
   await loadSubList(i.sites[0].name);
