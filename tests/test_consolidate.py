@@ -10,7 +10,7 @@ import torch
 import tspd
 from conftest import make_cfg, set_exact_factors
 from test_train import _metric_lines
-from tspd.consolidate import Pruned, co_active_groups, consolidate, output_errors, split_group
+from tspd.consolidate import Merge, Pruned, SwitchedOff, co_active_groups, consolidate, output_errors, split_group
 from tspd.train import CHECKPOINT
 
 
@@ -131,6 +131,70 @@ def test_consolidate_fractions_map_to_steps():
     assert cfg.consolidate.steps(3000) == {1800, 2400}
     assert cfg.consolidate.steps(4) == {2, 3} and cfg.consolidate.steps(1) == {1}
     assert json.loads(cfg.model_dump_json())["consolidate"]["at_frac"] == [0.6, 0.8]
+
+
+def test_merge_keeps_the_sign_and_scale_of_inner_activations_an_mlp_ci_reads():
+    """The mlp CI reads x v: a merged active piece keeps the sign and RMS of x v that the old piece
+    in its slot had on the group's inputs (the SVD's sign is arbitrary), with V U unchanged; and the
+    final round never switches a merged piece off for good."""
+    from conftest import TwoLayer
+
+    for seed in range(6):
+        torch.manual_seed(seed)
+        dec = tspd.Decomposition(TwoLayer(6, 4, 6), make_cfg([("linear1", 6)], ci={"kind": "mlp", "hidden": [4]}))
+        with torch.no_grad():
+            bias = dec.ci_fns["linear1"].output_bias()
+            bias[:3] += 10.0  # slots 0-2 co-active everywhere, 3-5 off
+            bias[3:] -= 10.0
+        x = torch.randn(1, 6).repeat(8, 1)
+        comp = dec.component("linear1")
+        before_h, before_w = (x @ comp.V).detach().clone(), comp.weight().detach().clone()
+        changes = consolidate(dec, [x], tol=0.01, final=True)
+        (m,) = [c for c in changes if isinstance(c, Merge)]
+        assert m.rank == 1
+        top, old_top = m.slots[0], m.slots[0]
+        h = (x @ comp.V).detach()
+        assert float((h[:, top] * before_h[:, old_top]).sum()) > 0, seed
+        torch.testing.assert_close(h[:, top].pow(2).mean().sqrt(), before_h[:, old_top].pow(2).mean().sqrt())
+        torch.testing.assert_close(comp.weight().detach(), before_w, rtol=1e-4, atol=1e-5)
+        off = [c for c in changes if isinstance(c, SwitchedOff)]
+        assert all(top not in c.slots for c in off if c.site == "linear1"), seed
+
+
+def test_merge_restarts_the_rewritten_pieces_adam_moments_at_the_tensors_scale():
+    """First moment 0; second moment the mean of the untouched entries (zeroing it too, under a bias
+    correction near 1, made the rewritten pieces' steps several times lr)."""
+    from conftest import TwoLayer
+
+    from tspd import distributed
+    from tspd.losses import compute_losses
+    from tspd.train import DataStream, _consolidate, make_optimizer, optimizer_step
+
+    torch.manual_seed(0)
+    cfg = make_cfg([("linear1", 6)], ci={"kind": "vector_mlp", "hidden": [4]}, output={"divergence": "mse"},
+                   consolidate={"at_frac": [0.5], "tol": 0.01, "batches": 1}, train={"eval_batches": 1})
+    dec = tspd.Decomposition(TwoLayer(6, 4, 6), cfg)
+    with torch.no_grad():
+        bias = dec.ci_fns["linear1"].output_bias()
+        bias[:3] += 10.0  # slots 0-2 on everywhere (co-active), 3-5 off
+        bias[3:] -= 10.0
+    x = torch.randn(1, 6).repeat(8, 1)
+    opt = make_optimizer(dec)
+    for i in range(3):
+        total, _, _ = compute_losses(dec, x, i, torch.Generator().manual_seed(i))
+        optimizer_step(dec, opt, total)
+    V, U = dec.component("linear1").V, dec.component("linear1").U
+    before = {p: opt.state[p]["exp_avg_sq"].clone() for p in (V, U)}
+    merges = _consolidate(dec, opt, DataStream(lambda step: x, 1), torch.device("cpu"), distributed.world())
+    slots = [m for m in merges if "slots" in m][0]["slots"]
+    assert sorted(slots) == [0, 1, 2]
+    for p, cols in ((V, True), (U, False)):
+        st = opt.state[p]
+        m1, m2, old = (t if cols else t.T for t in (st["exp_avg"], st["exp_avg_sq"], before[p]))
+        assert float(m1[:, slots].abs().sum()) == 0
+        expected = old[:, [3, 4, 5]].mean(1, keepdim=True).expand(-1, 3)
+        torch.testing.assert_close(m2[:, slots], expected)
+        torch.testing.assert_close(m2[:, [3, 4, 5]], old[:, [3, 4, 5]])  # untouched pieces keep theirs
 
 
 @pytest.mark.parametrize("kind", ["vector_mlp", "shared_mlp", "mlp"])

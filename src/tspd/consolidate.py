@@ -187,6 +187,20 @@ def split_group(V: Tensor, U: Tensor, x: Tensor, tol: float) -> tuple[Tensor, Te
     return (*split_at(V, U, b, r), r, float(err[r - 1]))
 
 
+def match_inner(V2: Tensor, U2: Tensor, V0: Tensor, x: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """For a CI that reads the inner activations x v (ci.kind mlp): give each of the r active
+    pieces the sign and RMS of x v that the old piece in its slot had on the group's inputs x (the
+    SVD's sign is arbitrary and its scale another), scaling u inversely so V U is unchanged."""
+    V2, U2 = V2.clone(), U2.clone()
+    h_new, h_old = x @ V2[:, :r], x @ V0[:, :r]
+    sign = torch.where((h_new * h_old).sum(0) < 0, -1.0, 1.0).to(V2.dtype)
+    scale = h_old.pow(2).mean(0).sqrt() / h_new.pow(2).mean(0).sqrt().clamp_min(1e-12)
+    c = sign * torch.where(scale > 0, scale, torch.ones_like(scale))
+    V2[:, :r] *= c
+    U2[:r] /= c[:, None]
+    return V2, U2
+
+
 def _write(comp, idx: Tensor, V2: Tensor, U2: Tensor, before: Tensor) -> bool:
     """Write the group's new factors if they keep its V U (float32 rounding aside); else leave
     the old ones and say so."""
@@ -231,13 +245,17 @@ def consolidate(
     `batches` is then switched off for good (see the module docstring, step 6)."""
     changes, inputs = _consolidate(dec, batches, tol, overlap, max_increase, prune)
     if final:
-        changes += _switch_off_for_good(dec, inputs)
+        # A CI that reads x V (ci.kind mlp) sees new inner activations on a merged piece; keep the
+        # merged pieces out of the final switch-off rather than trust its CI on them.
+        keep = {(m.site, j) for m in changes if isinstance(m, Merge) and dec.ci_fns[_key(m.site)].uses_inner
+                for j in m.slots[: m.rank]}
+        changes += _switch_off_for_good(dec, inputs, keep)
     return changes
 
 
-def _switch_off_for_good(dec: Decomposition, inputs: list[dict[str, Tensor]]) -> list[SwitchedOff]:
+def _switch_off_for_good(dec: Decomposition, inputs: list[dict[str, Tensor]], keep: set = frozenset()) -> list[SwitchedOff]:
     """Lower the last bias of every piece with CI 0 on all of the batches (their recorded site
-    `inputs`) by FINAL_MARGIN more."""
+    `inputs`) by FINAL_MARGIN more; never the (site, slot) pairs in `keep`."""
     zs = [dec.ci_logits(x) for x in inputs]  # fresh: the merges may have changed V and the biases
     out = []
     for s in dec.site_names:
@@ -245,6 +263,7 @@ def _switch_off_for_good(dec: Decomposition, inputs: list[dict[str, Tensor]]) ->
             continue
         top = torch.cat([z[s].reshape(-1, z[s].shape[-1]) for z in zs]).amax(0)
         slots = torch.nonzero(top <= 0).flatten()  # CI = clamp(logit, 0, 1): 0 on every input
+        slots = slots[torch.tensor([(s, int(j)) not in keep for j in slots], dtype=torch.bool)] if keep else slots
         if len(slots) == 0:
             continue
         dec.ci_fns[_key(s)].output_bias()[slots] -= FINAL_MARGIN
@@ -298,11 +317,17 @@ def _consolidate(
             if found is None:
                 continue
             b, err = found
+            inner = dec.ci_fns[_key(s)].uses_inner
+
+            def rewritten(rank: int) -> tuple[Tensor, Tensor]:
+                V2, U2 = split_at(V0, U0, b, rank)
+                return match_inner(V2, U2, V0, x[rows], rank) if inner else (V2, U2)
+
             if max_increase is None:
                 r = next((j + 1 for j in range(len(err)) if float(err[j]) <= tol), len(err))
                 if r >= len(slots):
                     continue
-                if not _write(comp, idx, *split_at(V0, U0, b, r), V0 @ U0):
+                if not _write(comp, idx, *rewritten(r), V0 @ U0):
                     continue
             else:
                 r = None
@@ -313,7 +338,7 @@ def _consolidate(
 
                 union = masked_divergence(s, merged(len(slots)))
                 for cand in range(1, min(len(slots) - 1, len(b)) + 1):
-                    if not _write(comp, idx, *split_at(V0, U0, b, cand), V0 @ U0):
+                    if not _write(comp, idx, *rewritten(cand), V0 @ U0):
                         break
                     cis = merged(cand)
                     d = masked_divergence(s, cis)

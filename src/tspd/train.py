@@ -158,8 +158,10 @@ def _consolidate(
     final: bool = False,
 ) -> list[dict]:
     """Merge co-active subcomponents (tspd.consolidate) on `consolidate.batches` held-out batches,
-    which every rank draws alike, so all ranks make the same merges (checked). The Adam moments of the rewritten pieces
-    (their V columns, U rows and CI output bias) restart from zero; every other piece keeps its own."""
+    which every rank draws alike, so all ranks make the same merges (checked). The rewritten pieces (their V
+    columns, U rows and CI output bias) restart their first Adam moment from zero and take their second from the mean
+    of the untouched entries of the same tensor: zeroing both under a bias correction near 1 (the step count is the
+    tensor's) made their steps up to ~6x lr for hundreds of steps."""
     from tspd.consolidate import consolidate
 
     c = dec.config.consolidate
@@ -169,12 +171,17 @@ def _consolidate(
         comp, idx = dec.component(m.site), torch.tensor(m.slots)
         for p, along_columns in ((comp.V, True), (comp.U, False), (dec.ci_fns[_key(m.site)].output_bias(), False)):
             state = opt.state.get(p, {})
-            for k in ("exp_avg", "exp_avg_sq"):
-                if k in state:
-                    if along_columns:
-                        state[k][:, idx] = 0
-                    else:
-                        state[k][idx] = 0
+            if "exp_avg" not in state:
+                continue
+            sq = state["exp_avg_sq"]
+            keep = torch.ones(sq.shape[1] if along_columns else sq.shape[0], dtype=torch.bool, device=sq.device)
+            keep[idx] = False
+            if along_columns:
+                state["exp_avg"][:, idx] = 0
+                sq[:, idx] = (sq[:, keep].mean(1, keepdim=True) if bool(keep.any()) else sq[:, idx])
+            else:
+                state["exp_avg"][idx] = 0
+                sq[idx] = sq[keep].mean(0, keepdim=True) if bool(keep.any()) else sq[idx]
     distributed.check_in_sync(list(dec.parameters()), w)
     return [m.to_dict() for m in merges]
 
