@@ -144,8 +144,13 @@ def test_views_follow_the_current_run_and_prompt(induction_run, tms_run, browser
         page.goto(server.url + "#nosuchtab")
         page.wait_for_selector("body[data-ready='1']", timeout=15000)
         assert page.is_visible("#tab-overview") and page.is_hidden("[data-testid=error]")
-        page.select_option("[data-testid=run-select]", "induction")
-        page.wait_for_function("document.getElementById('run-meta').textContent.startsWith('induction')")
+        def pick_run(name: str) -> None:  # and wait until the page has finished loading it
+            n = page.evaluate("window.tspdTimings.length")
+            page.select_option("[data-testid=run-select]", name)
+            page.wait_for_function(f"window.tspdTimings.length > {n}")
+            assert page.inner_text("#run-meta").startswith(name)
+
+        pick_run("induction")
 
         page.click("[data-testid=tab-prompt]")
         page.fill("[data-testid=prompt-input]", "BOS 1 2 S 3 4 S")
@@ -170,8 +175,7 @@ def test_views_follow_the_current_run_and_prompt(induction_run, tms_run, browser
         assert "picked on another prompt" in page.inner_text("[data-testid=error]")
         assert page.inner_text("[data-testid=ablation-result]").strip() == ""
 
-        page.select_option("[data-testid=run-select]", "tms")
-        page.wait_for_function("document.getElementById('run-meta').textContent.startsWith('tms')")
+        pick_run("tms")
         assert page.is_hidden("[data-testid=error]")
         assert int(page.inner_text("#ablation-count")) == 0
         assert "Pick a subcomponent" in page.inner_text("[data-testid=sub-detail]")
