@@ -228,13 +228,18 @@ def count_gflop(fn: Callable[[], Any]) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def check_device(device: str) -> None:
+    """Refuse a CUDA device this torch cannot see, before any case is built."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device}: torch {torch.__version__} sees no CUDA GPU here; use --device cpu")
+
+
 def run_case(name: str, steps: int = 20, warmup: int = 3, threads: int | None = None, device: str = "cpu") -> dict:
     """Time one case in this process; returns its result row. `device`: where the target, batch
     and decomposition live ('cpu', or 'cuda' for the GPU run the issue asks for)."""
     if name not in CASES:
         raise KeyError(f"unknown benchmark case {name!r}; cases: {', '.join(CASES)}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device}: torch {torch.__version__} sees no CUDA GPU here; use --device cpu")
+    check_device(device)
     if threads:
         torch.set_num_threads(threads)
     tune_cpu_allocator()
@@ -431,8 +436,10 @@ def main(argv: list[str] | None = None, default_out: Path | None = None) -> None
     if args.steps < 1 or args.warmup < 0 or args.threads < 1:
         ap.error(f"--steps and --threads must be at least 1 and --warmup at least 0; got {args.steps}, "
                  f"{args.threads}, {args.warmup}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA GPU here; use --device cpu")
+    try:
+        check_device(args.device)
+    except RuntimeError as err:
+        ap.error(str(err))
     run_all(names, args.steps, args.warmup, args.threads, args.out, repeats=args.repeats, device=args.device)
     if args.out:
         print(f"results written to {args.out}")

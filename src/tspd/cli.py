@@ -217,18 +217,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_config_keys(args: argparse.Namespace) -> None:
-    from tspd.config import (
-        HuggingFaceTargetConfig, InductionDataConfig, InductionTargetConfig, SiteConfig, TextDataConfig, TMSDataConfig,
-        TMSTargetConfig, describe_keys,
-    )
+    from tspd.config import KIND_CONFIGS, SiteConfig, describe_keys, kind_of
 
     rows = describe_keys()
     rows += [(f"sites[].{k}", d, t) for k, d, t in describe_keys(SiteConfig)]
-    for section, kinds in (("target", (TMSTargetConfig, InductionTargetConfig, HuggingFaceTargetConfig)),
-                           ("data", (TMSDataConfig, InductionDataConfig, TextDataConfig))):
+    for section, kinds in KIND_CONFIGS:
         for kind_cfg in kinds:
-            kind = kind_cfg.model_fields["kind"].default
-            rows += [(f"{section}.{k} ({kind})", d, t or f"selects this {section} kind")
+            rows += [(f"{section}.{k} ({kind_of(kind_cfg)})", d, t or f"selects this {section} kind")
                      for k, d, t in describe_keys(kind_cfg)]
     print("| key | default | meaning |\n|---|---|---|")
     for key, default, text in rows:

@@ -324,15 +324,20 @@ def _set_path(out: dict[str, Any], key: str, value: str) -> None:
         raise TypeError(f"{last!r} is below a plain value")
 
 
-_KINDS = {"tms", "induction", "huggingface", "text"}
+# The sections whose keys depend on their `kind`, and each kind's model.
+KIND_CONFIGS = (("target", (TMSTargetConfig, InductionTargetConfig, HuggingFaceTargetConfig)),
+                ("data", (TMSDataConfig, InductionDataConfig, TextDataConfig)))
+
+
+def kind_of(model: type[BaseModel]) -> str:
+    return model.model_fields["kind"].default
 
 
 def _all_keys() -> list[str]:
     """Every dotted key a config can hold (the kinds' target.* and data.* keys merged), for suggestions."""
     keys = [k for k, _, _ in describe_keys()]
     keys += [f"sites.N.{k}" for k, _, _ in describe_keys(SiteConfig)]
-    for section, kinds in (("target", (TMSTargetConfig, InductionTargetConfig, HuggingFaceTargetConfig)),
-                           ("data", (TMSDataConfig, InductionDataConfig, TextDataConfig))):
+    for section, kinds in KIND_CONFIGS:
         keys += [f"{section}.{k}" for kind in kinds for k, _, _ in describe_keys(kind)]
     return sorted(set(keys))
 
@@ -346,7 +351,7 @@ def _explain(err: ValidationError, source: str, overrides: list[str] = ()) -> st
     lines = [f"{source}" + (" with --set " + " ".join(overrides) if overrides else "") + ": invalid config"]
     for e in err.errors():
         parts = [str(p) for p in e["loc"]]
-        if len(parts) > 1 and parts[0] in ("target", "data") and parts[1] in _KINDS:
+        if len(parts) > 1 and any(parts[0] == sec and parts[1] in {kind_of(k) for k in kinds} for sec, kinds in KIND_CONFIGS):
             parts.pop(1)
         loc = ".".join(parts)
         origin = f" (from --set {given[loc]})" if loc in given else ""

@@ -20,7 +20,7 @@ from tspd.components import resolve_sites
 from tspd.config import ConfigError, RunConfig, apply_overrides
 from tspd.decomposition import Decomposition, atomic_write_bytes, load, save_state, write_json
 from tspd.targets import build_data, build_target, saved_with_run
-from tspd.train import CHECKPOINT, DataStream, decompose
+from tspd.train import DataStream, decompose, require_checkpoint
 
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -89,8 +89,8 @@ def decompose_from_config(
     """Build the config's target and data, then decompose into `out` (see tspd.train.decompose)."""
     out = Path(out)
     # Bad input fails before any slow work (training a toy target takes minutes) and before writes.
-    if resume and not (out / CHECKPOINT).exists():
-        raise FileNotFoundError(f"--resume given but {out / CHECKPOINT} does not exist; drop --resume to start")
+    if resume:
+        require_checkpoint(out)
     if cfg.target is not None and cfg.target.kind in ("tms", "induction"):
         resolve_sites(build_target(cfg.target, train=False), [(s.pattern, s.C) for s in cfg.sites])  # untrained: instant
     out.mkdir(parents=True, exist_ok=True)

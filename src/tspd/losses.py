@@ -281,10 +281,15 @@ def resolve_autocast(setting: str | None, device_type: str) -> str | None:
     return None
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's parameters live (the CPU for a model without any)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def autocast_for(cfg: RunConfig, model: torch.nn.Module):
     """bf16 autocast on the model's device when train.autocast says so, else a no-op context."""
-    p = next(model.parameters(), None)
-    device_type = p.device.type if p is not None else "cpu"
+    device_type = model_device(model).type
     if resolve_autocast(cfg.train.autocast, device_type) != "bf16":
         return contextlib.nullcontext()
     stack = contextlib.ExitStack()

@@ -28,7 +28,7 @@ from tspd import distributed
 from tspd.analysis.metrics import evaluate
 from tspd.config import RunConfig
 from tspd.decomposition import Batch, Decomposition, _key, atomic_write_bytes
-from tspd.losses import annealed_p, compute_losses, l0, pin_fast_bf16, resolve_autocast
+from tspd.losses import annealed_p, compute_losses, l0, model_device, pin_fast_bf16, resolve_autocast
 from tspd.seeding import generator
 
 CHECKPOINT = "checkpoint.pt"
@@ -173,15 +173,13 @@ def _consolidate(
             state = opt.state.get(p, {})
             if "exp_avg" not in state:
                 continue
-            sq = state["exp_avg_sq"]
-            keep = torch.ones(sq.shape[1] if along_columns else sq.shape[0], dtype=torch.bool, device=sq.device)
+            # Pieces along dim 0 (V's columns through a transposed view, which writes through).
+            m1, m2 = (state[k].T if along_columns else state[k] for k in ("exp_avg", "exp_avg_sq"))
+            keep = torch.ones(m2.shape[0], dtype=torch.bool, device=m2.device)
             keep[idx] = False
-            if along_columns:
-                state["exp_avg"][:, idx] = 0
-                sq[:, idx] = (sq[:, keep].mean(1, keepdim=True) if bool(keep.any()) else sq[:, idx])
-            else:
-                state["exp_avg"][idx] = 0
-                sq[idx] = sq[keep].mean(0, keepdim=True) if bool(keep.any()) else sq[idx]
+            m1[idx] = 0
+            if bool(keep.any()):
+                m2[idx] = m2[keep].mean(0, keepdim=True)
     distributed.check_in_sync(list(dec.parameters()), w)
     return [m.to_dict() for m in merges]
 
@@ -195,7 +193,7 @@ def _save_checkpoint(run_dir: Path, dec: Decomposition, opt: torch.optim.Optimiz
         "config": dec.config.model_dump(mode="json"),
         # What train.autocast resolved to: 'auto' times matmuls at start-up, and a resumed run must
         # use the dtype the checkpointed run used, whatever the new process measures.
-        "autocast": resolve_autocast(dec.config.train.autocast, _device_type(dec)),
+        "autocast": resolve_autocast(dec.config.train.autocast, model_device(dec.target).type),
     }
     atomic_write_bytes(run_dir / CHECKPOINT, lambda p: torch.save(state, p))
 
@@ -209,17 +207,12 @@ def _load_checkpoint(run_dir: Path, dec: Decomposition, opt: torch.optim.Optimiz
             f"{run_dir / CHECKPOINT} was written with a different config ({diff}); resume with the run's own "
             f"config.yaml, or start a new run folder"
         )
-    if dec.config.train.autocast == "auto" and _device_type(dec) == "cpu" and "autocast" in state:
+    if dec.config.train.autocast == "auto" and model_device(dec.target).type == "cpu" and "autocast" in state:
         pin_fast_bf16(state["autocast"] == "bf16")
     dec.load_state_dict(state["decomposition"])
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     return int(state["step"])
-
-
-def _device_type(dec: Decomposition) -> str:
-    p = next(dec.target.parameters(), None)
-    return p.device.type if p is not None else "cpu"
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
@@ -231,6 +224,12 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
                 return d
         return None
     return None if a == b else f"{path}: {a!r} in the checkpoint, {b!r} now"
+
+
+def require_checkpoint(run_dir: Path) -> None:
+    """Raise the error a --resume without a checkpoint in `run_dir` gets."""
+    if not (run_dir / CHECKPOINT).exists():
+        raise FileNotFoundError(f"--resume given but {run_dir / CHECKPOINT} does not exist; drop --resume to start")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -258,8 +257,7 @@ def decompose(
     Under torchrun (several processes) it trains data-parallel: see tspd.distributed; rank 0
     writes every file and every rank returns the same Decomposition.
     """
-    p = next(target.parameters(), None)
-    device = p.device if p is not None else torch.device("cpu")
+    device = model_device(target)
     w = distributed.init(device)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
@@ -275,7 +273,7 @@ def decompose(
         if resume and (run_path / CHECKPOINT).exists():
             start = _load_checkpoint(run_path, dec, opt)
         elif resume:
-            raise FileNotFoundError(f"--resume given but {run_path / CHECKPOINT} does not exist; drop --resume to start")
+            require_checkpoint(run_path)
         elif w.main and (run_path / CHECKPOINT).exists():
             # A fresh run in a used folder: an earlier run's checkpoint must not be what a later
             # --resume of this run picks up (the config check ignores the train section).

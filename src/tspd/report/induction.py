@@ -28,15 +28,14 @@ def induction_report(run_dir: str | Path) -> Path:
     from tspd.analysis.induction import check_circuit
     from tspd.report.figures import training_curves_figure
 
-    import yaml
-
-    from tspd.config import ConfigError
+    from tspd.config import ConfigError, RunConfig
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         what = "does not exist" if not run_dir.exists() else "holds no config.yaml"
         raise ConfigError(f"{run_dir} {what}: give the folder of an induction run (`tspd run induction --out DIR`)")
-    kind = ((yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("target") or {}).get("kind")
+    target = RunConfig.from_yaml(run_dir / "config.yaml").target
+    kind = target.kind if target is not None else None
     if kind != "induction":
         raise ConfigError(f"{run_dir} is a {kind!r} run; `tspd report` writes the induction experiment's page")
     sections: list[tuple[str, str]] = []
