@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tspd.fastlinear import linear
+
 SiteKind = Literal["linear", "conv1d", "embedding"]
 
 
@@ -79,11 +81,12 @@ class Components(nn.Module):
         self.V = nn.Parameter(torch.randn(d_in, C, generator=generator) / d_in**0.5)
         self.U = nn.Parameter(torch.randn(C, d_out, generator=generator) / C**0.5)
 
-    def inner(self, x: Tensor) -> Tensor:
-        """Inner activations h = x V, shape (..., C); for embeddings x holds token ids."""
+    def inner(self, x: Tensor, onednn: bool = False) -> Tensor:
+        """Inner activations h = x V, shape (..., C); for embeddings x holds token ids. `onednn`:
+        the product through tspd.fastlinear where it applies."""
         if self.kind == "embedding":
             return F.embedding(x, self.V)
-        return x @ self.V
+        return linear(x, self.V, onednn=onednn)
 
     def weight(self) -> Tensor:
         """(V U)^T in nn.Linear layout (d_out x d_in)."""
@@ -131,6 +134,8 @@ class SiteModule(nn.Module):
         self.__dict__["components"] = components
         self.state = SiteState()
         self.recorded: Tensor | None = None
+        # fp32 products through oneDNN (tspd.fastlinear; set by the Decomposition from train.fp32_matmul).
+        self.onednn = False
 
     def bias(self) -> Tensor | None:
         return getattr(self.original, "bias", None) if self.kind != "embedding" else None
@@ -139,29 +144,37 @@ class SiteModule(nn.Module):
         st = self.state
         if st.mode == "record":
             self.recorded = x
-            return self.original(x)
+            return self._original(x)
         segs = st.segments
         if len(segs) == 1:
             return self._segment_out(x, segs[0])
         parts = x.split([seg.rows for seg in segs])
         return torch.cat([self._segment_out(xi, seg) for xi, seg in zip(parts, segs)])
 
+    def _original(self, x: Tensor) -> Tensor:
+        """The target module's own output (through oneDNN when on and the module has no hooks)."""
+        m = self.original
+        if self.onednn and self.kind != "embedding" and not (m._forward_hooks or m._forward_pre_hooks):
+            return linear(x, target_weight(m, self.kind).t(), m.bias)
+        return m(x)
+
     def _target_linear(self, x: Tensor) -> Tensor:
         """x W^T without the bias."""
         if self.kind == "embedding":
             return F.embedding(x, self.original.weight)
-        return F.linear(x, target_weight(self.original, self.kind))
+        w = target_weight(self.original, self.kind)
+        return linear(x, w.t()) if self.onednn else F.linear(x, w)
 
     def _segment_out(self, x: Tensor, seg: Segment) -> Tensor:
         if seg.masks is None:
-            return self.original(x)
+            return self._original(x)
         delta = seg.delta if self.use_delta else None
         routed = seg.routed
         if routed is not None:
             if bool(routed.all()):
                 routed = None
             elif not bool(routed.any()):
-                return self.original(x)
+                return self._original(x)
         if routed is not None:
             d = torch.where(routed, delta if delta is not None else 0.0, 1.0).to(seg.masks.dtype)
             coeff = (seg.masks - d.unsqueeze(-1)) * routed.unsqueeze(-1)
@@ -175,7 +188,7 @@ class SiteModule(nn.Module):
             # The CI and so the masks are fp32; a bf16 or fp16 target (without autocast) has factors
             # in its own dtype, and the product must be in one dtype.
             coeff, d = coeff.to(U.dtype), (d.to(U.dtype) if d is not None else None)
-        out = (self.components.inner(x) * coeff) @ U
+        out = linear(self.components.inner(x, self.onednn) * coeff, U, onednn=self.onednn)
         if d is not None:
             out = out + d.unsqueeze(-1) * self._target_linear(x)
         b = self.bias()

@@ -120,6 +120,13 @@ class TrainConfig(Strict):
         "2-core AMD EPYC with AVX512-BF16 ran 850 vs 195 GFLOP/s, a 2-core Xeon with AVX512-BF16 but no AMX 164 vs 305, "
         "i.e. *slower*; a resumed run keeps the checkpoint's choice), else the target's dtype; None: the target's dtype",
     )
+    fp32_matmul: Literal["auto", "onednn", "torch"] = Field(
+        "auto",
+        description="CPU fp32 products of the target's linear layers, the components and the sites: `onednn` through "
+        "oneDNN's kernels (tspd.fastlinear; IEEE fp32, another summation order), `torch` torch's own (MKL on x86), "
+        "`auto` oneDNN where a 0.05-s test at start-up measures it >= 1.3x faster (a 2-core AMD EPYC, where MKL runs "
+        "its AVX2 kernels: ~430 vs ~200 GFLOP/s). Ignored under autocast and on GPUs",
+    )
     compile: bool = Field(
         False, description="torch.compile the per-pass KL into one fused kernel (first step compiles: seconds; CPU needs a C++ compiler)"
     )

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from tspd.components import Components, Segment, SiteModule, SiteState, resolve_sites, site_kind, target_weight
 from tspd.config import RunConfig
+from tspd.fastlinear import fast_equivalents, swap_in_place, use_onednn
 from tspd.importance import CIFunction, lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
 from tspd.masks import Pass
 
@@ -162,6 +163,11 @@ class Decomposition(nn.Module):
             self._stand_ins[name] = SiteModule(module, kind, comps, config.masks.delta_component)
         # Found once, not per pass: the module walk would otherwise sit on every pass's hot path.
         self.__dict__["_fused"] = fused_equivalents(target)
+        # fp32 products through oneDNN (tspd.fastlinear) for the sites and every other linear layer.
+        onednn = use_onednn(config.train.fp32_matmul)
+        for s in self._stand_ins.values():
+            s.onednn = onednn
+        self.__dict__["_fast"] = fast_equivalents(target, set(self._stand_ins)) if onednn else []
         # Held outside the module tree (like the target), so parameters() never lists the target's.
         self.__dict__["_block_list"], self._block_of, self._branch_of = _find_block_list(target, self.site_names)
         self._block_outputs: list[Any] | None = None
@@ -185,6 +191,7 @@ class Decomposition(nn.Module):
                 p.requires_grad_(False)
             target.eval()
             swapped = swap_modules(target, list(self._stand_ins.items()) + self._fused)
+            swapped += swap_in_place(self._fast)
             yield
         finally:
             restore_modules(swapped)

@@ -1,0 +1,173 @@
+"""fp32 matrix products through oneDNN where its kernels beat the BLAS torch calls.
+
+torch's CPU wheel multiplies fp32 matrices with MKL, which on AMD CPUs runs its AVX2 kernels: on
+the 2-core AMD EPYC (Zen 5, AVX-512) this project is developed on, a (6144 x 128) @ (128 x 512)
+product took 4.3 ms through MKL and 1.75 ms through oneDNN (torch's `mkldnn._linear_pointwise`),
+both in IEEE fp32 (results agree to ~1e-6 relative, the reordering of a sum). `linear` computes
+x @ w + b (w in (d_in, d_out) layout) with oneDNN's kernels forward and backward, and falls back to
+plain torch where they do not apply (autocast, other dtypes or devices, oneDNN missing).
+`onednn_fp32_is_faster` measures once per process whether to use it (`train.fp32_matmul: auto`).
+
+Example:
+    >>> import torch
+    >>> from tspd.fastlinear import linear
+    >>> x, w = torch.randn(4, 3), torch.randn(3, 2)
+    >>> bool(torch.allclose(linear(x, w, onednn=True), x @ w, atol=1e-6))
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+from torch import Tensor, nn
+
+# The weight gradient x^T g goes through oneDNN's inner-product backward only when both of the
+# weight's sides are at least this long: below it the conversions to oneDNN's tensor type cost
+# more than the product saves (measured: (4096 x 16)^T (4096 x 100) 133 us MKL vs 343 us oneDNN;
+# (6144 x 128)^T (6144 x 256) 2.2 ms vs 1.2 ms).
+WEIGHT_GRAD_MIN_SIDE = 64
+
+
+def onednn_available() -> bool:
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and hasattr(torch.ops.aten, "mkldnn_linear_backward_weights")
+    )
+
+
+def _lp(x: Tensor, w_nk: Tensor, b: Tensor | None) -> Tensor:
+    """x @ w_nk^T + b by oneDNN (w_nk in nn.Linear's (d_out, d_in) layout)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w_nk, b, "none", [], "")
+
+
+def _weight_grad(x2: Tensor, g2: Tensor) -> Tensor:
+    """x2^T g2, (d_in, d_out), for 2-D x2 (rows, d_in) and g2 (rows, d_out)."""
+    k, n = x2.shape[1], g2.shape[1]
+    if min(k, n) < WEIGHT_GRAD_MIN_SIDE:
+        return x2.t() @ g2
+    shape = torch.empty(k, n, dtype=x2.dtype).to_mkldnn()
+    # mkldnn_linear_backward_weights(grad_output, input, weight) = grad_output^T input, in weight's shape.
+    return torch.ops.aten.mkldnn_linear_backward_weights(x2.to_mkldnn(), g2.to_mkldnn(), shape, False)[0]
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        x = x.contiguous()
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return _lp(x, w.t(), b)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, w = ctx.saved_tensors
+        gx = gw = gb = None
+        g = g.contiguous()
+        if ctx.needs_input_grad[0]:
+            gx = _lp(g, w, None)
+        g2 = g.reshape(-1, g.shape[-1])
+        if ctx.needs_input_grad[1]:
+            gw = _weight_grad(x.reshape(-1, x.shape[-1]), g2)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0)
+        return gx, gw, gb
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None = None, onednn: bool = True) -> Tensor:
+    """x @ w + b for w of shape (d_in, d_out); through oneDNN when `onednn` and it applies (fp32
+    CPU tensors, no autocast, x with at least one row), else plain torch."""
+    if (
+        onednn
+        and x.dtype == torch.float32
+        and w.dtype == torch.float32
+        and x.device.type == "cpu"
+        and w.dim() == 2
+        and x.dim() >= 2
+        and x.numel() > 0
+        and not torch.is_autocast_enabled("cpu")
+        and (b is None or b.dtype == torch.float32)
+    ):
+        return _OneDNNLinear.apply(x, w, b)
+    out = x @ w
+    return out if b is None else out + b
+
+
+class FastLinear(nn.Module):
+    """Stands in for a frozen nn.Linear or GPT-2 Conv1D of the target while a Decomposition runs
+    it: the same function through `linear`. The original is held outside the module tree."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.__dict__["original"] = original
+        self.conv1d = not isinstance(original, nn.Linear)
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.original
+        w = m.weight if self.conv1d else m.weight.t()
+        return linear(x, w, m.bias)
+
+
+def fast_equivalents(model: nn.Module, skip: set[str]) -> list[tuple[nn.Module, str, FastLinear]]:
+    """(parent, child name, FastLinear) for every nn.Linear and GPT-2 Conv1D of `model` not in `skip`."""
+    out = []
+    for name, m in model.named_modules():
+        if name in skip or not name:
+            continue
+        if isinstance(m, nn.Linear) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "weight")):
+            parent_name, _, child = name.rpartition(".")
+            out.append((model.get_submodule(parent_name) if parent_name else model, child, FastLinear(m)))
+    return out
+
+
+def swap_in_place(fast: list[tuple[nn.Module, str, FastLinear]]) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Put each FastLinear in its original's place, but only where the original itself is there
+    and has no hooks: a layer someone has wrapped (e.g. an output head computed at chosen
+    positions only) or hooked (e.g. an analysis zeroing its output) keeps what it has. Returns
+    (parent, child, original) for tspd.decomposition.restore_modules."""
+    swapped = []
+    for parent, child, f in fast:
+        m = f.original
+        if parent._modules.get(child) is m and not (m._forward_hooks or m._forward_pre_hooks):
+            parent._modules[child] = f
+            swapped.append((parent, child, m))
+    return swapped
+
+
+@functools.lru_cache(maxsize=1)
+def onednn_fp32_is_faster() -> bool:
+    """Whether oneDNN's fp32 products are clearly (>= 1.3x) faster than torch's own on this CPU,
+    measured once per process on a (1024 x 256) @ (256 x 1024) product (~50 ms in all). The
+    2-core AMD EPYC (Zen 5) measured ~430 vs ~200 GFLOP/s; Intel CPUs, where MKL runs its AVX-512
+    kernels, are expected to show no such gap, and then torch's own path is kept."""
+    if not onednn_available():
+        return False
+    try:
+        x, w = torch.randn(1024, 256), torch.randn(256, 1024)
+        wt = w.t().contiguous()
+
+        def best(f) -> float:
+            for _ in range(2):
+                f()
+            t = float("inf")
+            for _ in range(5):
+                s = time.perf_counter()
+                f()
+                t = min(t, time.perf_counter() - s)
+            return t
+
+        return best(lambda: x @ w) >= 1.3 * best(lambda: _lp(x, wt, None))
+    except RuntimeError:
+        return False
+
+
+def use_onednn(setting: str) -> bool:
+    """Resolve `train.fp32_matmul`: 'onednn' (where available), 'torch', or 'auto' (measured)."""
+    if setting == "torch":
+        return False
+    if setting == "onednn":
+        return onednn_available()
+    return onednn_fp32_is_faster()

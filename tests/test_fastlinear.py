@@ -1,0 +1,128 @@
+"""fp32 products through oneDNN (tspd.fastlinear): same values and gradients as torch's own, and
+the Decomposition wiring that swaps the target's linear layers only where it is safe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tspd
+from conftest import make_cfg, make_gpt2
+from tspd.fastlinear import FastLinear, WEIGHT_GRAD_MIN_SIDE, linear, onednn_available, use_onednn
+from tspd.losses import compute_losses
+
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
+
+
+def _grads(f, x, w, b):
+    x, w = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    b = b.clone().requires_grad_(True) if b is not None else None
+    y = f(x, w, b)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    ins = [x, w] + ([b] if b is not None else [])
+    return (y, *torch.autograd.grad(y, ins, g))
+
+
+@pytest.mark.parametrize("shape", [(37, 16, 100), (300, 96, 128), (2, 7, 80, 72)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_torch_forward_and_backward(shape, bias):
+    """Values and the gradients to x, w and b; shapes on both sides of the weight-gradient switch
+    (min side 16 < 64: torch; 96 x 128 and 80 x 72: oneDNN) and a 3-D input."""
+    gen = torch.Generator().manual_seed(0)
+    *lead, k, n = shape
+    x, w = torch.randn(*lead, k, generator=gen), torch.randn(k, n, generator=gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    ref = _grads(lambda x, w, b: x @ w + (b if b is not None else 0), x, w, b)
+    new = _grads(lambda x, w, b: linear(x, w, b), x, w, b)
+    assert (min(k, n) >= WEIGHT_GRAD_MIN_SIDE) == (shape != (37, 16, 100))
+    for r, t in zip(ref, new):
+        assert r.shape == t.shape
+        torch.testing.assert_close(t, r, rtol=1e-5, atol=1e-4)
+
+
+def test_linear_takes_non_contiguous_inputs_and_transposed_weights():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 9, 64, generator=gen).transpose(0, 1)[:, 3:]  # (9, 17, 64), not contiguous
+    w_out_in = torch.randn(80, 64, generator=gen)  # nn.Linear layout: pass w.t()
+    torch.testing.assert_close(linear(x, w_out_in.t()), x @ w_out_in.t(), rtol=1e-5, atol=1e-4)
+
+
+def test_linear_falls_back_under_autocast_and_for_other_dtypes():
+    x, w = torch.randn(8, 64), torch.randn(64, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear(x, w).dtype == torch.bfloat16  # autocast's own bf16 product, not an fp32 one
+    xd, wd = x.double(), w.double()
+    assert linear(xd, wd).dtype == torch.float64
+    torch.testing.assert_close(linear(xd, wd), xd @ wd, rtol=0, atol=0)
+
+
+def test_fast_linear_stands_in_for_linear_and_conv1d():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    gpt2 = make_gpt2()
+    conv = gpt2.transformer.h[0].attn.c_attn
+    for m, x in ((lin, torch.randn(5, 64)), (conv, torch.randn(2, 5, 32))):
+        torch.testing.assert_close(FastLinear(m)(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_setting_resolves():
+    assert use_onednn("torch") is False
+    assert use_onednn("onednn") is True
+    assert isinstance(use_onednn("auto"), bool)
+
+
+def _gpt2_dec(fp32_matmul: str) -> tspd.Decomposition:
+    sites = [("transformer.h.*.mlp.c_fc", 8), ("transformer.h.*.mlp.c_proj", 8)]
+    cfg = make_cfg(sites, seed=0, train={"fp32_matmul": fp32_matmul},
+                   losses={"stochastic_recon": 1.0, "stochastic_recon_layerwise": 1.0, "importance_minimality": 0.01})
+    return tspd.Decomposition(make_gpt2(), cfg)
+
+
+def test_decomposition_step_agrees_with_torch_products():
+    """One SPD step's losses and gradients on a tiny GPT-2, oneDNN vs torch's own products."""
+    batch = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(2))
+    results = []
+    for setting in ("torch", "onednn"):
+        dec = _gpt2_dec(setting)
+        assert bool(dec._fast) == (setting == "onednn")
+        total, terms, _ = compute_losses(dec, batch, 0, torch.Generator().manual_seed(3))
+        total.backward()
+        results.append((terms, {n: p.grad.clone() for n, p in dec.named_parameters()}))
+    (t0, g0), (t1, g1) = results
+    assert t0.keys() == t1.keys()
+    for k in t0:
+        assert t1[k] == pytest.approx(t0[k], rel=1e-4, abs=1e-7), k
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-3, atol=1e-6, msg=n)
+
+
+def test_hooked_or_wrapped_layers_are_left_alone():
+    """A linear layer with a hook, or one someone swapped for a wrapper, is not replaced while
+    the decomposition runs: the hook fires and the wrapper runs."""
+    dec = _gpt2_dec("onednn")
+    target = dec.target
+    ids = torch.randint(0, 100, (2, 8))
+    calls = []
+    h = target.transformer.h[1].attn.c_proj.register_forward_hook(lambda m, i, o: calls.append(1))
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            calls.append(2)
+            return self.inner(x)
+
+    head = target.lm_head
+    target.lm_head = Wrapper(head)
+    try:
+        with torch.no_grad():
+            dec.run_target(ids)
+    finally:
+        h.remove()
+        target.lm_head = head
+    assert sorted(calls) == [1, 2]
+    # After the run every layer is the original again.
+    assert type(target.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
