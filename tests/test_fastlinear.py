@@ -48,6 +48,20 @@ def test_linear_takes_non_contiguous_inputs_and_transposed_weights():
     torch.testing.assert_close(linear(x, w_out_in.t()), x @ w_out_in.t(), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("k,n", [(96, 128), (16, 128)])
+def test_weight_gradient_of_an_nn_linear_layout_weight_is_in_its_layout(k, n):
+    """An nn.Linear weight (d_out, d_in) passed as w.t(): its gradient matches torch's and is
+    contiguous in the weight's own layout (what Adam then reads)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, k, generator=gen)
+    w = torch.randn(n, k, generator=gen, requires_grad=True)
+    g = torch.randn(200, n, generator=gen)
+    (gw,) = torch.autograd.grad(linear(x, w.t()), [w], g)
+    (ref,) = torch.autograd.grad(x @ w.t(), [w], g)
+    assert gw.is_contiguous()
+    torch.testing.assert_close(gw, ref, rtol=1e-5, atol=1e-4)
+
+
 def test_linear_falls_back_under_autocast_and_for_other_dtypes():
     x, w = torch.randn(8, 64), torch.randn(64, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -72,19 +86,21 @@ def test_setting_resolves():
     assert isinstance(use_onednn("auto"), bool)
 
 
-def _gpt2_dec(fp32_matmul: str) -> tspd.Decomposition:
+def _gpt2_dec(fp32_matmul: str, ci: str = "shared_mlp") -> tspd.Decomposition:
     sites = [("transformer.h.*.mlp.c_fc", 8), ("transformer.h.*.mlp.c_proj", 8)]
-    cfg = make_cfg(sites, seed=0, train={"fp32_matmul": fp32_matmul},
+    cfg = make_cfg(sites, seed=0, train={"fp32_matmul": fp32_matmul}, ci={"kind": ci, "hidden": [64]},
                    losses={"stochastic_recon": 1.0, "stochastic_recon_layerwise": 1.0, "importance_minimality": 0.01})
     return tspd.Decomposition(make_gpt2(), cfg)
 
 
-def test_decomposition_step_agrees_with_torch_products():
-    """One SPD step's losses and gradients on a tiny GPT-2, oneDNN vs torch's own products."""
+@pytest.mark.parametrize("ci", ["shared_mlp", "attention", "vector_mlp", "mlp"])
+def test_decomposition_step_agrees_with_torch_products(ci):
+    """One SPD step's losses and gradients (components and CI) on a tiny GPT-2, oneDNN vs torch's
+    own products."""
     batch = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(2))
     results = []
     for setting in ("torch", "onednn"):
-        dec = _gpt2_dec(setting)
+        dec = _gpt2_dec(setting, ci)
         assert bool(dec._fast) == (setting == "onednn")
         total, terms, _ = compute_losses(dec, batch, 0, torch.Generator().manual_seed(3))
         total.backward()

@@ -167,6 +167,9 @@ class Decomposition(nn.Module):
         onednn = use_onednn(config.train.fp32_matmul)
         for s in self._stand_ins.values():
             s.onednn = onednn
+        for m in self.ci_fns.modules():
+            if hasattr(m, "onednn"):
+                m.onednn = onednn
         self.__dict__["_fast"] = fast_equivalents(target, set(self._stand_ins)) if onednn else []
         # Held outside the module tree (like the target), so parameters() never lists the target's.
         self.__dict__["_block_list"], self._block_of, self._branch_of = _find_block_list(target, self.site_names)

@@ -45,7 +45,7 @@ def _lp(x: Tensor, w_nk: Tensor, b: Tensor | None) -> Tensor:
 
 
 def _weight_grad(x2: Tensor, g2: Tensor) -> Tensor:
-    """x2^T g2, (d_in, d_out), for 2-D x2 (rows, d_in) and g2 (rows, d_out)."""
+    """x2^T g2, contiguous, for 2-D x2 (rows, k) and g2 (rows, n)."""
     k, n = x2.shape[1], g2.shape[1]
     if min(k, n) < WEIGHT_GRAD_MIN_SIDE:
         return x2.t() @ g2
@@ -71,7 +71,9 @@ class _OneDNNLinear(torch.autograd.Function):
             gx = _lp(g, w, None)
         g2 = g.reshape(-1, g.shape[-1])
         if ctx.needs_input_grad[1]:
-            gw = _weight_grad(x.reshape(-1, x.shape[-1]), g2)
+            x2 = x.reshape(-1, x.shape[-1])
+            # In the weight's own layout: an nn.Linear weight comes in transposed, (d_out, d_in) in memory.
+            gw = _weight_grad(x2, g2) if not w.t().is_contiguous() else _weight_grad(g2, x2).t()
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0)
         return gx, gw, gb
@@ -94,6 +96,11 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None, onednn: bool = True) -
         return _OneDNNLinear.apply(x, w, b)
     out = x @ w
     return out if b is None else out + b
+
+
+def linear_layer(layer: nn.Linear, x: Tensor, onednn: bool) -> Tensor:
+    """layer(x) for an nn.Linear, through `linear` when `onednn` (gradients reach its weight and bias)."""
+    return linear(x, layer.weight.t(), layer.bias) if onednn else layer(x)
 
 
 class FastLinear(nn.Module):

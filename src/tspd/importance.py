@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tspd.config import CIConfig
+from tspd.fastlinear import linear_layer
 
 
 # Both sigmoids are autograd Functions built from clamp and hardtanh_backward: vectorised kernels
@@ -180,10 +181,11 @@ class SharedMLP(nn.Module):
         super().__init__()
         dims = [d_in, *hidden, C]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.onednn = False  # fp32 products through tspd.fastlinear (set by the Decomposition)
 
     def forward(self, x: Tensor) -> Tensor:
         for i, layer in enumerate(self.layers):
-            x = layer(x)
+            x = linear_layer(layer, x, self.onednn)
             if i < len(self.layers) - 1:
                 x = F.gelu(x)
         return x
@@ -207,6 +209,7 @@ class AttentionCI(nn.Module):
         self.pos = nn.Parameter(torch.zeros(max_len, d_in)) if pos_emb else None
         d_head_in = d_attn + d_in
         self.head = PerComponentMLP(d_head_in, C, hidden) if head == "vector_mlp" else SharedMLP(d_head_in, C, [hidden])
+        self.onednn = False  # fp32 products through tspd.fastlinear (set by the Decomposition)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 3:
@@ -218,7 +221,7 @@ class AttentionCI(nn.Module):
         if T > self.max_len:
             raise ValueError(f"sequence length {T} exceeds ci.attention.max_len={self.max_len}; raise it in the config")
         xp = x + self.pos[:T] if self.pos is not None else x
-        q, k, v = self.q(x), self.k(x), self.v(xp)
+        q, k, v = (linear_layer(m, i, self.onednn) for m, i in ((self.q, x), (self.k, x), (self.v, xp)))
         n = torch.arange(T, device=x.device)
         offset = n[:, None] - n[None, :]
         bias = self.rel_bias[offset.clamp(min=0)].masked_fill(offset < 0, float("-inf"))
