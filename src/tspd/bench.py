@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import resource
@@ -31,6 +32,7 @@ import torch
 
 from tspd.config import RunConfig
 from tspd.decomposition import Batch, Decomposition, call_target, fused_equivalents, restore_modules, swap_modules
+from tspd.fastlinear import fast_equivalents, onednn_available, swap_in_place, use_onednn
 from tspd.losses import autocast_for, compute_losses, cpu_has_fast_bf16, cpu_info, forward_passes
 from tspd.seeding import generator
 from tspd.train import faithfulness_warmup, make_optimizer, optimizer_step, tune_cpu_allocator
@@ -181,13 +183,16 @@ def _target_fwd_bwd(target: torch.nn.Module, batch: Batch, cfg: RunConfig) -> Ca
 
 
 @contextlib.contextmanager
-def _plain_target(target: torch.nn.Module) -> Iterator[None]:
-    """Within: every target parameter requires grad and the fused modules SPD passes use are
-    swapped in; both restored after."""
+def _plain_target(target: torch.nn.Module, cfg: RunConfig) -> Iterator[None]:
+    """Within: every target parameter requires grad and the fused modules and (with
+    `train.fp32_matmul` resolving to oneDNN) the oneDNN linear layers SPD passes use are swapped
+    in, so the overhead factor compares like with like; both restored after."""
     flags = [(p, p.requires_grad) for p in target.parameters()]
     for p, _ in flags:
         p.requires_grad_(True)
     swapped = swap_modules(target, fused_equivalents(target))
+    if use_onednn(cfg.train.fp32_matmul):
+        swapped += swap_in_place(fast_equivalents(target, set()))
     try:
         yield
     finally:
@@ -206,7 +211,7 @@ def _time_target_fwd_bwd(target: torch.nn.Module, batch: Batch, cfg: RunConfig, 
     """Median ms of one plain forward + backward of the target on `batch` (same autocast)."""
     run = _target_fwd_bwd(target, batch, cfg)
     times = []
-    with _plain_target(target):
+    with _plain_target(target, cfg):
         for i in range(reps + 1):
             _sync(device)
             t0 = time.perf_counter()
@@ -217,12 +222,33 @@ def _time_target_fwd_bwd(target: torch.nn.Module, batch: Batch, cfg: RunConfig, 
     return 1000 * statistics.median(times)
 
 
+def _linear_pointwise_flop(x_shape, w_shape, *_args, out_shape=None, **_kw) -> int:
+    """x (..., k) @ w (n, k)^T."""
+    return 2 * math.prod(x_shape) * w_shape[0]
+
+
+def _linear_backward_weights_flop(go_shape, in_shape, *_args, out_shape=None, **_kw) -> int:
+    """go (rows, m)^T @ in (rows, n)."""
+    return 2 * go_shape[0] * go_shape[1] * in_shape[1]
+
+
+# tspd.fastlinear's oneDNN ops, which FlopCounterMode has no formulas for.
+_ONEDNN_FLOPS = (
+    {
+        torch.ops.mkldnn._linear_pointwise: _linear_pointwise_flop,
+        torch.ops.aten.mkldnn_linear_backward_weights: _linear_backward_weights_flop,
+    }
+    if onednn_available()
+    else {}
+)
+
+
 def count_gflop(fn: Callable[[], Any]) -> float:
     """Matrix-multiply GFLOP of one call of `fn`, as torch's FlopCounterMode counts them (matmuls,
     convolutions and the attention kernels it has formulas for; elementwise work is not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_ONEDNN_FLOPS)
     with counter:
         fn()
     return counter.get_total_flops() / 1e9
@@ -275,7 +301,7 @@ def run_case(name: str, steps: int = 20, warmup: int = 3, threads: int | None = 
         optimizer_step(dec, opt, total)
 
     step_gflop = count_gflop(one_step)
-    with _plain_target(target):
+    with _plain_target(target, cfg):
         target_gflop = count_gflop(_target_fwd_bwd(target, batch, cfg))
     n_passes = forward_passes(dec)
     # Token ids: every id is a token; float inputs (TMS): one example is one "token".
