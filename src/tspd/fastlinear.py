@@ -39,7 +39,7 @@ def onednn_available() -> bool:
     )
 
 
-def _lp(x: Tensor, w_nk: Tensor, b: Tensor | None) -> Tensor:
+def linear_pointwise(x: Tensor, w_nk: Tensor, b: Tensor | None) -> Tensor:
     """x @ w_nk^T + b by oneDNN (w_nk in nn.Linear's (d_out, d_in) layout)."""
     return torch.ops.mkldnn._linear_pointwise(x, w_nk, b, "none", [], "")
 
@@ -60,7 +60,7 @@ class _OneDNNLinear(torch.autograd.Function):
         x = x.contiguous()
         ctx.save_for_backward(x, w)
         ctx.has_bias = b is not None
-        return _lp(x, w.t(), b)
+        return linear_pointwise(x, w.t(), b)
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -68,7 +68,7 @@ class _OneDNNLinear(torch.autograd.Function):
         gx = gw = gb = None
         g = g.contiguous()
         if ctx.needs_input_grad[0]:
-            gx = _lp(g, w, None)
+            gx = linear_pointwise(g, w, None)
         g2 = g.reshape(-1, g.shape[-1])
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, x.shape[-1])
@@ -166,7 +166,7 @@ def onednn_fp32_is_faster() -> bool:
                 t = min(t, time.perf_counter() - s)
             return t
 
-        return best(lambda: x @ w) >= 1.3 * best(lambda: _lp(x, wt, None))
+        return best(lambda: x @ w) >= 1.3 * best(lambda: linear_pointwise(x, wt, None))
     except RuntimeError:
         return False
 
