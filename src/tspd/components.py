@@ -184,6 +184,10 @@ class SiteModule(nn.Module):
         else:
             d, coeff = None, seg.masks
         U = self.components.U
+        if self.kind != "embedding" and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+            # x V and x W^T would each cast x to the autocast dtype (autocast caches casts of
+            # parameters only): cast once, to the same values.
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         if coeff.dtype != U.dtype:
             # The CI and so the masks are fp32; a bf16 or fp16 target (without autocast) has factors
             # in its own dtype, and the product must be in one dtype.
