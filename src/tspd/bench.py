@@ -125,8 +125,13 @@ def _smollm2_case(naive: bool) -> Callable:
 
         if not (os.environ.get(LOCAL_ENV) or (cache_dir() / FOLDER / "config.json").is_file()):
             raise SkipCase("SmolLM2 is not in the cache; run `tspd assets --what smollm2` first")
-        # Naive: no stacking, no prefix replay, fp32 -- every pass a full forward of the model.
-        overrides = ["train.stack_passes=false", "train.reuse_prefix=false", "train.autocast=null"] if naive else []
+        # Naive: none of tspd's speed paths -- every pass a full forward of the model in fp32 with
+        # torch's own products (no stacking, no prefix replay, no autocast, no oneDNN fp32 layers).
+        overrides = (
+            ["train.stack_passes=false", "train.reuse_prefix=false", "train.autocast=null", "train.fp32_matmul=torch"]
+            if naive
+            else []
+        )
         return _recipe_case("smollm2-facts", overrides)()
 
     return build
@@ -158,7 +163,7 @@ CASES: dict[str, Case] = {
         Case("tiny-gpt2-bf16", "same, bf16 autocast, compiled KL (train.compile)", _tiny_gpt2_case("bf16"), 121, 0.9),
         Case("smollm2-layer", "the facts recipe (configs/smollm2-facts.yaml): SmolLM2 layer-11 MLP, C 1024 x 3, 8 x 64",
              _smollm2_case(naive=False)),
-        Case("smollm2-layer-naive", "same, every pass a full fp32 forward (no stacking, no prefix replay)",
+        Case("smollm2-layer-naive", "same, every pass a full fp32 forward (no stacking, no prefix replay, torch's own products)",
              _smollm2_case(naive=True)),
     ]
 }
@@ -359,6 +364,7 @@ def machine_info(threads: int | None) -> dict:
         "cpu_model": model,
         "cpu_flags": flags,
         "cpu_fast_bf16": cpu_has_fast_bf16(),  # what train.autocast 'auto' picks on this CPU
+        "cpu_onednn_fp32": use_onednn("auto"),  # what train.fp32_matmul 'auto' picks on this CPU
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
