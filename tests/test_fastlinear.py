@@ -142,3 +142,128 @@ def test_hooked_or_wrapped_layers_are_left_alone():
     assert sorted(calls) == [1, 2]
     # After the run every layer is the original again.
     assert type(target.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+
+
+# ---- review findings (each failed on the first version of fastlinear) ---------------------------
+def test_under_autocast_the_decomposition_keeps_torch_products_exactly():
+    """A bf16-autocast run leaves oneDNN off (it does not apply there): the target run equals the
+    one with train.fp32_matmul: torch bit for bit, biases included."""
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for setting in ("torch", "onednn"):
+        sites = [("transformer.h.*.mlp.c_fc", 8)]
+        dec = tspd.Decomposition(make_gpt2(), make_cfg(sites, train={"fp32_matmul": setting, "autocast": "bf16"}))
+        assert not dec.onednn and not dec._fast
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(dec.run_target(ids)[0])
+    assert outs[0].dtype == torch.bfloat16
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_linear_falls_back_to_torch_linear_exactly():
+    """Outside oneDNN's reach `linear` is F.linear: the same dtype and bits as nn.Linear."""
+    lin = nn.Linear(64, 32)
+    x = torch.randn(4, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(linear(x, lin.weight.t(), lin.bias), lin(x))
+    d = lin.double()
+    assert torch.equal(linear(x.double(), d.weight.t(), d.bias), d(x.double()))
+
+
+def test_onednn_is_off_for_fp64_targets_and_fp64_runs_under_autocast():
+    target = make_gpt2().double()
+    sites = [("transformer.h.*.mlp.c_fc", 8)]
+    dec = tspd.Decomposition(target, make_cfg(sites, train={"fp32_matmul": "onednn"}))
+    assert not dec.onednn
+    dec = tspd.Decomposition(target, make_cfg(sites, train={"fp32_matmul": "onednn", "autocast": "bf16"}))
+    total, _, _ = compute_losses(dec, torch.randint(0, 100, (2, 8)), 0, torch.Generator().manual_seed(0))
+    assert torch.isfinite(total)
+
+
+def test_modules_reading_their_linear_layers_weights_still_work():
+    """nn.MultiheadAttention reads out_proj.weight instead of calling it, and a Linear subclass
+    with its own forward must keep it: neither changes under oneDNN."""
+
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(64, 64)
+            self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+            self.out = Doubled(64, 64)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.out(self.attn(h, h, h, need_weights=False)[0])
+
+    torch.manual_seed(0)
+    model = Model().eval()
+    x = torch.randn(2, 5, 64)
+    dec = tspd.Decomposition(model, make_cfg([("inp", 8)], train={"fp32_matmul": "onednn"}))
+    assert dec.onednn
+    with torch.no_grad():
+        out, _ = dec.run_target(x)
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_measurements_leave_the_global_rng_alone():
+    from tspd.fastlinear import onednn_fp32_is_faster
+    from tspd.losses import measure_fast_bf16
+
+    onednn_fp32_is_faster.cache_clear()
+    measure_fast_bf16.cache_clear()
+    state = torch.get_rng_state()
+    onednn_fp32_is_faster()
+    measure_fast_bf16()
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_backward_hooks_on_a_linear_layer_are_kept():
+    dec = _gpt2_dec("onednn")
+    fired = []
+    layer = dec.target.transformer.h[1].attn.c_attn
+    h = layer.register_full_backward_hook(lambda m, gi, go: fired.append(1))
+    try:
+        total, _, _ = compute_losses(dec, torch.randint(0, 100, (2, 8)), 0, torch.Generator().manual_seed(0))
+        total.backward()
+    finally:
+        h.remove()
+    assert fired
+
+
+def test_non_contiguous_bias_empty_output_and_double_backward():
+    x, w = torch.randn(6, 64), torch.randn(64, 80)
+    b = torch.randn(1, 160)[0, ::2]  # a strided bias
+    torch.testing.assert_close(linear(x, w, b), x @ w + b, rtol=1e-5, atol=1e-4)
+    assert linear(x, torch.randn(64, 0)).shape == (6, 0)
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(linear(xg, w).pow(2).sum(), [xg], create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
+def test_resume_keeps_the_fp32_matmul_choice_the_run_started_with(tmp_path, monkeypatch):
+    """train.fp32_matmul 'auto' measures per process; a resumed run uses the checkpoint's choice,
+    so it stays bit-identical to an uninterrupted run even where the new process measures otherwise."""
+    import tspd.fastlinear as fl
+
+    cfg = make_cfg([("transformer.h.*.mlp.c_fc", 8)], seed=0, ci={"kind": "shared_mlp", "hidden": [64]},
+                   losses={"stochastic_recon": 1.0, "importance_minimality": 0.01},
+                   train={"steps": 6, "batch_size": 4, "eval_batches": 1, "eval_every": 100, "checkpoint_every": 100})
+
+    def data(step):
+        return torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(1000 + step))
+
+    monkeypatch.setattr(fl, "onednn_fp32_is_faster", lambda: True)
+    full = tspd.decompose(make_gpt2(0), data, cfg, run_dir=tmp_path / "a", progress=False)
+    assert full.onednn
+    tspd.decompose(make_gpt2(0), data, cfg, run_dir=tmp_path / "b", progress=False, stop_after=3)
+    monkeypatch.setattr(fl, "onednn_fp32_is_faster", lambda: False)  # the resuming process "measures" otherwise
+    resumed = tspd.decompose(make_gpt2(0), data, cfg, run_dir=tmp_path / "b", progress=False, resume=True)
+    assert resumed.onednn
+    b = resumed.state_dict()
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, b[k]), k

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tspd.fastlinear import linear
+from tspd.fastlinear import linear, original_output
 
 SiteKind = Literal["linear", "conv1d", "embedding"]
 
@@ -86,7 +86,7 @@ class Components(nn.Module):
         the product through tspd.fastlinear where it applies."""
         if self.kind == "embedding":
             return F.embedding(x, self.V)
-        return linear(x, self.V, onednn=onednn)
+        return linear(x, self.V) if onednn else x @ self.V
 
     def weight(self) -> Tensor:
         """(V U)^T in nn.Linear layout (d_out x d_in)."""
@@ -152,11 +152,11 @@ class SiteModule(nn.Module):
         return torch.cat([self._segment_out(xi, seg) for xi, seg in zip(parts, segs)])
 
     def _original(self, x: Tensor) -> Tensor:
-        """The target module's own output (through oneDNN when on and the module has no hooks)."""
+        """The target module's own output (through oneDNN where on, it applies and the module has no hooks)."""
         m = self.original
-        if self.onednn and self.kind != "embedding" and not (m._forward_hooks or m._forward_pre_hooks):
-            return linear(x, target_weight(m, self.kind).t(), m.bias)
-        return m(x)
+        if self.kind == "embedding":
+            return m(x)
+        return original_output(m, x, target_weight(m, self.kind).t(), self.onednn)
 
     def _target_linear(self, x: Tensor) -> Tensor:
         """x W^T without the bias."""
@@ -184,15 +184,18 @@ class SiteModule(nn.Module):
         else:
             d, coeff = None, seg.masks
         U = self.components.U
-        if self.kind != "embedding" and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        if self.kind != "embedding" and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(
+            x.device.type
+        ):
             # x V and x W^T would each cast x to the autocast dtype (autocast caches casts of
-            # parameters only): cast once, to the same values.
+            # parameters only): cast once, to the same values. (fp64 is never cast by autocast.)
             x = x.to(torch.get_autocast_dtype(x.device.type))
         if coeff.dtype != U.dtype:
             # The CI and so the masks are fp32; a bf16 or fp16 target (without autocast) has factors
             # in its own dtype, and the product must be in one dtype.
             coeff, d = coeff.to(U.dtype), (d.to(U.dtype) if d is not None else None)
-        out = linear(self.components.inner(x, self.onednn) * coeff, U, onednn=self.onednn)
+        h = self.components.inner(x, self.onednn) * coeff
+        out = linear(h, U) if self.onednn else h @ U
         if d is not None:
             out = out + d.unsqueeze(-1) * self._target_linear(x)
         b = self.bias()

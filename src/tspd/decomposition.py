@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from tspd.components import Components, Segment, SiteModule, SiteState, resolve_sites, site_kind, target_weight
 from tspd.config import RunConfig
-from tspd.fastlinear import fast_equivalents, swap_in_place, use_onednn
+from tspd.fastlinear import fast_equivalents, onednn_available, swap_in_place, use_onednn
 from tspd.importance import CIFunction, lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
 from tspd.masks import Pass
 
@@ -163,14 +163,9 @@ class Decomposition(nn.Module):
             self._stand_ins[name] = SiteModule(module, kind, comps, config.masks.delta_component)
         # Found once, not per pass: the module walk would otherwise sit on every pass's hot path.
         self.__dict__["_fused"] = fused_equivalents(target)
-        # fp32 products through oneDNN (tspd.fastlinear) for the sites and every other linear layer.
-        onednn = use_onednn(config.train.fp32_matmul)
-        for s in self._stand_ins.values():
-            s.onednn = onednn
-        for m in self.ci_fns.modules():
-            if hasattr(m, "onednn"):
-                m.onednn = onednn
-        self.__dict__["_fast"] = fast_equivalents(target, set(self._stand_ins)) if onednn else []
+        # fp32 products through oneDNN (tspd.fastlinear) for the sites, the CI layers and every other
+        # linear layer of the target, where train.fp32_matmul says so and they can apply.
+        self.set_onednn(self._onednn_possible() and use_onednn(config.train.fp32_matmul))
         # Held outside the module tree (like the target), so parameters() never lists the target's.
         self.__dict__["_block_list"], self._block_of, self._branch_of = _find_block_list(target, self.site_names)
         self._block_outputs: list[Any] | None = None
@@ -181,6 +176,38 @@ class Decomposition(nn.Module):
         p = next(target.parameters(), None)
         if p is not None:
             self.to(device=p.device, dtype=p.dtype if p.is_floating_point() else None)
+
+    # ---- fp32 products ---------------------------------------------------------------------
+    def _onednn_possible(self) -> bool:
+        """oneDNN's fp32 products can apply: an fp32 target on the CPU, trained without autocast."""
+        from tspd.losses import model_device, resolve_autocast
+
+        p = next(self.target.parameters(), None)
+        device = model_device(self.target).type
+        return (
+            onednn_available()
+            and device == "cpu"
+            and (p is None or p.dtype == torch.float32)
+            and resolve_autocast(self.config.train.autocast, device) is None
+        )
+
+    @property
+    def onednn(self) -> bool:
+        """Whether this decomposition's fp32 products go through oneDNN (tspd.fastlinear)."""
+        return self.__dict__.get("_onednn", False)
+
+    def set_onednn(self, on: bool) -> None:
+        """Use oneDNN's fp32 products (where they can apply) or torch's own. A resumed run takes
+        its checkpoint's choice and a data-parallel run rank 0's, as `train.fp32_matmul: auto`
+        measures per process."""
+        on = bool(on) and self._onednn_possible()
+        self.__dict__["_onednn"] = on
+        for s in self._stand_ins.values():
+            s.onednn = on
+        for m in self.ci_fns.modules():
+            if hasattr(m, "onednn"):
+                m.onednn = on
+        self.__dict__["_fast"] = fast_equivalents(self.target, set(self._stand_ins)) if on else []
 
     # ---- the target, temporarily wired to the stand-ins ------------------------------------
     @contextlib.contextmanager

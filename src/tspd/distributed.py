@@ -81,6 +81,16 @@ def agree_on_autocast(autocast: str | None, device: torch.device, w: World) -> N
     pin_fast_bf16(bool(flag.item()))
 
 
+def agree_on_onednn(dec, device: torch.device, w: World) -> None:
+    """train.fp32_matmul 'auto' measures oneDNN against torch's products in each process; under
+    torchrun every rank takes rank 0's answer (as `agree_on_autocast`). A collective."""
+    if not w.parallel or dec.config.train.fp32_matmul != "auto" or device.type != "cpu":
+        return
+    flag = torch.tensor([int(dec.onednn)])
+    dist.broadcast(flag, src=0)
+    dec.set_onednn(bool(flag.item()))
+
+
 def leave(wait: bool = False) -> None:
     """Leave the process group, if this process joined one (the CLI calls it on exit). `wait`: on a
     successful exit, first wait for every rank to get here, so that no rank tears its connections

@@ -22,7 +22,9 @@ import functools
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 # The weight gradient x^T g goes through oneDNN's inner-product backward only when both of the
 # weight's sides are at least this long: below it the conversions to oneDNN's tensor type cost
@@ -63,6 +65,7 @@ class _OneDNNLinear(torch.autograd.Function):
         return linear_pointwise(x, w.t(), b)
 
     @staticmethod
+    @once_differentiable  # a second derivative through it raises instead of being silently wrong
     def backward(ctx, g: Tensor):
         x, w = ctx.saved_tensors
         gx = gw = gb = None
@@ -79,52 +82,94 @@ class _OneDNNLinear(torch.autograd.Function):
         return gx, gw, gb
 
 
-def linear(x: Tensor, w: Tensor, b: Tensor | None = None, onednn: bool = True) -> Tensor:
-    """x @ w + b for w of shape (d_in, d_out); through oneDNN when `onednn` and it applies (fp32
-    CPU tensors, no autocast, x with at least one row), else plain torch."""
-    if (
-        onednn
-        and x.dtype == torch.float32
+def applies(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
+    """Whether oneDNN computes x @ w + b here: fp32 CPU tensors outside autocast, x with a batch
+    dimension, no empty dimension, a 1-D bias."""
+    return (
+        x.dtype == torch.float32
         and w.dtype == torch.float32
         and x.device.type == "cpu"
+        and w.device.type == "cpu"
         and w.dim() == 2
         and x.dim() >= 2
         and x.numel() > 0
+        and w.numel() > 0
         and not torch.is_autocast_enabled("cpu")
-        and (b is None or b.dtype == torch.float32)
-    ):
-        return _OneDNNLinear.apply(x, w, b)
-    out = x @ w
-    return out if b is None else out + b
+        and (b is None or (b.dtype == torch.float32 and b.dim() == 1 and b.device.type == "cpu"))
+    )
+
+
+def _apply(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return _OneDNNLinear.apply(x, w, None if b is None else b.contiguous())
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None = None, onednn: bool = True) -> Tensor:
+    """x @ w + b for w of shape (d_in, d_out); through oneDNN when `onednn` and it `applies`, else
+    torch's own `F.linear` (autocast-aware: under autocast the product is in the autocast dtype)."""
+    if onednn and applies(x, w, b):
+        return _apply(x, w, b)
+    return F.linear(x, w.t(), b)
 
 
 def linear_layer(layer: nn.Linear, x: Tensor, onednn: bool) -> Tensor:
-    """layer(x) for an nn.Linear, through `linear` when `onednn` (gradients reach its weight and bias)."""
-    return linear(x, layer.weight.t(), layer.bias) if onednn else layer(x)
+    """layer(x) for an nn.Linear, through oneDNN when `onednn` and it applies (gradients reach its
+    weight and bias), else the layer itself."""
+    w = layer.weight.t()
+    return _apply(x, w, layer.bias) if onednn and applies(x, w, layer.bias) else layer(x)
+
+
+def _untouched(m: nn.Module) -> bool:
+    """No hook of any kind on `m` (a stand-in would bypass it)."""
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def original_output(m: nn.Module, x: Tensor, w: Tensor, onednn: bool) -> Tensor:
+    """m(x) for an nn.Linear or GPT-2 Conv1D `m` whose weight is `w` in (d_in, d_out) layout:
+    through oneDNN when `onednn`, it applies and `m` has no hooks, else m's own forward."""
+    if onednn and _untouched(m) and applies(x, w, m.bias):
+        return _apply(x, w, m.bias)
+    return m(x)
 
 
 class FastLinear(nn.Module):
     """Stands in for a frozen nn.Linear or GPT-2 Conv1D of the target while a Decomposition runs
-    it: the same function through `linear`. The original is held outside the module tree."""
+    it: the same function through oneDNN where it applies, else the original's own forward. The
+    original is held outside the module tree; its attributes (weight, bias, ...) read through."""
 
     def __init__(self, original: nn.Module):
         super().__init__()
         self.__dict__["original"] = original
         self.conv1d = not isinstance(original, nn.Linear)
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get("original")
+            if original is None:
+                raise
+            return getattr(original, name)
+
     def forward(self, x: Tensor) -> Tensor:
         m = self.original
-        w = m.weight if self.conv1d else m.weight.t()
-        return linear(x, w, m.bias)
+        return original_output(m, x, m.weight if self.conv1d else m.weight.t(), True)
+
+
+def is_plain_linear(m: nn.Module) -> bool:
+    """An nn.Linear (or a subclass keeping its forward) or a Hugging Face GPT-2 Conv1D."""
+    if isinstance(m, nn.Linear):
+        return type(m).forward is nn.Linear.forward
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "weight")
 
 
 def fast_equivalents(model: nn.Module, skip: set[str]) -> list[tuple[nn.Module, str, FastLinear]]:
-    """(parent, child name, FastLinear) for every nn.Linear and GPT-2 Conv1D of `model` not in `skip`."""
+    """(parent, child name, FastLinear) for every plain nn.Linear and GPT-2 Conv1D of `model` not
+    in `skip` (a subclass with its own forward is left alone)."""
     out = []
     for name, m in model.named_modules():
         if name in skip or not name:
             continue
-        if isinstance(m, nn.Linear) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "weight")):
+        if is_plain_linear(m):
             parent_name, _, child = name.rpartition(".")
             out.append((model.get_submodule(parent_name) if parent_name else model, child, FastLinear(m)))
     return out
@@ -138,7 +183,7 @@ def swap_in_place(fast: list[tuple[nn.Module, str, FastLinear]]) -> list[tuple[n
     swapped = []
     for parent, child, f in fast:
         m = f.original
-        if parent._modules.get(child) is m and not (m._forward_hooks or m._forward_pre_hooks):
+        if parent._modules.get(child) is m and _untouched(m):
             parent._modules[child] = f
             swapped.append((parent, child, m))
     return swapped
@@ -153,7 +198,8 @@ def onednn_fp32_is_faster() -> bool:
     if not onednn_available():
         return False
     try:
-        x, w = torch.randn(1024, 256), torch.randn(256, 1024)
+        gen = torch.Generator().manual_seed(0)  # not the global RNG a run has just seeded
+        x, w = torch.randn(1024, 256, generator=gen), torch.randn(256, 1024, generator=gen)
         wt = w.t().contiguous()
 
         def best(f) -> float:

@@ -199,6 +199,8 @@ def _save_checkpoint(run_dir: Path, dec: Decomposition, opt: torch.optim.Optimiz
         # What train.autocast resolved to: 'auto' times matmuls at start-up, and a resumed run must
         # use the dtype the checkpointed run used, whatever the new process measures.
         "autocast": resolve_autocast(dec.config.train.autocast, model_device(dec.target).type),
+        # Likewise what train.fp32_matmul resolved to (another summation order: resume stays exact).
+        "fp32_matmul_onednn": dec.onednn,
     }
     atomic_write_bytes(run_dir / CHECKPOINT, lambda p: torch.save(state, p))
 
@@ -214,6 +216,8 @@ def _load_checkpoint(run_dir: Path, dec: Decomposition, opt: torch.optim.Optimiz
         )
     if dec.config.train.autocast == "auto" and model_device(dec.target).type == "cpu" and "autocast" in state:
         pin_fast_bf16(state["autocast"] == "bf16")
+    if dec.config.train.fp32_matmul == "auto" and "fp32_matmul_onednn" in state:
+        dec.set_onednn(state["fp32_matmul_onednn"])
     dec.load_state_dict(state["decomposition"])
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
@@ -270,6 +274,7 @@ def decompose(
     tune_cpu_allocator()
     torch.manual_seed(config.seed)
     dec = Decomposition(target, config)
+    distributed.agree_on_onednn(dec, device, w)
     opt = make_optimizer(dec)
     run_path = Path(run_dir) if run_dir is not None else None
     writes = run_path is not None and w.main
