@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from tspd.components import Components, Segment, SiteModule, SiteState, resolve_sites, site_kind, target_weight
 from tspd.config import RunConfig
-from tspd.fastlinear import fast_equivalents, onednn_available, swap_in_place, use_onednn
+from tspd.fastlinear import FastLinear, untouched, fast_equivalents, onednn_available, swap_in_place, use_onednn
 from tspd.importance import CIFunction, lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
 from tspd.masks import Pass
 
@@ -163,6 +163,10 @@ class Decomposition(nn.Module):
             self._stand_ins[name] = SiteModule(module, kind, comps, config.masks.delta_component)
         # Found once, not per pass: the module walk would otherwise sit on every pass's hot path.
         self.__dict__["_fused"] = fused_equivalents(target)
+        # The output head the masked passes may stop before (losses fuse it with the KL): a plain
+        # nn.Linear that get_output_embeddings() names and that is not a site.
+        self.__dict__["_head"] = _output_head(target, set(self._stand_ins))
+        self._head_batch: Batch | None = None
         # fp32 products through oneDNN (tspd.fastlinear) for the sites, the CI layers and every other
         # linear layer of the target, where train.fp32_matmul says so and they can apply.
         self.set_onednn(self._onednn_possible() and use_onednn(config.train.fp32_matmul))
@@ -248,6 +252,7 @@ class Decomposition(nn.Module):
         of the blocks before the last site's block and of the children of site-holding blocks,
         which `run_passes` on this batch replays."""
         self._block_outputs, self._block_batch, self._child_calls = None, None, {}
+        self._head_batch = None
         reuse = bool(self._block_of) and self.config.train.reuse_prefix
         n_record = max(self._block_of.values()) if reuse else 0
         recorders = [_Record(self._block_list[i]) for i in range(n_record)]
@@ -262,12 +267,20 @@ class Decomposition(nn.Module):
                 for j in sorted(set(self._block_of.values())):
                     calls.watch(j, self._block_list[j], {self._branch_of[s] for s, b in self._block_of.items() if b == j})
             swapped = swap_modules(self._block_list, [(f"{i}", r) for i, r in enumerate(recorders)]) if recorders else []
+            head_out: list[Any] = []
+            head_hook = self._head_module()
+            handle = head_hook.register_forward_hook(lambda _m, _a, o: head_out.append(o)) if head_hook is not None else None
             try:
                 out = call_target(self.target, batch)
             finally:
                 restore_modules(swapped)
                 calls.unwatch()
+                if handle is not None:
+                    handle.remove()
             inputs = {n: s.recorded for n, s in self._stand_ins.items()}
+        # Passes may stop before the head only if the model returned the head's output itself (one
+        # call, nothing applied after it): then the head's input determines the output.
+        self._head_batch = batch if len(head_out) == 1 and head_out[0] is out else None
         # Replay is sound only for blocks called once each, in order, before any later block.
         if recorders and order == list(range(n_record)):
             self._block_outputs, self._block_batch = [r.output for r in recorders], batch
@@ -304,20 +317,47 @@ class Decomposition(nn.Module):
         """One masked forward of the target (gradients flow to components and masks)."""
         return self._run_stacked(batch, [p], skip_blocks=0)
 
-    def run_passes(self, batch: Batch, passes: list[Pass], stack: bool = True) -> list[Tensor]:
+    def run_passes(self, batch: Batch, passes: list[Pass], stack: bool = True, defer_head: bool = False):
         """Several masked passes. With `stack`, passes run as one forward over the batch repeated,
         grouped by where they first route: a group whose first routed site sits in child c of
         block j replays the target's outputs of blocks 0..j-1, and of block j's children that
-        finished before c started, instead of recomputing them."""
+        finished before c started, instead of recomputing them.
+
+        `defer_head`: return (outputs, head) where, if `head` is not None, the outputs are the
+        inputs of the output head `head` (an nn.Linear) and the caller applies it (the losses fuse
+        it with the KL). That needs `run_target` on this very batch to have found the model's
+        output to be the head's; otherwise head is None and the outputs are the model's."""
+        if defer_head:
+            ok = self._head is not None and self._head_batch is batch and self._head_module() is not None
+            head = self._head[2] if ok else None
+            return self._run_passes(batch, passes, stack, ok), head
+        return self._run_passes(batch, passes, stack, False)
+
+    @property
+    def output_head(self) -> nn.Linear | None:
+        """The target's output head the masked passes can stop before (see `run_passes`), if any."""
+        return self._head[2] if self._head is not None else None
+
+    def _head_module(self) -> nn.Module | None:
+        """What stands at the output head's place now: the head or its FastLinear stand-in (None
+        if there is no head or someone else's module stands there, e.g. a wrapper)."""
+        if self._head is None:
+            return None
+        parent, child, head = self._head
+        m = parent._modules.get(child)
+        ours = m is head or (isinstance(m, FastLinear) and m.original is head)
+        return m if ours and untouched(head) else None
+
+    def _run_passes(self, batch: Batch, passes: list[Pass], stack: bool, stop_at_head: bool) -> list[Tensor]:
         if not stack or (len(passes) == 1 and self._block_batch is not batch):
-            return [self.run_pass(batch, p) for p in passes]
+            return [self._run_stacked(batch, [p], skip_blocks=0, stop_at_head=stop_at_head) for p in passes]
         groups: dict[tuple[int, int], list[int]] = {}
         replayable = self._block_batch is batch  # block outputs were recorded for this very batch
         for i, p in enumerate(passes):
             groups.setdefault(self._start_of(p) if replayable else (0, -1), []).append(i)
         outs: list[Tensor | None] = [None] * len(passes)
         for (j, start), idxs in groups.items():
-            group_out = self._run_stacked(batch, [passes[i] for i in idxs], skip_blocks=j, skip_before=start)
+            group_out = self._run_stacked(batch, [passes[i] for i in idxs], skip_blocks=j, skip_before=start, stop_at_head=stop_at_head)
             for i, o in zip(idxs, group_out.chunk(len(idxs), dim=0)):
                 outs[i] = o
         return outs  # type: ignore[return-value]
@@ -346,7 +386,9 @@ class Decomposition(nn.Module):
         r = p.routed.get(site)
         return r is None or bool(r.any())
 
-    def _run_stacked(self, batch: Batch, passes: list[Pass], skip_blocks: int, skip_before: int = -1) -> Tensor:
+    def _run_stacked(
+        self, batch: Batch, passes: list[Pass], skip_blocks: int, skip_before: int = -1, stop_at_head: bool = False
+    ) -> Tensor:
         n = len(passes)
         rows = batch_size(batch)
         with self._installed():
@@ -363,6 +405,10 @@ class Decomposition(nn.Module):
                         segments.append(seg)
                 s.state = SiteState("masked", segments)
             replaced = self._replay_blocks(skip_blocks, n) + self._replay_children(skip_blocks, skip_before, n)
+            if stop_at_head:
+                parent, child, _ = self._head
+                replaced.append((parent, child, parent._modules[child]))
+                parent._modules[child] = _HeadInput()
             try:
                 return call_target(self.target, repeat_batch(batch, n))
             finally:
@@ -470,6 +516,28 @@ class Decomposition(nn.Module):
         else:
             atomic_write_bytes(directory / "target_module.pt", lambda p: torch.save(self.target, p))
         return directory
+
+
+class _HeadInput(nn.Module):
+    """Stands in for the output head: returns the head's input, which the caller then feeds to
+    the head itself (fused with the loss)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+def _output_head(target: nn.Module, sites: set[str]) -> tuple[nn.Module, str, nn.Linear] | None:
+    """(parent, child name, head) for the target's output head as `get_output_embeddings()`
+    names it, if that is a plain nn.Linear that is not a site; else None."""
+    get = getattr(target, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
+        return None
+    name = next((n for n, m in target.named_modules() if m is head), None)
+    if not name or name in sites:
+        return None
+    parent_name, _, child = name.rpartition(".")
+    return (target.get_submodule(parent_name) if parent_name else target, child, head)
 
 
 class _Record(nn.Module):

@@ -118,7 +118,7 @@ def linear_layer(layer: nn.Linear, x: Tensor, onednn: bool) -> Tensor:
     return _apply(x, w, layer.bias) if onednn and applies(x, w, layer.bias) else layer(x)
 
 
-def _untouched(m: nn.Module) -> bool:
+def untouched(m: nn.Module) -> bool:
     """No hook of any kind on `m` (a stand-in would bypass it)."""
     return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
@@ -126,7 +126,7 @@ def _untouched(m: nn.Module) -> bool:
 def original_output(m: nn.Module, x: Tensor, w: Tensor, onednn: bool) -> Tensor:
     """m(x) for an nn.Linear or GPT-2 Conv1D `m` whose weight is `w` in (d_in, d_out) layout:
     through oneDNN when `onednn`, it applies and `m` has no hooks, else m's own forward."""
-    if onednn and _untouched(m) and applies(x, w, m.bias):
+    if onednn and untouched(m) and applies(x, w, m.bias):
         return _apply(x, w, m.bias)
     return m(x)
 
@@ -183,7 +183,7 @@ def swap_in_place(fast: list[tuple[nn.Module, str, FastLinear]]) -> list[tuple[n
     swapped = []
     for parent, child, f in fast:
         m = f.original
-        if parent._modules.get(child) is m and _untouched(m):
+        if parent._modules.get(child) is m and untouched(m):
             parent._modules[child] = f
             swapped.append((parent, child, m))
     return swapped

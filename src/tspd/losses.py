@@ -13,9 +13,11 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from tspd.config import RunConfig
 from tspd.decomposition import Batch, Decomposition
+from tspd.fastlinear import applies, linear_pointwise
 from tspd.masks import Pass, delta_masks, sample_sources, stochastic_masks, subset_routing
 
 RECON_TERMS = (
@@ -48,6 +50,7 @@ class Reference:
             log_p = t.log_softmax(-1)
             self.p = log_p.exp()
             self.neg_entropy = (self.p * log_p).sum(-1).mean()
+            self._flat: tuple[Tensor, Tensor] | None = None
 
     def divergence(self, out: Tensor) -> Tensor:
         out = select_positions(out, self.positions)
@@ -56,6 +59,81 @@ class Reference:
         if self.compiled:
             return _compiled_kl()(out, self.p, self.neg_entropy)
         return _kl(out, self.p, self.neg_entropy)
+
+
+    # Rows of fp32 logits per chunk of `divergence_through_head`. SmolLM2's head (vocab 49152), one
+    # step each (one-off script, 2 threads): 1 / 32 MB / 1 GB (one chunk a pass) -> 2257 / 1963 /
+    # 1817 ms at 3.42 / 3.12 / 3.59 GB peak RSS, against 1931 ms at 4.10 GB unfused; the tiny GPT-2
+    # case (vocab 1024) measured the same at 0.25, 4 and 64 MB.
+    HEAD_CHUNK_BYTES = 32 * 2**20
+
+    def divergence_through_head(self, h: Tensor, head: torch.nn.Linear, onednn: bool) -> Tensor:
+        """KL(target || head(h)) for the inputs h of the output head, computed with the head by
+        `_HeadKL` over chunks of rows (no (tokens x vocab) logits kept for the backward). Call it
+        under the autocast the pass ran under."""
+        if self.kind == "mse":
+            raise ValueError("divergence_through_head computes a KL; use divergence for mse")
+        h = select_positions(h, self.positions)
+        if self._flat is None:
+            p = self.p.reshape(-1, self.p.shape[-1])
+            self._flat = (p, p.sum(-1))
+        p, psum = self._flat
+        h2 = h.reshape(-1, h.shape[-1])
+        if h2.shape[0] != p.shape[0]:
+            raise ValueError(f"{h2.shape[0]} head-input rows for a target output of {p.shape[0]}")
+        w, b = head.weight.detach(), head.bias.detach() if head.bias is not None else None
+        chunk = max(64, self.HEAD_CHUNK_BYTES // (4 * p.shape[1]))
+        return _HeadKL.apply(h2, w, b, p, psum, self.neg_entropy, chunk, onednn)
+
+
+# `train.fuse_head: auto` fuses heads with at least this many outputs (vocabulary sizes): the
+# (tokens x vocab) logits it avoids keeping matter there, while at vocab 1024 (the tiny GPT-2
+# benchmark) fusing measured 1-4 % slower.
+FUSE_HEAD_MIN_OUTPUTS = 8192
+
+
+def fuse_head(setting: bool | str, dec: Decomposition) -> bool:
+    """Resolve `train.fuse_head` for this decomposition's output head."""
+    if setting == "auto":
+        head = dec.output_head
+        return head is not None and head.out_features >= FUSE_HEAD_MIN_OUTPUTS
+    return bool(setting)
+
+
+class _HeadKL(torch.autograd.Function):
+    """neg_entropy - mean over rows of sum_v p log_softmax(h W^T + b), over chunks of rows, with
+    the gradient to h formed in the forward ((psum * softmax - p) W per chunk, scaled in the
+    backward by the incoming gradient / rows): the logits of a chunk stay in cache and no
+    (rows x vocab) tensor is kept. Matches the KL of the head's output to fp32 rounding (to bf16
+    rounding under autocast, where the products run in bf16 as the head's own would)."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, p, psum, neg_entropy, chunk, onednn):
+        rows = h.shape[0]
+        autocast = torch.is_autocast_enabled(h.device.type)
+        fast = onednn and not autocast and applies(h, w.t(), b)
+        wt = w.t().contiguous() if fast else None
+        grad_h = torch.empty_like(h)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, rows, chunk):
+            hc, pc = h[i : i + chunk], p[i : i + chunk]
+            logits = linear_pointwise(hc.contiguous(), w, b) if fast else torch.nn.functional.linear(hc, w, b)
+            lsm = logits.float().log_softmax(-1)
+            total += (pc * lsm).sum()  # not linalg.vecdot: autocast would run it in bf16
+            g = lsm.exp_().mul_(psum[i : i + chunk, None]).sub_(pc)  # d(-sum p lsm)/d logits
+            if fast:
+                grad_h[i : i + chunk] = linear_pointwise(g, wt, None)
+            else:
+                grad_h[i : i + chunk] = torch.nn.functional.linear(g.to(logits.dtype), w.t()).to(h.dtype)
+        ctx.save_for_backward(grad_h)
+        ctx.rows = rows
+        return neg_entropy - total / rows
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * (grad / ctx.rows), None, None, None, None, None, None, None
 
 
 def _kl(out: Tensor, p: Tensor, neg_entropy: Tensor) -> Tensor:
@@ -184,11 +262,18 @@ def compute_losses(
         owners += [t] * len(ps)
     if all_passes:
         ref = Reference(target_out, cfg.output.divergence, cfg.output.positions, compiled=cfg.train.compile)
+        fuse = ref.kind == "kl" and fuse_head(cfg.train.fuse_head, dec)
         with autocast_for(cfg, dec.target):
-            outs = dec.run_passes(batch, all_passes, stack=cfg.train.stack_passes)
-        for t in active:
-            vals = [ref.divergence(o) for o, owner in zip(outs, owners) if owner == t]
-            terms[t] = torch.stack(vals).mean()
+            if fuse:
+                outs, head = dec.run_passes(batch, all_passes, stack=cfg.train.stack_passes, defer_head=True)
+            else:
+                outs, head = dec.run_passes(batch, all_passes, stack=cfg.train.stack_passes), None
+            for t in active:
+                if head is not None:  # the passes stopped before the output head: head + KL fused
+                    vals = [ref.divergence_through_head(o, head, dec.onednn) for o, owner in zip(outs, owners) if owner == t]
+                else:
+                    vals = [ref.divergence(o) for o, owner in zip(outs, owners) if owner == t]
+                terms[t] = torch.stack(vals).mean()
     if coeffs.adversarial_recon > 0:
         # Under the same autocast as the target output it is compared with: otherwise bf16 rounding
         # alone would give the term a floor (KL ~3e-6 for an all-ones pass on the induction model).

@@ -68,6 +68,10 @@ class InductionTransformer(nn.Module):
             x = block(x)
         return self.unembed(x)
 
+    def get_output_embeddings(self) -> nn.Linear:
+        """The unembedding, as Hugging Face models name their output head."""
+        return self.unembed
+
     def attention_patterns(self, tokens: Tensor) -> list[Tensor]:
         """Each layer's attention pattern (batch, T, T) on `tokens`."""
         for b in self.blocks:

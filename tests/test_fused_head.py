@@ -1,0 +1,117 @@
+"""train.fuse_head: the masked passes stop before the output head and the loss runs the head with
+the KL over chunks of rows. Same losses and gradients as the unfused path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tspd
+from conftest import make_cfg, make_gpt2
+from tspd.losses import Reference, compute_losses, fuse_head
+
+
+def _step(target_fn, sites, fuse, batch, **sections):
+    cfg = make_cfg(sites, seed=0, **{**sections, "train": {**sections.get("train", {}), "fuse_head": fuse}})
+    dec = tspd.Decomposition(target_fn(), cfg)
+    total, terms, _ = compute_losses(dec, batch, 0, torch.Generator().manual_seed(3))
+    total.backward()
+    return dec, terms, {n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None}
+
+
+LOSSES = {"stochastic_recon": 1.0, "stochastic_recon_layerwise": 1.0, "ci_masked_recon": 0.5, "importance_minimality": 0.01}
+
+
+@pytest.mark.parametrize("positions", [None, [-1, 3]])
+@pytest.mark.parametrize("fp32_matmul", ["torch", "onednn"])
+def test_fused_head_matches_the_unfused_losses_and_gradients(positions, fp32_matmul):
+    batch = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(2))
+    sites = [("transformer.h.*.mlp.c_fc", 8), ("transformer.h.1.attn.c_proj", 8)]
+    kw = dict(losses=LOSSES, output={"positions": positions}, train={"fp32_matmul": fp32_matmul},
+              ci={"kind": "shared_mlp", "hidden": [16]})
+    dec0, t0, g0 = _step(make_gpt2, sites, False, batch, **kw)
+    dec1, t1, g1 = _step(make_gpt2, sites, True, batch, **kw)
+    assert dec1._head_batch is not None  # the head was found and deferred
+    assert t0.keys() == t1.keys()
+    for k in t0:
+        assert t1[k] == pytest.approx(t0[k], rel=1e-4, abs=1e-6), k
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_fused_head_under_bf16_autocast():
+    batch = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(2))
+    sites = [("transformer.h.*.mlp.c_fc", 8)]
+    kw = dict(losses=LOSSES, train={"autocast": "bf16"}, ci={"kind": "shared_mlp", "hidden": [16]})
+    _, t0, g0 = _step(make_gpt2, sites, False, batch, **kw)
+    _, t1, g1 = _step(make_gpt2, sites, True, batch, **kw)
+    for k in t0:  # the same bf16 logits: the same values up to fp32 summation order
+        assert t1[k] == pytest.approx(t0[k], rel=1e-4, abs=1e-6), k
+    for n in g0:  # the gradient's bf16 products round at another scale
+        torch.testing.assert_close(g1[n], g0[n], rtol=2e-2, atol=1e-5, msg=n)
+
+
+def test_induction_target_fuses_its_unembedding():
+    from tspd.targets.induction import InductionTransformer
+
+    def target():
+        torch.manual_seed(0)
+        return InductionTransformer(30, 16, 2, 12)
+
+    batch = torch.randint(0, 30, (6, 12), generator=torch.Generator().manual_seed(1))
+    sites = [("blocks.*.attn.q_proj", 6), ("blocks.1.attn.v_proj", 6)]
+    kw = dict(losses=LOSSES, ci={"kind": "attention", "attention": {"max_len": 12, "d_attn": 4}})
+    dec0, t0, g0 = _step(target, sites, False, batch, **kw)
+    dec1, t1, g1 = _step(target, sites, True, batch, **kw)
+    assert dec1.output_head is dec1.target.unembed and dec1._head_batch is not None
+    for k in t0:
+        assert t1[k] == pytest.approx(t0[k], rel=1e-4, abs=1e-7), k
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-8, msg=n)
+
+
+class _Scaled(nn.Module):
+    """Applies something after its head: the passes must not stop before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 20)
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, x):
+        return 2.0 * self.head(torch.relu(self.inp(x)))
+
+
+def test_no_fusion_when_the_model_changes_the_heads_output_or_the_head_is_a_site():
+    x = torch.randn(5, 3, 8, generator=torch.Generator().manual_seed(0))
+
+    def target():
+        torch.manual_seed(0)
+        return _Scaled()
+
+    dec0, t0, _ = _step(target, [("inp", 4)], False, x, losses=LOSSES)
+    dec1, t1, _ = _step(target, [("inp", 4)], True, x, losses=LOSSES)
+    assert dec1.output_head is not None and dec1._head_batch is None  # found, but the output is not the head's
+    assert t0 == t1
+    dec2, _, _ = _step(target, [("inp", 4), ("head", 4)], True, x, losses=LOSSES)
+    assert dec2.output_head is None
+
+
+def test_auto_fuses_large_vocabularies_only():
+    class Fake:
+        def __init__(self, n):
+            self.output_head = nn.Linear(4, n)
+
+    assert fuse_head("auto", Fake(8192)) and not fuse_head("auto", Fake(1024))
+    assert fuse_head(True, Fake(10)) and not fuse_head(False, Fake(10**5))
+    assert not fuse_head("auto", type("NoHead", (), {"output_head": None})())
+
+
+def test_divergence_through_head_refuses_mse():
+    ref = Reference(torch.randn(2, 3, 5), "mse")
+    with pytest.raises(ValueError, match="KL"):
+        ref.divergence_through_head(torch.randn(2, 3, 4), nn.Linear(4, 5), False)
