@@ -267,3 +267,13 @@ def test_resume_keeps_the_fp32_matmul_choice_the_run_started_with(tmp_path, monk
     b = resumed.state_dict()
     for k, v in full.state_dict().items():
         assert torch.equal(v, b[k]), k
+
+
+def test_a_onednn_output_can_be_changed_in_place():
+    """Models that edit a linear layer's output in place (3-D inputs: oneDNN returns a view)."""
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    w = torch.randn(64, 80, requires_grad=True)
+    y = linear(x, w)
+    y.mul_(2.0)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, 2 * w.sum(1).expand(2, 3, 64), rtol=1e-5, atol=1e-4)

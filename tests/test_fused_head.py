@@ -115,3 +115,45 @@ def test_divergence_through_head_refuses_mse():
     ref = Reference(torch.randn(2, 3, 5), "mse")
     with pytest.raises(ValueError, match="KL"):
         ref.divergence_through_head(torch.randn(2, 3, 4), nn.Linear(4, 5), False)
+
+
+class _InPlace(_Scaled):
+    """Scales its logits in place after the head: the same tensor object, changed."""
+
+    def forward(self, x):
+        return self.head(torch.relu(self.inp(x))).mul_(0.5)
+
+
+class _ReadsHead(_Scaled):
+    """Reads the head's weight before calling it (as Mamba-style models do)."""
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x)).to(self.head.weight.dtype)
+        return self.head(h)
+
+
+def test_no_fusion_when_the_heads_output_is_changed_in_place():
+    x = torch.randn(5, 3, 8, generator=torch.Generator().manual_seed(0))
+
+    def target():
+        torch.manual_seed(0)
+        return _InPlace()
+
+    _, t0, g0 = _step(target, [("inp", 4)], False, x, losses=LOSSES)
+    dec1, t1, g1 = _step(target, [("inp", 4)], True, x, losses=LOSSES)
+    assert dec1._head_batch is None
+    assert t0 == t1
+
+
+def test_models_reading_the_heads_attributes_still_fuse():
+    x = torch.randn(5, 3, 8, generator=torch.Generator().manual_seed(0))
+
+    def target():
+        torch.manual_seed(0)
+        return _ReadsHead()
+
+    _, t0, g0 = _step(target, [("inp", 4)], False, x, losses=LOSSES)
+    dec1, t1, g1 = _step(target, [("inp", 4)], True, x, losses=LOSSES)
+    assert dec1._head_batch is not None
+    for k in t0:
+        assert t1[k] == pytest.approx(t0[k], rel=1e-4, abs=1e-7), k

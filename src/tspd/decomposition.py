@@ -269,7 +269,11 @@ class Decomposition(nn.Module):
             swapped = swap_modules(self._block_list, [(f"{i}", r) for i, r in enumerate(recorders)]) if recorders else []
             head_out: list[Any] = []
             head_hook = self._head_module()
-            handle = head_hook.register_forward_hook(lambda _m, _a, o: head_out.append(o)) if head_hook is not None else None
+            handle = (
+                head_hook.register_forward_hook(lambda _m, _a, o: head_out.append((o, getattr(o, "_version", None))))
+                if head_hook is not None and not torch.is_inference_mode_enabled()  # inference tensors have no versions
+                else None
+            )
             try:
                 out = call_target(self.target, batch)
             finally:
@@ -279,8 +283,9 @@ class Decomposition(nn.Module):
                     handle.remove()
             inputs = {n: s.recorded for n, s in self._stand_ins.items()}
         # Passes may stop before the head only if the model returned the head's output itself (one
-        # call, nothing applied after it): then the head's input determines the output.
-        self._head_batch = batch if len(head_out) == 1 and head_out[0] is out else None
+        # call, nothing applied after it, not even in place): then the head's input determines the output.
+        sound = len(head_out) == 1 and head_out[0][0] is out and head_out[0][1] == out._version
+        self._head_batch = batch if sound else None
         # Replay is sound only for blocks called once each, in order, before any later block.
         if recorders and order == list(range(n_record)):
             self._block_outputs, self._block_batch = [r.output for r in recorders], batch
@@ -408,7 +413,7 @@ class Decomposition(nn.Module):
             if stop_at_head:
                 parent, child, _ = self._head
                 replaced.append((parent, child, parent._modules[child]))
-                parent._modules[child] = _HeadInput()
+                parent._modules[child] = _HeadInput(self._head[2])
             try:
                 return call_target(self.target, repeat_batch(batch, n))
             finally:
@@ -520,7 +525,21 @@ class Decomposition(nn.Module):
 
 class _HeadInput(nn.Module):
     """Stands in for the output head: returns the head's input, which the caller then feeds to
-    the head itself (fused with the loss)."""
+    the head itself (fused with the loss). The head's attributes read through (some models read
+    `lm_head.weight.dtype` before calling it); the head is held outside the module tree."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.__dict__["head"] = head
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            head = self.__dict__.get("head")
+            if head is None:
+                raise
+            return getattr(head, name)
 
     def forward(self, x: Tensor) -> Tensor:
         return x

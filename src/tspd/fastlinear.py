@@ -100,7 +100,11 @@ def applies(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
 
 
 def _apply(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    return _OneDNNLinear.apply(x, w, None if b is None else b.contiguous())
+    # The Function works on rows (oneDNN returns a view for a 3-D input, and a custom Function's
+    # output that is a view cannot be modified in place); the reshape back is an ordinary view.
+    lead = x.shape[:-1]
+    out = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), w, None if b is None else b.contiguous())
+    return out.view(*lead, out.shape[-1])
 
 
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None, onednn: bool = True) -> Tensor:

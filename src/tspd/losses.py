@@ -113,6 +113,9 @@ class _HeadKL(torch.autograd.Function):
         autocast = torch.is_autocast_enabled(h.device.type)
         fast = onednn and not autocast and applies(h, w.t(), b)
         wt = w.t().contiguous() if fast else None
+        if autocast:  # cast the head once, not in every chunk (autocast caches casts of leaf parameters only)
+            dt = torch.get_autocast_dtype(h.device.type)
+            w, b = w.to(dt), (b.to(dt) if b is not None else None)
         grad_h = torch.empty_like(h)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for i in range(0, rows, chunk):

@@ -109,10 +109,15 @@ def make_optimizer(dec: Decomposition) -> torch.optim.Optimizer:
     threads), else the default (foreach) one."""
     t = dec.config.train
     kind, kw = (torch.optim.AdamW, {"weight_decay": t.weight_decay}) if t.optimizer == "adamw" else (torch.optim.Adam, {})
-    try:
-        return kind(dec.parameters(), lr=t.lr, fused=True, **kw)
-    except (RuntimeError, ValueError):  # a device or dtype the fused kernel does not take
-        return kind(dec.parameters(), lr=t.lr, **kw)
+    params = list(dec.parameters())
+    # torch checks devices and dtypes only at the first step(), so check them here.
+    fusable = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
+    if fusable:
+        try:
+            return kind(params, lr=t.lr, fused=True, **kw)
+        except (RuntimeError, ValueError):
+            pass
+    return kind(params, lr=t.lr, **kw)
 
 
 def faithfulness_warmup(dec: Decomposition) -> None:
