@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tspd.fastlinear import linear, original_output
+from tspd.fastlinear import StandIn, linear, original_output
 
 SiteKind = Literal["linear", "conv1d", "embedding"]
 
@@ -117,8 +117,9 @@ class SiteState:
     segments: list[Segment] = field(default_factory=list)
 
 
-class SiteModule(nn.Module):
-    """Stands in for a target module while a Decomposition runs a pass.
+class SiteModule(StandIn):
+    """Stands in for a target module while a Decomposition runs a pass (the target module's
+    attributes read through, see StandIn).
 
     The masked output is computed as d * (x W^T) + ((x V) * (m - d)) U + b, which equals
     ((x V) * m) U + b + d * x (W - (VU)^T)^T (the delta component with mask d) without forming the
@@ -127,10 +128,8 @@ class SiteModule(nn.Module):
     """
 
     def __init__(self, original: nn.Module, kind: SiteKind, components: Components, use_delta: bool):
-        super().__init__()
+        super().__init__(original)  # held outside the module tree: parameters() never lists the target's
         self.kind, self.use_delta = kind, use_delta
-        # Held outside the module tree so parameters() of the stand-in never lists the target's.
-        self.__dict__["original"] = original
         self.__dict__["components"] = components
         self.state = SiteState()
         self.recorded: Tensor | None = None

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from tspd.components import Components, Segment, SiteModule, SiteState, resolve_sites, site_kind, target_weight
 from tspd.config import RunConfig
-from tspd.fastlinear import FastLinear, untouched, fast_equivalents, onednn_available, swap_in_place, use_onednn
+from tspd.fastlinear import FastLinear, StandIn, untouched, fast_equivalents, onednn_available, swap_in_place, use_onednn
 from tspd.importance import CIFunction, lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
 from tspd.masks import Pass
 
@@ -425,7 +425,7 @@ class Decomposition(nn.Module):
             return []
         if self._block_outputs is None or len(self._block_outputs) < count:
             raise RuntimeError("block outputs were not recorded: call run_target on this batch first")
-        replay = [(f"{i}", _Replay(self._block_outputs[i], n)) for i in range(count)]
+        replay = [(f"{i}", _Replay(self._block_list[i], self._block_outputs[i], n)) for i in range(count)]
         return swap_modules(self._block_list, replay)
 
     def _replay_children(self, j: int, before: int, n: int) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -434,7 +434,10 @@ class Decomposition(nn.Module):
         calls = self._child_calls.get(j) if before >= 0 else None
         if not calls:
             return []
-        done = [(name, _Replay(out, n)) for name, (_, end, out) in calls.items() if end < before and out is not None]
+        block = self._block_list[j]
+        done = [
+            (name, _Replay(block._modules[name], out, n)) for name, (_, end, out) in calls.items() if end < before and out is not None
+        ]
         return swap_modules(self._block_list[j], done) if done else []
 
     def ones_pass(self, ci: dict[str, Tensor]) -> Pass:
@@ -523,23 +526,9 @@ class Decomposition(nn.Module):
         return directory
 
 
-class _HeadInput(nn.Module):
+class _HeadInput(StandIn):
     """Stands in for the output head: returns the head's input, which the caller then feeds to
-    the head itself (fused with the loss). The head's attributes read through (some models read
-    `lm_head.weight.dtype` before calling it); the head is held outside the module tree."""
-
-    def __init__(self, head: nn.Module):
-        super().__init__()
-        self.__dict__["head"] = head
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            head = self.__dict__.get("head")
-            if head is None:
-                raise
-            return getattr(head, name)
+    the head itself (fused with the loss)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return x
@@ -559,27 +548,26 @@ def _output_head(target: nn.Module, sites: set[str]) -> tuple[nn.Module, str, nn
     return (target.get_submodule(parent_name) if parent_name else target, child, head)
 
 
-class _Record(nn.Module):
+class _Record(StandIn):
     """Wraps a block during the target run and keeps its output."""
 
     def __init__(self, block: nn.Module):
-        super().__init__()
-        self.__dict__["block"] = block
+        super().__init__(block)
         self.output: Any = None
         self.on_call = lambda: None
 
     def forward(self, *args, **kwargs):
         self.on_call()
-        self.output = self.block(*args, **kwargs)
+        self.output = self.original(*args, **kwargs)
         return self.output
 
 
-class _Replay(nn.Module):
-    """Stands in for a block upstream of every routed site: returns the target run's output,
-    repeated for the stacked passes."""
+class _Replay(StandIn):
+    """Stands in for a block (or a block's child) upstream of every routed site: returns the
+    target run's output, repeated for the stacked passes."""
 
-    def __init__(self, output: Any, n: int):
-        super().__init__()
+    def __init__(self, original: nn.Module, output: Any, n: int):
+        super().__init__(original)
         self.output, self.n = output, n
 
     def forward(self, *args, **kwargs):

@@ -135,15 +135,15 @@ def original_output(m: nn.Module, x: Tensor, w: Tensor, onednn: bool) -> Tensor:
     return m(x)
 
 
-class FastLinear(nn.Module):
-    """Stands in for a frozen nn.Linear or GPT-2 Conv1D of the target while a Decomposition runs
-    it: the same function through oneDNN where it applies, else the original's own forward. The
-    original is held outside the module tree; its attributes (weight, bias, ...) read through."""
+class StandIn(nn.Module):
+    """Base of the modules a Decomposition puts in a target module's place during a pass: holds
+    the original outside the module tree (parameters() never lists it twice) and reads its
+    attributes through, for models that read e.g. `lm_head.weight.dtype` or `out_proj.weight`
+    instead of calling the module."""
 
     def __init__(self, original: nn.Module):
         super().__init__()
         self.__dict__["original"] = original
-        self.conv1d = not isinstance(original, nn.Linear)
 
     def __getattr__(self, name: str):
         try:
@@ -153,6 +153,15 @@ class FastLinear(nn.Module):
             if original is None:
                 raise
             return getattr(original, name)
+
+
+class FastLinear(StandIn):
+    """Stands in for a frozen nn.Linear or GPT-2 Conv1D of the target while a Decomposition runs
+    it: the same function through oneDNN where it applies, else the original's own forward."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__(original)
+        self.conv1d = not isinstance(original, nn.Linear)
 
     def forward(self, x: Tensor) -> Tensor:
         m = self.original
