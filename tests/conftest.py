@@ -150,3 +150,15 @@ def tms_run(dashboard_root):
     ])
     decompose_from_config(cfg, out, progress=False)
     return out
+
+
+def assert_same_step(a, b, loss_tol=(1e-4, 1e-6), grad_tol=(1e-4, 1e-7)):
+    """Two (terms, grads) results of one SPD step agree: every loss term (rel, abs) and every
+    parameter gradient (rtol, atol)."""
+    (t0, g0), (t1, g1) = a, b
+    assert t0.keys() == t1.keys()
+    for k in t0:
+        assert t1[k] == pytest.approx(t0[k], rel=loss_tol[0], abs=loss_tol[1]), k
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=grad_tol[0], atol=grad_tol[1], msg=n)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import tspd
-from conftest import make_cfg, make_gpt2
+from conftest import assert_same_step, make_cfg, make_gpt2
 from tspd.fastlinear import FastLinear, WEIGHT_GRAD_MIN_SIDE, linear, onednn_available, use_onednn
 from tspd.losses import compute_losses
 
@@ -105,12 +105,7 @@ def test_decomposition_step_agrees_with_torch_products(ci):
         total, terms, _ = compute_losses(dec, batch, 0, torch.Generator().manual_seed(3))
         total.backward()
         results.append((terms, {n: p.grad.clone() for n, p in dec.named_parameters()}))
-    (t0, g0), (t1, g1) = results
-    assert t0.keys() == t1.keys()
-    for k in t0:
-        assert t1[k] == pytest.approx(t0[k], rel=1e-4, abs=1e-7), k
-    for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], rtol=1e-3, atol=1e-6, msg=n)
+    assert_same_step(*results, loss_tol=(1e-4, 1e-7), grad_tol=(1e-3, 1e-6))
 
 
 def test_hooked_or_wrapped_layers_are_left_alone():

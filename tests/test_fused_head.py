@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import tspd
-from conftest import make_cfg, make_gpt2
+from conftest import assert_same_step, make_cfg, make_gpt2
 from tspd.losses import Reference, compute_losses, fuse_head
 
 
@@ -18,6 +18,26 @@ def _step(target_fn, sites, fuse, batch, **sections):
     total, terms, _ = compute_losses(dec, batch, 0, torch.Generator().manual_seed(3))
     total.backward()
     return dec, terms, {n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None}
+
+
+def _both(target_fn, sites, batch, **sections):
+    """(unfused, fused) runs of one step: each (decomposition, (terms, grads))."""
+    out = []
+    for fuse in (False, True):
+        dec, terms, grads = _step(target_fn, sites, fuse, batch, **sections)
+        out.append((dec, (terms, grads)))
+    return out
+
+
+def _seeded(cls):
+    def make():
+        torch.manual_seed(0)
+        return cls()
+
+    return make
+
+
+X = torch.randn(5, 3, 8, generator=torch.Generator().manual_seed(0))
 
 
 LOSSES = {"stochastic_recon": 1.0, "stochastic_recon_layerwise": 1.0, "ci_masked_recon": 0.5, "importance_minimality": 0.01}
@@ -30,26 +50,19 @@ def test_fused_head_matches_the_unfused_losses_and_gradients(positions, fp32_mat
     sites = [("transformer.h.*.mlp.c_fc", 8), ("transformer.h.1.attn.c_proj", 8)]
     kw = dict(losses=LOSSES, output={"positions": positions}, train={"fp32_matmul": fp32_matmul},
               ci={"kind": "shared_mlp", "hidden": [16]})
-    dec0, t0, g0 = _step(make_gpt2, sites, False, batch, **kw)
-    dec1, t1, g1 = _step(make_gpt2, sites, True, batch, **kw)
+    (_, a), (dec1, b) = _both(make_gpt2, sites, batch, **kw)
     assert dec1._head_batch is not None  # the head was found and deferred
-    assert t0.keys() == t1.keys()
-    for k in t0:
-        assert t1[k] == pytest.approx(t0[k], rel=1e-4, abs=1e-6), k
-    for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-7, msg=n)
+    assert_same_step(a, b)
 
 
 def test_fused_head_under_bf16_autocast():
     batch = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(2))
     sites = [("transformer.h.*.mlp.c_fc", 8)]
     kw = dict(losses=LOSSES, train={"autocast": "bf16"}, ci={"kind": "shared_mlp", "hidden": [16]})
-    _, t0, g0 = _step(make_gpt2, sites, False, batch, **kw)
-    _, t1, g1 = _step(make_gpt2, sites, True, batch, **kw)
-    for k in t0:  # the same bf16 logits: the same values up to fp32 summation order
-        assert t1[k] == pytest.approx(t0[k], rel=1e-4, abs=1e-6), k
-    for n in g0:  # the gradient's bf16 products round at another scale
-        torch.testing.assert_close(g1[n], g0[n], rtol=2e-2, atol=1e-5, msg=n)
+    (_, a), (_, b) = _both(make_gpt2, sites, batch, **kw)
+    # the same bf16 logits: the same values up to fp32 summation order; the gradient's bf16
+    # products round at another scale
+    assert_same_step(a, b, grad_tol=(2e-2, 1e-5))
 
 
 def test_induction_target_fuses_its_unembedding():
@@ -62,13 +75,9 @@ def test_induction_target_fuses_its_unembedding():
     batch = torch.randint(0, 30, (6, 12), generator=torch.Generator().manual_seed(1))
     sites = [("blocks.*.attn.q_proj", 6), ("blocks.1.attn.v_proj", 6)]
     kw = dict(losses=LOSSES, ci={"kind": "attention", "attention": {"max_len": 12, "d_attn": 4}})
-    dec0, t0, g0 = _step(target, sites, False, batch, **kw)
-    dec1, t1, g1 = _step(target, sites, True, batch, **kw)
+    (_, a), (dec1, b) = _both(target, sites, batch, **kw)
     assert dec1.output_head is dec1.target.unembed and dec1._head_batch is not None
-    for k in t0:
-        assert t1[k] == pytest.approx(t0[k], rel=1e-4, abs=1e-7), k
-    for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-8, msg=n)
+    assert_same_step(a, b, loss_tol=(1e-4, 1e-7), grad_tol=(1e-4, 1e-8))
 
 
 class _Scaled(nn.Module):
@@ -87,17 +96,10 @@ class _Scaled(nn.Module):
 
 
 def test_no_fusion_when_the_model_changes_the_heads_output_or_the_head_is_a_site():
-    x = torch.randn(5, 3, 8, generator=torch.Generator().manual_seed(0))
-
-    def target():
-        torch.manual_seed(0)
-        return _Scaled()
-
-    dec0, t0, _ = _step(target, [("inp", 4)], False, x, losses=LOSSES)
-    dec1, t1, _ = _step(target, [("inp", 4)], True, x, losses=LOSSES)
+    (_, a), (dec1, b) = _both(_seeded(_Scaled), [("inp", 4)], X, losses=LOSSES)
     assert dec1.output_head is not None and dec1._head_batch is None  # found, but the output is not the head's
-    assert t0 == t1
-    dec2, _, _ = _step(target, [("inp", 4), ("head", 4)], True, x, losses=LOSSES)
+    assert a[0] == b[0]
+    dec2, _, _ = _step(_seeded(_Scaled), [("inp", 4), ("head", 4)], True, X, losses=LOSSES)
     assert dec2.output_head is None
 
 
@@ -133,30 +135,15 @@ class _ReadsHead(_Scaled):
 
 
 def test_no_fusion_when_the_heads_output_is_changed_in_place():
-    x = torch.randn(5, 3, 8, generator=torch.Generator().manual_seed(0))
-
-    def target():
-        torch.manual_seed(0)
-        return _InPlace()
-
-    _, t0, g0 = _step(target, [("inp", 4)], False, x, losses=LOSSES)
-    dec1, t1, g1 = _step(target, [("inp", 4)], True, x, losses=LOSSES)
+    (_, a), (dec1, b) = _both(_seeded(_InPlace), [("inp", 4)], X, losses=LOSSES)
     assert dec1._head_batch is None
-    assert t0 == t1
+    assert a[0] == b[0]
 
 
 def test_models_reading_the_heads_attributes_still_fuse():
-    x = torch.randn(5, 3, 8, generator=torch.Generator().manual_seed(0))
-
-    def target():
-        torch.manual_seed(0)
-        return _ReadsHead()
-
-    _, t0, g0 = _step(target, [("inp", 4)], False, x, losses=LOSSES)
-    dec1, t1, g1 = _step(target, [("inp", 4)], True, x, losses=LOSSES)
+    (_, a), (dec1, b) = _both(_seeded(_ReadsHead), [("inp", 4)], X, losses=LOSSES)
     assert dec1._head_batch is not None
-    for k in t0:
-        assert t1[k] == pytest.approx(t0[k], rel=1e-4, abs=1e-7), k
+    assert_same_step(a, b, loss_tol=(1e-4, 1e-7), grad_tol=(1e-4, 1e-7))
 
 
 class _ReadsBlocks(nn.Module):
@@ -188,15 +175,8 @@ class _Block(nn.Module):
 def test_replayed_blocks_read_through_to_the_original():
     """With prefix replay the first block is a stand-in during the passes; the model reading
     its weight must still work (it crashed before), with the same losses as without replay."""
-    x = torch.randn(5, 3, 8, generator=torch.Generator().manual_seed(0))
-
-    def target():
-        torch.manual_seed(0)
-        return _ReadsBlocks()
-
     sites = [("blocks.1.lin", 4)]
-    _, t0, _ = _step(target, sites, True, x, losses=LOSSES, train={"reuse_prefix": False})
-    dec1, t1, _ = _step(target, sites, True, x, losses=LOSSES, train={"reuse_prefix": True})
+    _, t0, g0 = _step(_seeded(_ReadsBlocks), sites, True, X, losses=LOSSES, train={"reuse_prefix": False})
+    dec1, t1, g1 = _step(_seeded(_ReadsBlocks), sites, True, X, losses=LOSSES, train={"reuse_prefix": True})
     assert dec1._block_outputs is not None  # block 0 was recorded for replay
-    for k in t0:
-        assert t1[k] == pytest.approx(t0[k], rel=1e-5, abs=1e-8), k
+    assert_same_step((t0, g0), (t1, g1), loss_tol=(1e-5, 1e-8), grad_tol=(1e-4, 1e-7))
