@@ -1,7 +1,8 @@
 """fp32 matrix products through oneDNN where its kernels beat the BLAS torch calls.
 
-torch's CPU wheel multiplies fp32 matrices with MKL, which on AMD CPUs runs its AVX2 kernels: on
-the 2-core AMD EPYC (Zen 5, AVX-512) this project is developed on, a (6144 x 128) @ (128 x 512)
+torch's CPU wheel multiplies fp32 matrices with MKL, which on the 2-core AMD EPYC (Zen 5, AVX-512)
+this project is developed on runs at about half oneDNN's rate (~200 GFLOP/s, the rate of 256-bit
+kernels at its clock; MKL_ENABLE_INSTRUCTIONS=AVX512 changes nothing): a (6144 x 128) @ (128 x 512)
 product took 4.3 ms through MKL and 1.75 ms through oneDNN (torch's `mkldnn._linear_pointwise`),
 both in IEEE fp32 (results agree to ~1e-6 relative, the reordering of a sum). `linear` computes
 x @ w + b (w in (d_in, d_out) layout) with oneDNN's kernels forward and backward, and falls back to
