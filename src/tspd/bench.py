@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from tspd.config import RunConfig
-from tspd.decomposition import Batch, Decomposition, call_target, fused_equivalents, restore_modules, swap_modules
+from tspd.decomposition import Batch, Decomposition, call_target, fused_equivalents, restore_modules
 from tspd.fastlinear import fast_equivalents, onednn_available, swap_in_place, use_onednn
 from tspd.losses import autocast_for, compute_losses, cpu_has_fast_bf16, cpu_info, forward_passes
 from tspd.seeding import generator
@@ -176,7 +176,7 @@ def _peak_rss_gb() -> float:
 
 def _target_fwd_bwd(target: torch.nn.Module, batch: Batch, cfg: RunConfig) -> Callable[[], None]:
     """One plain forward + backward of the target on `batch` under the run's autocast, as a
-    function to call inside `_plain_target(target)`."""
+    function to call inside `_plain_target`."""
 
     def run() -> None:
         with autocast_for(cfg, target):
@@ -188,16 +188,14 @@ def _target_fwd_bwd(target: torch.nn.Module, batch: Batch, cfg: RunConfig) -> Ca
 
 
 @contextlib.contextmanager
-def _plain_target(target: torch.nn.Module, cfg: RunConfig) -> Iterator[None]:
-    """Within: every target parameter requires grad and the fused modules and (with
-    `train.fp32_matmul` resolving to oneDNN) the oneDNN linear layers SPD passes use are swapped
-    in, so the overhead factor compares like with like; both restored after."""
+def _plain_target(target: torch.nn.Module, onednn: bool) -> Iterator[None]:
+    """Within: every target parameter requires grad and the fused modules and (`onednn`: what the
+    decomposition resolved `train.fp32_matmul` to) the oneDNN linear layers SPD passes use are
+    swapped in, so the overhead factor compares like with like; both restored after."""
     flags = [(p, p.requires_grad) for p in target.parameters()]
     for p, _ in flags:
         p.requires_grad_(True)
-    swapped = swap_modules(target, fused_equivalents(target))
-    if use_onednn(cfg.train.fp32_matmul):
-        swapped += swap_in_place(fast_equivalents(target, set()))
+    swapped = swap_in_place(fused_equivalents(target) + (fast_equivalents(target, set()) if onednn else []))
     try:
         yield
     finally:
@@ -212,11 +210,13 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time_target_fwd_bwd(target: torch.nn.Module, batch: Batch, cfg: RunConfig, reps: int, device: str = "cpu") -> float:
-    """Median ms of one plain forward + backward of the target on `batch` (same autocast)."""
+def _time_target_fwd_bwd(
+    target: torch.nn.Module, batch: Batch, cfg: RunConfig, reps: int, device: str = "cpu", onednn: bool = False
+) -> float:
+    """Median ms of one plain forward + backward of the target on `batch` (same autocast and products)."""
     run = _target_fwd_bwd(target, batch, cfg)
     times = []
-    with _plain_target(target, cfg):
+    with _plain_target(target, onednn):
         for i in range(reps + 1):
             _sync(device)
             t0 = time.perf_counter()
@@ -299,14 +299,14 @@ def run_case(name: str, steps: int = 20, warmup: int = 3, threads: int | None = 
         if step >= warmup:
             times.append(time.perf_counter() - t0)
     ms = 1000 * statistics.median(times)
-    fwd_bwd = _time_target_fwd_bwd(target, batch, cfg, reps=max(3, steps // 2), device=device)
+    fwd_bwd = _time_target_fwd_bwd(target, batch, cfg, reps=max(3, steps // 2), device=device, onednn=dec.onednn)
 
     def one_step() -> None:
         total, _, _ = compute_losses(dec, batch, warmup + steps, generator(cfg.seed, warmup + steps, 202))
         optimizer_step(dec, opt, total)
 
     step_gflop = count_gflop(one_step)
-    with _plain_target(target, cfg):
+    with _plain_target(target, dec.onednn):
         target_gflop = count_gflop(_target_fwd_bwd(target, batch, cfg))
     n_passes = forward_passes(dec)
     # Token ids: every id is a token; float inputs (TMS): one example is one "token".

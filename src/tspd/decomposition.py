@@ -26,7 +26,17 @@ from torch import Tensor, nn
 
 from tspd.components import Components, Segment, SiteModule, SiteState, resolve_sites, site_kind, target_weight
 from tspd.config import RunConfig
-from tspd.fastlinear import FastLinear, StandIn, untouched, fast_equivalents, onednn_available, swap_in_place, use_onednn
+from tspd.fastlinear import (
+    FastLinear,
+    StandIn,
+    Swap,
+    fast_equivalents,
+    onednn_available,
+    slot,
+    swap_in_place,
+    untouched,
+    use_onednn,
+)
 from tspd.importance import CIFunction, lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
 from tspd.masks import Pass
 
@@ -39,17 +49,17 @@ Batch = Tensor | dict[str, Tensor]
 FUSED_EQUIVALENTS = {"NewGELUActivation": lambda: nn.GELU(approximate="tanh")}
 
 
-def fused_equivalents(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(module path, fused replacement) for every module of `model` with an entry in FUSED_EQUIVALENTS."""
-    return [(n, FUSED_EQUIVALENTS[type(m).__name__]()) for n, m in model.named_modules() if type(m).__name__ in FUSED_EQUIVALENTS]
+def fused_equivalents(model: nn.Module) -> list[Swap]:
+    """A swap to its fused replacement for every module of `model` with an entry in FUSED_EQUIVALENTS
+    (for `swap_in_place`)."""
+    return [(*slot(model, n), m, FUSED_EQUIVALENTS[type(m).__name__]()) for n, m in model.named_modules() if type(m).__name__ in FUSED_EQUIVALENTS]
 
 
 def swap_modules(model: nn.Module, replacements: list[tuple[str, nn.Module]]) -> list[tuple[nn.Module, str, nn.Module]]:
     """Put each replacement at its module path; returns (parent, child, original) to undo with restore_modules."""
     swapped = []
     for name, module in replacements:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
+        parent, child = slot(model, name)
         swapped.append((parent, child, parent._modules[child]))
         parent._modules[child] = module
     return swapped
@@ -224,8 +234,7 @@ class Decomposition(nn.Module):
             for p, _ in flags:
                 p.requires_grad_(False)
             target.eval()
-            swapped = swap_modules(target, list(self._stand_ins.items()) + self._fused)
-            swapped += swap_in_place(self._fast)
+            swapped = swap_modules(target, list(self._stand_ins.items())) + swap_in_place(self._fused + self._fast)
             yield
         finally:
             restore_modules(swapped)
@@ -544,8 +553,7 @@ def _output_head(target: nn.Module, sites: set[str]) -> tuple[nn.Module, str, nn
     name = next((n for n, m in target.named_modules() if m is head), None)
     if not name or name in sites:
         return None
-    parent_name, _, child = name.rpartition(".")
-    return (target.get_submodule(parent_name) if parent_name else target, child, head)
+    return (*slot(target, name), head)
 
 
 class _Record(StandIn):

@@ -176,29 +176,31 @@ def is_plain_linear(m: nn.Module) -> bool:
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "weight")
 
 
-def fast_equivalents(model: nn.Module, skip: set[str]) -> list[tuple[nn.Module, str, FastLinear]]:
-    """(parent, child name, FastLinear) for every plain nn.Linear and GPT-2 Conv1D of `model` not
-    in `skip` (a subclass with its own forward is left alone)."""
-    out = []
-    for name, m in model.named_modules():
-        if name in skip or not name:
-            continue
-        if is_plain_linear(m):
-            parent_name, _, child = name.rpartition(".")
-            out.append((model.get_submodule(parent_name) if parent_name else model, child, FastLinear(m)))
-    return out
+def slot(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(parent module, child name) of the module at path `name` of `model`."""
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-def swap_in_place(fast: list[tuple[nn.Module, str, FastLinear]]) -> list[tuple[nn.Module, str, nn.Module]]:
-    """Put each FastLinear in its original's place, but only where the original itself is there
-    and has no hooks: a layer someone has wrapped (e.g. an output head computed at chosen
+# (parent, child name, original module, replacement): a module to swap in place while a pass runs.
+Swap = tuple[nn.Module, str, nn.Module, nn.Module]
+
+
+def fast_equivalents(model: nn.Module, skip: set[str]) -> list[Swap]:
+    """A FastLinear swap for every plain nn.Linear and GPT-2 Conv1D of `model` not in `skip` (a
+    subclass with its own forward is left alone)."""
+    return [(*slot(model, n), m, FastLinear(m)) for n, m in model.named_modules() if n and n not in skip and is_plain_linear(m)]
+
+
+def swap_in_place(swaps: list[Swap]) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Put each replacement in its original's place, but only where the original itself is there
+    and has no hooks: a module someone has wrapped (e.g. an output head computed at chosen
     positions only) or hooked (e.g. an analysis zeroing its output) keeps what it has. Returns
     (parent, child, original) for tspd.decomposition.restore_modules."""
     swapped = []
-    for parent, child, f in fast:
-        m = f.original
+    for parent, child, m, replacement in swaps:
         if parent._modules.get(child) is m and untouched(m):
-            parent._modules[child] = f
+            parent._modules[child] = replacement
             swapped.append((parent, child, m))
     return swapped
 
