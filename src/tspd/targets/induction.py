@@ -34,13 +34,13 @@ class Attention(nn.Module):
         q = self.q_proj(xp)
         k = self.k_proj(xp)
         v = self.v_proj(x)
-        if not self.record_pattern:  # the fused kernel: same result, ~3x faster on CPU
-            heads = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), is_causal=True)
-            return self.o_proj(heads.squeeze(1))
-        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        pattern = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-        self.last_pattern = pattern.detach()
+        # Scores, causal mask and scale in one baddbmm. At this model's shapes (head dim 16, 64
+        # positions) this beats torch's fused scaled_dot_product_attention on CPU: an SPD step of
+        # the induction-shared-64 benchmark 52.8 vs 58.6 ms (benchmarks/ab.sh, 3 of 3 pairs).
+        causal = torch.full((T, T), float("-inf"), dtype=q.dtype, device=x.device).triu_(1)
+        pattern = torch.baddbmm(causal, q, k.transpose(-1, -2), alpha=1 / math.sqrt(q.shape[-1])).softmax(-1)
+        if self.record_pattern:
+            self.last_pattern = pattern.detach()
         return self.o_proj(pattern @ v)
 
 
