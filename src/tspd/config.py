@@ -136,7 +136,10 @@ class TrainConfig(Strict):
         "its AVX2 kernels: ~430 vs ~200 GFLOP/s). Ignored under autocast and on GPUs",
     )
     compile: bool = Field(
-        False, description="torch.compile the per-pass KL into one fused kernel (first step compiles: seconds; CPU needs a C++ compiler)"
+        False,
+        description="torch.compile the step's elementwise chains, one fused loop each way instead of several ops: the per-pass "
+        "KL, each site's CI sigmoids with its minimality term, the continuous masks, the masked product with the delta "
+        "(first steps compile: seconds; CPU needs a C++ compiler)",
     )
 
 

@@ -18,6 +18,7 @@ from torch.autograd.function import once_differentiable
 from tspd.config import RunConfig
 from tspd.decomposition import Batch, Decomposition
 from tspd.fastlinear import applies, linear_pointwise
+from tspd.importance import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
 from tspd.masks import Pass, delta_masks, sample_sources, stochastic_masks, subset_routing
 
 RECON_TERMS = (
@@ -181,6 +182,22 @@ def importance_minimality(ci_upper: dict[str, Tensor], p: float, eps: float) -> 
     return total
 
 
+def _ci_and_minimality(z: Tensor, leak: float, eps: float, p: Tensor) -> tuple[Tensor, Tensor]:
+    """A site's lower-leaky CI and its minimality term sum((upper + eps)^p) / rows, written for
+    torch.compile: the eager chain is ~17 passes over (rows x C) tensors (two sigmoids and the
+    power, forward and backward), the compiled one a loop each way. The power is exp(p log base),
+    so its gradient p * power / base needs no second power and p (a tensor) can anneal without
+    recompiling."""
+    lower = lower_leaky_hard_sigmoid(z, leak)
+    base = upper_leaky_hard_sigmoid(z, leak) + eps
+    return lower, torch.exp(p * torch.log(base)).sum() / (z.numel() // z.shape[-1])
+
+
+@functools.cache
+def _compiled_ci_and_minimality() -> Callable:
+    return torch.compile(_ci_and_minimality)
+
+
 def annealed_p(cfg: RunConfig, step: int) -> float:
     m = cfg.minimality
     if m.p_end is None:
@@ -206,17 +223,17 @@ def recon_passes(term: str, dec: Decomposition, ci: dict[str, Tensor], gen: torc
     passes = []
     for _ in range(cfg.masks.n_samples):
         if term == "stochastic_recon":
-            masks = stochastic_masks(ci, cfg.masks.kind, gen)
+            masks = stochastic_masks(ci, cfg.masks.kind, gen, cfg.train.compile)
             passes.append(Pass(masks=masks, delta=delta_masks(ci, gen) if use_delta else {}))
         elif term == "stochastic_recon_layerwise":
             for s in sites:
-                m = stochastic_masks({s: ci[s]}, cfg.masks.kind, gen)
+                m = stochastic_masks({s: ci[s]}, cfg.masks.kind, gen, cfg.train.compile)
                 passes.append(Pass(masks=m, delta=delta_masks({s: ci[s]}, gen) if use_delta else {}))
         elif term == "stochastic_recon_subset":
             lead = tuple(next(iter(ci.values())).shape[:-1])
             device = next(iter(ci.values())).device
             routed = {s: r.to(device) for s, r in subset_routing(sites, lead, cfg.masks.subset_granularity, gen).items()}
-            masks = stochastic_masks(ci, cfg.masks.kind, gen)
+            masks = stochastic_masks(ci, cfg.masks.kind, gen, cfg.train.compile)
             passes.append(Pass(masks=masks, routed=routed, delta=delta_masks(ci, gen) if use_delta else {}))
         else:
             raise ValueError(f"unknown reconstruction term {term!r}")
@@ -251,9 +268,17 @@ def compute_losses(
     """All weighted terms for one step: (total, {term: value}, ci_lower). CI is computed once."""
     cfg = dec.config
     coeffs = cfg.losses
+    minimality = coeffs.importance_minimality > 0
     with autocast_for(cfg, dec.target):
         target_out, inputs = dec.run_target(batch)
-        ci_lower, ci_upper = dec.ci_from_logits(dec.ci_logits(inputs))
+        z = dec.ci_logits(inputs)
+        if cfg.train.compile and minimality:
+            # Both sigmoids and the minimality sum of a site in one compiled chain (see _ci_and_minimality).
+            p = {dev: torch.tensor(annealed_p(cfg, step), dtype=torch.float32, device=dev) for dev in {v.device for v in z.values()}}
+            fused = {s: _compiled_ci_and_minimality()(v, cfg.ci.leak, cfg.minimality.eps, p[v.device]) for s, v in z.items()}
+            ci_lower, ci_upper = {s: f[0] for s, f in fused.items()}, None
+        else:
+            ci_lower, ci_upper = dec.ci_from_logits(z)
     terms: dict[str, Tensor] = {}
     if coeffs.faithfulness > 0:
         terms["faithfulness"] = dec.faithfulness()
@@ -282,9 +307,11 @@ def compute_losses(
         # alone would give the term a floor (KL ~3e-6 for an all-ones pass on the induction model).
         with autocast_for(cfg, dec.target):
             terms["adversarial_recon"] = adversarial_recon(dec, batch, target_out, ci_lower, gen)
-    if coeffs.importance_minimality > 0:
-        p = annealed_p(cfg, step)
-        terms["importance_minimality"] = importance_minimality(ci_upper, p, cfg.minimality.eps)
+    if minimality:
+        if ci_upper is None:
+            terms["importance_minimality"] = sum(f[1] for f in fused.values())
+        else:
+            terms["importance_minimality"] = importance_minimality(ci_upper, annealed_p(cfg, step), cfg.minimality.eps)
     total = sum(getattr(coeffs, t) * v for t, v in terms.items())
     return total, {t: float(v.detach()) for t, v in terms.items()}, ci_lower
 

@@ -6,6 +6,7 @@ Routing says, per site, where the components replace the target weight in one pa
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -23,15 +24,24 @@ class Pass:
     delta: dict[str, Tensor] = field(default_factory=dict)
 
 
-def uniform(shape: tuple[int, ...] | torch.Size, generator: torch.Generator, dtype: torch.dtype, device) -> Tensor:
-    """U(0, 1) on the 2^16-point grid (k + 1/2) / 2^16. On CPU it takes four values from each 64-bit
-    draw of torch.randint, ~3x faster than torch.rand's draw per element; masks need no finer grid."""
+def uniform_bits(shape: tuple[int, ...] | torch.Size, generator: torch.Generator, device) -> Tensor:
+    """16 random bits per element (int16, of `shape`): four from each 64-bit draw of torch.randint,
+    ~3x faster on CPU than torch.rand's draw per element. Drawn on the CPU stream even for GPU
+    tensors: the same masks on every device, exact resume."""
     n = math.prod(shape)
     bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), generator=generator, dtype=torch.int64)
-    # Drawn on the CPU stream even for GPU tensors: the same masks on every device, exact resume.
-    bits = bits.view(torch.int16)[:n].to(device, non_blocking=True)
-    # Computed in fp32 (exact on this grid); fp16 would overflow at 2^15 and bf16 round to 385 values.
-    u = bits.float().add_(2**15 + 0.5).mul_(2.0**-16).view(shape)
+    return bits.view(torch.int16)[:n].to(device, non_blocking=True).view(shape)
+
+
+def bits_to_uniform(bits: Tensor) -> Tensor:
+    """The U(0, 1) value (k + 1/2) / 2^16 of 16 random bits, in fp32 (exact on this grid; fp16 would
+    overflow at 2^15 and bf16 round to 385 values)."""
+    return bits.float().add_(2**15 + 0.5).mul_(2.0**-16)
+
+
+def uniform(shape: tuple[int, ...] | torch.Size, generator: torch.Generator, dtype: torch.dtype, device) -> Tensor:
+    """U(0, 1) on the 2^16-point grid (k + 1/2) / 2^16; masks need no finer grid."""
+    u = bits_to_uniform(uniform_bits(shape, generator, device))
     return u if dtype == torch.float32 else u.to(dtype)
 
 
@@ -43,12 +53,26 @@ def sample_sources(like: Tensor, kind: str, generator: torch.Generator) -> Tenso
     return r
 
 
-def stochastic_masks(ci: dict[str, Tensor], kind: str, generator: torch.Generator) -> dict[str, Tensor]:
-    """m = g + (1 - g) r, computed as lerp(r, 1, g): one fused op forward and backward."""
+def stochastic_masks(ci: dict[str, Tensor], kind: str, generator: torch.Generator, compiled: bool = False) -> dict[str, Tensor]:
+    """m = g + (1 - g) r, computed as lerp(r, 1, g): one fused op forward and backward. `compiled`:
+    continuous fp32 masks by `_mask_from_bits` under torch.compile (the same values, from the same
+    draws: one loop forward and one backward instead of four and two ops)."""
     masks = {}
     for s, g in ci.items():
-        masks[s] = torch.lerp(sample_sources(g, kind, generator), torch.ones((), dtype=g.dtype, device=g.device), g)
+        if compiled and kind == "continuous" and g.dtype == torch.float32:
+            masks[s] = _compiled_mask_from_bits()(uniform_bits(g.shape, generator, g.device), g)
+        else:
+            masks[s] = torch.lerp(sample_sources(g, kind, generator), torch.ones((), dtype=g.dtype, device=g.device), g)
     return masks
+
+
+def _mask_from_bits(bits: Tensor, g: Tensor) -> Tensor:
+    return torch.lerp(bits_to_uniform(bits), torch.ones((), dtype=g.dtype, device=g.device), g)
+
+
+@functools.cache
+def _compiled_mask_from_bits():
+    return torch.compile(_mask_from_bits)
 
 
 def delta_masks(ci: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
