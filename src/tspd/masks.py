@@ -10,6 +10,7 @@ import functools
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -25,12 +26,16 @@ class Pass:
 
 
 def uniform_bits(shape: tuple[int, ...] | torch.Size, generator: torch.Generator, device) -> Tensor:
-    """16 random bits per element (int16, of `shape`): four from each 64-bit draw of torch.randint,
-    ~3x faster on CPU than torch.rand's draw per element. Drawn on the CPU stream even for GPU
-    tensors: the same masks on every device, exact resume."""
+    """16 random bits per element (int16, of `shape`), four from each 64-bit output of numpy's SFC64
+    generator seeded by one draw from `generator` (so the run's generator alone decides every mask,
+    and resume stays exact). On this host's CPU, 102,400 64-bit outputs: ~0.2 ms against ~0.33-0.49
+    ms by torch.randint (mt19937, two 32-bit draws per 64 bits) and ~0.86 ms by torch.rand's draw
+    per element. Drawn on the CPU even for GPU tensors: the same masks on every device."""
     n = math.prod(shape)
-    bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), generator=generator, dtype=torch.int64)
-    return bits.view(torch.int16)[:n].to(device, non_blocking=True).view(shape)
+    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
+    words = np.random.SFC64(seed).random_raw((n + 3) // 4)
+    bits = torch.from_numpy(words.view(np.int16)[:n])
+    return bits.to(device, non_blocking=True).view(shape)
 
 
 def bits_to_uniform(bits: Tensor) -> Tensor:
