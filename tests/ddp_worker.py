@@ -25,8 +25,8 @@ seen: dict[str, object] = {}
 real_masks, real_losses = tspd.losses.stochastic_masks, tspd.train.compute_losses
 
 
-def recording_masks(ci, kind, gen, *args):
-    masks = real_masks(ci, kind, gen, *args)
+def recording_masks(ci, kind, gen):
+    masks = real_masks(ci, kind, gen)
     seen.setdefault("masks", {s: m.detach().clone() for s, m in masks.items()})
     return masks
 

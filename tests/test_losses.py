@@ -280,17 +280,16 @@ def test_compiled_kl_matches_eager():
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_step_matches_eager():
-    """train.compile: the CI sigmoids with the minimality term, the continuous masks and the masked
-    product with the delta run compiled; the same draws, losses and gradients as eager, also at a
-    later step where the annealed p has moved."""
+    """train.compile: each site's CI sigmoids with its minimality term run compiled; the same losses
+    and gradients as eager, also at a later step where the annealed p has moved."""
     from conftest import assert_same_step
 
-    from tspd import components, losses, masks
+    from tspd import losses
 
     coeffs = {"faithfulness": 1.0, "stochastic_recon": 1.0, "stochastic_recon_layerwise": 1.0, "importance_minimality": 0.1}
-    getters = [components._compiled_delta_product, losses._compiled_ci_and_minimality, masks._compiled_mask_from_bits]
     def calls():
-        return [f.cache_info().hits + f.cache_info().misses for f in getters]
+        info = losses._compiled_ci_and_minimality.cache_info()
+        return [info.hits + info.misses]
 
     x = torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(1))
     before, runs = calls(), []
@@ -310,7 +309,7 @@ def test_compiled_step_matches_eager():
         runs.append(steps)
         if not compiled:
             assert calls() == before
-    assert all(a > b for a, b in zip(calls(), before))  # every compiled chain ran
+    assert calls()[0] > before[0]  # the compiled chain ran
     for eager, compiled in zip(*runs):
         assert_same_step(eager, compiled)
     assert runs[0][0][0]["importance_minimality"] != pytest.approx(runs[0][1][0]["importance_minimality"], rel=1e-3)

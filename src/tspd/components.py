@@ -7,7 +7,6 @@ with W ~ (V U)^T. A masked pass computes ((x V) * m) U + b and never materialise
 from __future__ import annotations
 
 import fnmatch
-import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -136,8 +135,6 @@ class SiteModule(StandIn):
         self.recorded: Tensor | None = None
         # fp32 products through oneDNN (tspd.fastlinear; set by the Decomposition from train.fp32_matmul).
         self.onednn = False
-        # The masked product with the delta under torch.compile (set by the Decomposition from train.compile).
-        self.compiled = False
 
     def bias(self) -> Tensor | None:
         return getattr(self.original, "bias", None) if self.kind != "embedding" else None
@@ -177,18 +174,15 @@ class SiteModule(StandIn):
                 routed = None
             elif not bool(routed.any()):
                 return self._original(x)
-        U = self.components.U
-        # (x V) * (m - d) in one compiled loop (fp32 masks and factors; x V may be bf16 under autocast).
-        fused = (
-            self.compiled and routed is None and delta is not None and seg.masks.dtype == delta.dtype == U.dtype == torch.float32
-        )
         if routed is not None:
             d = torch.where(routed, delta if delta is not None else 0.0, 1.0).to(seg.masks.dtype)
             coeff = (seg.masks - d.unsqueeze(-1)) * routed.unsqueeze(-1)
         elif delta is not None:
-            d, coeff = delta, (seg.masks if fused else seg.masks - delta.unsqueeze(-1))
+            d = delta
+            coeff = seg.masks - d.unsqueeze(-1)
         else:
             d, coeff = None, seg.masks
+        U = self.components.U
         if self.kind != "embedding" and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(
             x.device.type
         ):
@@ -199,21 +193,9 @@ class SiteModule(StandIn):
             # The CI and so the masks are fp32; a bf16 or fp16 target (without autocast) has factors
             # in its own dtype, and the product must be in one dtype.
             coeff, d = coeff.to(U.dtype), (d.to(U.dtype) if d is not None else None)
-        inner = self.components.inner(x, self.onednn)
-        h = _compiled_delta_product()(inner, coeff, d) if fused else inner * coeff
+        h = self.components.inner(x, self.onednn) * coeff
         out = linear(h, U) if self.onednn else h @ U
         if d is not None:
             out = out + d.unsqueeze(-1) * self._target_linear(x)
         b = self.bias()
         return out if b is None else out + b
-
-
-def _delta_product(inner: Tensor, masks: Tensor, delta: Tensor) -> Tensor:
-    return inner * (masks - delta.unsqueeze(-1))
-
-
-@functools.cache
-def _compiled_delta_product():
-    """(x V) * (m - d) by torch.compile: one loop forward (eager: a subtraction and a product) and
-    one backward (eager: two products)."""
-    return torch.compile(_delta_product)

@@ -138,8 +138,7 @@ class TrainConfig(Strict):
     compile: bool = Field(
         False,
         description="torch.compile the step's elementwise chains, one fused loop each way instead of several ops: the per-pass "
-        "KL, each site's CI sigmoids with its minimality term, the continuous masks, the masked product with the delta "
-        "(first steps compile: seconds; CPU needs a C++ compiler)",
+        "KL and each site's CI sigmoids with its minimality term (first steps compile: seconds; CPU needs a C++ compiler)",
     )
 
 

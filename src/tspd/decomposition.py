@@ -171,7 +171,6 @@ class Decomposition(nn.Module):
             self.factors[_key(name)] = comps
             self.ci_fns[_key(name)] = ci_fn
             self._stand_ins[name] = SiteModule(module, kind, comps, config.masks.delta_component)
-            self._stand_ins[name].compiled = config.train.compile
         # Found once, not per pass: the module walk would otherwise sit on every pass's hot path.
         self.__dict__["_fused"] = fused_equivalents(target)
         # The output head the masked passes may stop before (losses fuse it with the KL): a plain

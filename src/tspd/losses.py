@@ -223,17 +223,17 @@ def recon_passes(term: str, dec: Decomposition, ci: dict[str, Tensor], gen: torc
     passes = []
     for _ in range(cfg.masks.n_samples):
         if term == "stochastic_recon":
-            masks = stochastic_masks(ci, cfg.masks.kind, gen, cfg.train.compile)
+            masks = stochastic_masks(ci, cfg.masks.kind, gen)
             passes.append(Pass(masks=masks, delta=delta_masks(ci, gen) if use_delta else {}))
         elif term == "stochastic_recon_layerwise":
             for s in sites:
-                m = stochastic_masks({s: ci[s]}, cfg.masks.kind, gen, cfg.train.compile)
+                m = stochastic_masks({s: ci[s]}, cfg.masks.kind, gen)
                 passes.append(Pass(masks=m, delta=delta_masks({s: ci[s]}, gen) if use_delta else {}))
         elif term == "stochastic_recon_subset":
             lead = tuple(next(iter(ci.values())).shape[:-1])
             device = next(iter(ci.values())).device
             routed = {s: r.to(device) for s, r in subset_routing(sites, lead, cfg.masks.subset_granularity, gen).items()}
-            masks = stochastic_masks(ci, cfg.masks.kind, gen, cfg.train.compile)
+            masks = stochastic_masks(ci, cfg.masks.kind, gen)
             passes.append(Pass(masks=masks, routed=routed, delta=delta_masks(ci, gen) if use_delta else {}))
         else:
             raise ValueError(f"unknown reconstruction term {term!r}")

@@ -6,7 +6,6 @@ Routing says, per site, where the components replace the target weight in one pa
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 
@@ -25,28 +24,19 @@ class Pass:
     delta: dict[str, Tensor] = field(default_factory=dict)
 
 
-def uniform_bits(shape: tuple[int, ...] | torch.Size, generator: torch.Generator, device) -> Tensor:
-    """16 random bits per element (int16, of `shape`), four from each 64-bit output of numpy's SFC64
-    generator seeded by one draw from `generator` (so the run's generator alone decides every mask,
-    and resume stays exact). On this host's CPU, 102,400 64-bit outputs: ~0.2 ms against ~0.33-0.49
-    ms by torch.randint (mt19937, two 32-bit draws per 64 bits) and ~0.86 ms by torch.rand's draw
-    per element. Drawn on the CPU even for GPU tensors: the same masks on every device."""
+def uniform(shape: tuple[int, ...] | torch.Size, generator: torch.Generator, dtype: torch.dtype, device) -> Tensor:
+    """U(0, 1) on the 2^16-point grid (k + 1/2) / 2^16 (masks need no finer grid): four values from
+    each 64-bit output of numpy's SFC64 generator, seeded by one draw from `generator` (so the run's
+    generator alone decides every mask, and resume stays exact). On this host's CPU, 102,400 64-bit
+    outputs take ~0.2 ms against ~0.33-0.49 ms by torch.randint (mt19937, two 32-bit draws per 64
+    bits) and ~0.86 ms by torch.rand's draw per element. Drawn on the CPU even for GPU tensors: the
+    same masks on every device."""
     n = math.prod(shape)
     seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
     words = np.random.SFC64(seed).random_raw((n + 3) // 4)
-    bits = torch.from_numpy(words.view(np.int16)[:n])
-    return bits.to(device, non_blocking=True).view(shape)
-
-
-def bits_to_uniform(bits: Tensor) -> Tensor:
-    """The U(0, 1) value (k + 1/2) / 2^16 of 16 random bits, in fp32 (exact on this grid; fp16 would
-    overflow at 2^15 and bf16 round to 385 values)."""
-    return bits.float().add_(2**15 + 0.5).mul_(2.0**-16)
-
-
-def uniform(shape: tuple[int, ...] | torch.Size, generator: torch.Generator, dtype: torch.dtype, device) -> Tensor:
-    """U(0, 1) on the 2^16-point grid (k + 1/2) / 2^16; masks need no finer grid."""
-    u = bits_to_uniform(uniform_bits(shape, generator, device))
+    bits = torch.from_numpy(words.view(np.int16)[:n]).to(device, non_blocking=True)
+    # Computed in fp32 (exact on this grid); fp16 would overflow at 2^15 and bf16 round to 385 values.
+    u = bits.float().add_(2**15 + 0.5).mul_(2.0**-16).view(shape)
     return u if dtype == torch.float32 else u.to(dtype)
 
 
@@ -58,26 +48,12 @@ def sample_sources(like: Tensor, kind: str, generator: torch.Generator) -> Tenso
     return r
 
 
-def stochastic_masks(ci: dict[str, Tensor], kind: str, generator: torch.Generator, compiled: bool = False) -> dict[str, Tensor]:
-    """m = g + (1 - g) r, computed as lerp(r, 1, g): one fused op forward and backward. `compiled`:
-    continuous fp32 masks by `_mask_from_bits` under torch.compile (the same values, from the same
-    draws: one loop forward and one backward instead of four and two ops)."""
+def stochastic_masks(ci: dict[str, Tensor], kind: str, generator: torch.Generator) -> dict[str, Tensor]:
+    """m = g + (1 - g) r, computed as lerp(r, 1, g): one fused op forward and backward."""
     masks = {}
     for s, g in ci.items():
-        if compiled and kind == "continuous" and g.dtype == torch.float32:
-            masks[s] = _compiled_mask_from_bits()(uniform_bits(g.shape, generator, g.device), g)
-        else:
-            masks[s] = torch.lerp(sample_sources(g, kind, generator), torch.ones((), dtype=g.dtype, device=g.device), g)
+        masks[s] = torch.lerp(sample_sources(g, kind, generator), torch.ones((), dtype=g.dtype, device=g.device), g)
     return masks
-
-
-def _mask_from_bits(bits: Tensor, g: Tensor) -> Tensor:
-    return torch.lerp(bits_to_uniform(bits), torch.ones((), dtype=g.dtype, device=g.device), g)
-
-
-@functools.cache
-def _compiled_mask_from_bits():
-    return torch.compile(_mask_from_bits)
 
 
 def delta_masks(ci: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
