@@ -183,12 +183,14 @@ class SiteModule(StandIn):
         else:
             d, coeff = None, seg.masks
         U = self.components.U
+        out_dtype = None
         if self.kind != "embedding" and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(
             x.device.type
         ):
             # x V and x W^T would each cast x to the autocast dtype (autocast caches casts of
             # parameters only): cast once, to the same values. (fp64 is never cast by autocast.)
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+            out_dtype = torch.get_autocast_dtype(x.device.type)
+            x = x.to(out_dtype)
         if coeff.dtype != U.dtype:
             # The CI and so the masks are fp32; a bf16 or fp16 target (without autocast) has factors
             # in its own dtype, and the product must be in one dtype.
@@ -198,4 +200,8 @@ class SiteModule(StandIn):
         if d is not None:
             out = out + d.unsqueeze(-1) * self._target_linear(x)
         b = self.bias()
-        return out if b is None else out + b
+        out = out if b is None else out + b
+        # Under autocast the module's own output is in the autocast dtype; the masked output too
+        # (summed in fp32 with the fp32 delta mask and bias, rounded once), so that passes keep the
+        # target's dtype downstream and stacked segments concatenate without promotion.
+        return out if out_dtype is None else out.to(out_dtype)
