@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -13,6 +14,11 @@ import tspd
 # One thread: every model here is tiny, and with two threads each small matmul waits on an OpenMP
 # barrier (milliseconds per op when the other core is busy).
 torch.set_num_threads(1)
+
+# torch.compile on CPU writes and builds C++.
+needs_compiler = pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler"
+)
 
 
 # ---- tiny targets -----------------------------------------------------------------------

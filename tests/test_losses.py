@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
 import tspd
-from conftest import TwoLayer, make_cfg, make_gpt2, set_exact_factors
+from conftest import TwoLayer, make_cfg, make_gpt2, needs_compiler, set_exact_factors
 from tspd.losses import annealed_p, compute_losses, divergence, importance_minimality, l0, recon_passes
 
 ALL_TERMS = {
@@ -259,7 +257,7 @@ def test_pass_restores_per_submodule_train_mode():
     assert not target.act.training
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler")
+@needs_compiler
 def test_compiled_kl_matches_eager():
     from tspd.losses import Reference
 
@@ -278,7 +276,7 @@ def test_compiled_kl_matches_eager():
     assert float(values[0]) > 0.1
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler")
+@needs_compiler
 def test_compiled_step_matches_eager():
     """train.compile: each site's CI sigmoids with its minimality term run compiled; the same losses
     and gradients as eager, also at a later step where the annealed p has moved."""

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_cfg, make_gpt2, set_exact_factors
+from conftest import make_cfg, make_gpt2, needs_compiler, set_exact_factors
 
 import tspd
 from tspd.losses import compute_losses, importance_minimality, recon_passes
@@ -145,14 +145,33 @@ def test_unrouted_rows_give_target_output_and_zero_component_gradient():
     assert dec.component("blocks.1.attn.v_proj").U.grad.abs().max() == 0
 
 
-def test_fused_gelu_matches_gpt2_and_is_restored():
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_compiler)])
+def test_fused_gelu_matches_gpt2_and_is_restored(compiled):
     model = make_gpt2(0)
     tokens = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
-    dec = tspd.Decomposition(model, make_cfg([("transformer.h.*.mlp.c_fc", 4)], masks={"delta_component": True}))
+    cfg = make_cfg([("transformer.h.*.mlp.c_fc", 4)], masks={"delta_component": True}, train={"compile": compiled})
+    dec = tspd.Decomposition(model, cfg)
+    kind = "CompiledTanhGELU" if compiled else "GELU"
+    assert [type(r).__name__ for *_, r in dec._fused] == [kind, kind]
     ci = dec.causal_importance(tokens)
     out = dec.run_pass(tokens, dec.ones_pass(ci))
     torch.testing.assert_close(out, model(tokens).logits, rtol=0, atol=2e-5)
     assert type(model.transformer.h[0].mlp.act).__name__ == "NewGELUActivation"
+
+
+@needs_compiler
+def test_compiled_tanh_gelu_value_and_gradient():
+    from transformers.activations import NewGELUActivation
+
+    from tspd.decomposition import CompiledTanhGELU
+
+    x = (torch.randn(3, 7, 40, generator=torch.Generator().manual_seed(0)) * 3).requires_grad_()
+    g = torch.randn(3, 7, 40, generator=torch.Generator().manual_seed(1))
+    (ref_grad,) = torch.autograd.grad(NewGELUActivation()(x), x, g)
+    y = CompiledTanhGELU()(x)
+    (grad,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(y, NewGELUActivation()(x), rtol=1e-6, atol=2e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

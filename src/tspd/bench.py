@@ -188,14 +188,14 @@ def _target_fwd_bwd(target: torch.nn.Module, batch: Batch, cfg: RunConfig) -> Ca
 
 
 @contextlib.contextmanager
-def _plain_target(target: torch.nn.Module, onednn: bool) -> Iterator[None]:
+def _plain_target(target: torch.nn.Module, onednn: bool, compiled: bool) -> Iterator[None]:
     """Within: every target parameter requires grad and the fused modules and (`onednn`: what the
     decomposition resolved `train.fp32_matmul` to) the oneDNN linear layers SPD passes use are
     swapped in, so the overhead factor compares like with like; both restored after."""
     flags = [(p, p.requires_grad) for p in target.parameters()]
     for p, _ in flags:
         p.requires_grad_(True)
-    swapped = swap_in_place(fused_equivalents(target) + (fast_equivalents(target, set()) if onednn else []))
+    swapped = swap_in_place(fused_equivalents(target, compiled) + (fast_equivalents(target, set()) if onednn else []))
     try:
         yield
     finally:
@@ -216,7 +216,7 @@ def _time_target_fwd_bwd(
     """Median ms of one plain forward + backward of the target on `batch` (same autocast and products)."""
     run = _target_fwd_bwd(target, batch, cfg)
     times = []
-    with _plain_target(target, onednn):
+    with _plain_target(target, onednn, cfg.train.compile):
         for i in range(reps + 1):
             _sync(device)
             t0 = time.perf_counter()
@@ -306,7 +306,7 @@ def run_case(name: str, steps: int = 20, warmup: int = 3, threads: int | None = 
         optimizer_step(dec, opt, total)
 
     step_gflop = count_gflop(one_step)
-    with _plain_target(target, dec.onednn):
+    with _plain_target(target, dec.onednn, dec.config.train.compile):
         target_gflop = count_gflop(_target_fwd_bwd(target, batch, cfg))
     n_passes = forward_passes(dec)
     # Token ids: every id is a token; float inputs (TMS): one example is one "token".
