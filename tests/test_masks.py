@@ -94,9 +94,9 @@ def test_stochastic_masks_continuous_and_binomial():
 
 
 def test_uniform_grid_moments_and_reproducibility():
-    """U(0, 1) on the grid (k + 1/2) / 2^16 from SFC64 seeded by the run's generator: right mean,
-    variance and lag-1 correlation across the four values each 64-bit output gives; the same
-    generator state gives the same values, and the generator moves on."""
+    """U(0, 1) on the grid (k + 1/2) / 2^16, four values from each 64-bit draw of the run's
+    generator: right mean, variance and lag-1 correlation across them; the same generator state
+    gives the same values, and the generator moves on."""
     from tspd.masks import uniform
 
     gen = torch.Generator().manual_seed(5)
