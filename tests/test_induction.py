@@ -82,6 +82,26 @@ def _hand_built_circuit(task: InductionTask) -> InductionTransformer:
     return model
 
 
+@pytest.mark.parametrize("T", [1, 5, 64])
+def test_attention_matches_torchs_causal_sdpa(T):
+    """The layer's baddbmm + softmax attention against torch's fused causal attention, and the
+    recorded pattern is causal with rows summing to 1."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    attn = InductionTransformer(20, 16, 2, 64).blocks[0].attn
+    x = torch.randn(3, T, 16)
+    xp = x + attn.pos[:T]
+    q, k, v = attn.q_proj(xp), attn.k_proj(xp), attn.v_proj(x)
+    ref = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), is_causal=True).squeeze(1)
+    torch.testing.assert_close(attn(x), attn.o_proj(ref), rtol=1e-5, atol=1e-6)
+    attn.record_pattern = True
+    attn(x)
+    p = attn.last_pattern
+    assert torch.all(p.triu(1) == 0)
+    torch.testing.assert_close(p.sum(-1), torch.ones(3, T))
+
+
 def test_hand_built_previous_token_and_copy_heads_solve_the_task():
     """Set the weights by hand to the 2-step circuit and check the forward predicts M."""
     task = InductionTask(n_tokens=6, seq_len=10)

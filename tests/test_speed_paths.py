@@ -149,14 +149,44 @@ def test_unrouted_rows_give_target_output_and_zero_component_gradient():
 def test_fused_gelu_matches_gpt2_and_is_restored(compiled):
     model = make_gpt2(0)
     tokens = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    from tspd.decomposition import _compiled_tanh_gelu
+
     cfg = make_cfg([("transformer.h.*.mlp.c_fc", 4)], masks={"delta_component": True}, train={"compile": compiled})
     dec = tspd.Decomposition(model, cfg)
     kind = "CompiledTanhGELU" if compiled else "GELU"
     assert [type(r).__name__ for *_, r in dec._fused] == [kind, kind]
-    ci = dec.causal_importance(tokens)
+
+    def compiled_calls():
+        info = _compiled_tanh_gelu.cache_info()
+        return info.hits + info.misses
+
+    before = compiled_calls()
+    ci = dec.causal_importance(tokens)  # no gradients: torch's own kernel, compiler or not
+    assert compiled_calls() == before
     out = dec.run_pass(tokens, dec.ones_pass(ci))
+    assert compiled_calls() == before + (2 if compiled else 0)  # both layers' GELU in the pass
     torch.testing.assert_close(out, model(tokens).logits, rtol=0, atol=2e-5)
     assert type(model.transformer.h[0].mlp.act).__name__ == "NewGELUActivation"
+
+
+def test_masked_site_output_keeps_the_autocast_dtype():
+    """Under bf16 autocast a masked site's output has the dtype of the module's own output (bf16),
+    and the all-ones pass stays within bf16 rounding of the target run."""
+    from tspd.losses import autocast_for
+
+    model = make_gpt2(0)
+    tokens = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    cfg = make_cfg([("transformer.h.*.mlp.c_fc", 4)], masks={"delta_component": True}, train={"autocast": "bf16"})
+    dec = tspd.Decomposition(model, cfg)
+    seen = {}
+    stand_in = dec._stand_ins["transformer.h.0.mlp.c_fc"]
+    stand_in.register_forward_hook(lambda m, a, out: seen.setdefault(m.state.mode, out.dtype) and None)
+    with torch.no_grad(), autocast_for(cfg, model):
+        target_out, _ = dec.run_target(tokens)
+        ci = dec.causal_importance(tokens)
+        out = dec.run_pass(tokens, dec.ones_pass(ci))
+    assert seen == {"record": torch.bfloat16, "masked": torch.bfloat16}
+    torch.testing.assert_close(out.float(), target_out.float(), rtol=0, atol=0.05)
 
 
 @needs_compiler

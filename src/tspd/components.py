@@ -202,6 +202,6 @@ class SiteModule(StandIn):
         b = self.bias()
         out = out if b is None else out + b
         # Under autocast the module's own output is in the autocast dtype; the masked output too
-        # (summed in fp32 with the fp32 delta mask and bias, rounded once), so that passes keep the
-        # target's dtype downstream and stacked segments concatenate without promotion.
+        # (the bf16 products summed in fp32 with the fp32 delta mask and bias, then rounded), so that
+        # passes keep the target's dtype downstream and stacked segments concatenate without promotion.
         return out if out_dtype is None else out.to(out_dtype)

@@ -138,7 +138,8 @@ class TrainConfig(Strict):
     compile: bool = Field(
         False,
         description="torch.compile the step's elementwise chains, one fused loop each way instead of several ops: the per-pass "
-        "KL and each site's CI sigmoids with its minimality term (first steps compile: seconds; CPU needs a C++ compiler)",
+        "KL, each site's CI sigmoids with its minimality term and, in passes with gradients, GPT-2's tanh GELU (first steps "
+        "compile: seconds; CPU needs a C++ compiler)",
     )
 
 
