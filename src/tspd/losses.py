@@ -272,11 +272,13 @@ def compute_losses(
     with autocast_for(cfg, dec.target):
         target_out, inputs = dec.run_target(batch)
         z = dec.ci_logits(inputs)
+        min_term = None  # the minimality term, when the compiled chain below forms it with the CI
         if cfg.train.compile and minimality:
             # Both sigmoids and the minimality sum of a site in one compiled chain (see _ci_and_minimality).
             p = {dev: torch.tensor(annealed_p(cfg, step), dtype=torch.float32, device=dev) for dev in {v.device for v in z.values()}}
-            fused = {s: _compiled_ci_and_minimality()(v, cfg.ci.leak, cfg.minimality.eps, p[v.device]) for s, v in z.items()}
-            ci_lower, ci_upper = {s: f[0] for s, f in fused.items()}, None
+            per_site = {s: _compiled_ci_and_minimality()(v, cfg.ci.leak, cfg.minimality.eps, p[v.device]) for s, v in z.items()}
+            ci_lower = {s: lower for s, (lower, _) in per_site.items()}
+            min_term = sum(m for _, m in per_site.values())
         else:
             ci_lower, ci_upper = dec.ci_from_logits(z)
     terms: dict[str, Tensor] = {}
@@ -308,10 +310,9 @@ def compute_losses(
         with autocast_for(cfg, dec.target):
             terms["adversarial_recon"] = adversarial_recon(dec, batch, target_out, ci_lower, gen)
     if minimality:
-        if ci_upper is None:
-            terms["importance_minimality"] = sum(f[1] for f in fused.values())
-        else:
-            terms["importance_minimality"] = importance_minimality(ci_upper, annealed_p(cfg, step), cfg.minimality.eps)
+        if min_term is None:
+            min_term = importance_minimality(ci_upper, annealed_p(cfg, step), cfg.minimality.eps)
+        terms["importance_minimality"] = min_term
     total = sum(getattr(coeffs, t) * v for t, v in terms.items())
     return total, {t: float(v.detach()) for t, v in terms.items()}, ci_lower
 
