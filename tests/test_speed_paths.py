@@ -86,6 +86,38 @@ def test_child_replay_skips_the_attention_before_mlp_sites(arch, delta):
     assert calls_stacked == [1]  # only block 0's passes run block 1's attention; none runs its own block's
 
 
+def test_a_pass_first_masked_segment_takes_its_input_without_gradient():
+    """Stacked behind the stochastic pass, a layerwise pass at c_proj reaches c_proj with target rows
+    only: its segment's input is detached (no input gradient computed), the stochastic pass's is not,
+    and every gradient equals that of the passes run one by one (checked in _stacked_vs_single)."""
+    torch.manual_seed(0)
+    model = make_gpt2(0)
+    sites = [("transformer.h.*.mlp.c_fc", 6), ("transformer.h.*.mlp.c_proj", 6)]
+    dec = tspd.Decomposition(model, make_cfg(sites, masks={"delta_component": True}))
+    tokens = torch.randint(0, 100, (3, 10), generator=torch.Generator().manual_seed(1))
+    comps = dec.component("transformer.h.0.mlp.c_proj")
+    seen = []
+    inner = comps.inner
+    comps.inner = lambda x, onednn=False: (seen.append(x.requires_grad), inner(x, onednn))[1]
+    calls_stacked, _ = _stacked_vs_single(dec, tokens, seen)
+    # Stacked group of block 0: [layerwise c_fc.0, layerwise c_proj.0, stochastic]; c_proj.0 is masked
+    # in the last two. The layerwise pass's segment comes first and has no masked site upstream.
+    assert calls_stacked == [False, True]
+
+
+def test_inputs_that_require_grad_keep_their_gradient_through_a_layerwise_pass():
+    """A caller differentiating with respect to the inputs gets their gradient even through a pass
+    whose only masked site is the last layer (nothing is detached then)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    dec = tspd.Decomposition(net, make_cfg([("0", 3), ("2", 3)], masks={"delta_component": True}))
+    x = torch.randn(6, 5, requires_grad=True)
+    ci = dec.causal_importance(x.detach())
+    p = Pass(masks={"2": ci["2"]}, delta={"2": torch.ones(6)})
+    dec.run_passes(x, [p, dec.ones_pass(ci)])[0].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
 class _InPlaceBlock(torch.nn.Module):
     """h = pre(x); relu_(h); x + fc(h): `act` changes its input in place, so replaying it is unsound."""
 

@@ -106,15 +106,25 @@ class Segment:
     masks: Tensor | None = None
     routed: Tensor | None = None
     delta: Tensor | None = None
+    # The pass these rows belong to (masked segments; merged target-weight segments may span several).
+    pass_index: int | None = None
 
 
 @dataclass
 class SiteState:
     """What the stand-in module does on its next call: 'record' runs the original module and keeps
-    the input; 'masked' runs each segment of the batch (split along dim 0) as its Segment says."""
+    the input; 'masked' runs each segment of the batch (split along dim 0) as its Segment says.
+
+    `started` (shared by every stand-in of one forward; None: off): per pass, whether a masked
+    segment of that pass has run earlier in this forward. Until one has, the pass's rows are the
+    target's own computation, which no trainable tensor reaches, so a masked segment cut from such
+    rows takes its input detached: autograd then skips the input gradient of its products (e.g. a
+    layerwise pass at an MLP's c_proj, stacked behind passes that make the whole c_proj input
+    require grad)."""
 
     mode: Literal["record", "masked"] = "record"
     segments: list[Segment] = field(default_factory=list)
+    started: list[bool] | None = None
 
 
 class SiteModule(StandIn):
@@ -146,9 +156,9 @@ class SiteModule(StandIn):
             return self._original(x)
         segs = st.segments
         if len(segs) == 1:
-            return self._segment_out(x, segs[0])
+            return self._segment_out(x, segs[0], st.started)
         parts = x.split([seg.rows for seg in segs])
-        return torch.cat([self._segment_out(xi, seg) for xi, seg in zip(parts, segs)])
+        return torch.cat([self._segment_out(xi, seg, st.started) for xi, seg in zip(parts, segs)])
 
     def _original(self, x: Tensor) -> Tensor:
         """The target module's own output (through oneDNN where on, it applies and the module has no hooks)."""
@@ -164,7 +174,7 @@ class SiteModule(StandIn):
         w = target_weight(self.original, self.kind)
         return linear(x, w.t()) if self.onednn else F.linear(x, w)
 
-    def _segment_out(self, x: Tensor, seg: Segment) -> Tensor:
+    def _segment_out(self, x: Tensor, seg: Segment, started: list[bool] | None = None) -> Tensor:
         if seg.masks is None:
             return self._original(x)
         delta = seg.delta if self.use_delta else None
@@ -174,6 +184,10 @@ class SiteModule(StandIn):
                 routed = None
             elif not bool(routed.any()):
                 return self._original(x)
+        if started is not None and seg.pass_index is not None:
+            if not started[seg.pass_index]:
+                x = x.detach()  # the pass's first masked segment: its input needs no gradient (see SiteState)
+            started[seg.pass_index] = True
         if routed is not None:
             d = torch.where(routed, delta if delta is not None else 0.0, 1.0).to(seg.masks.dtype)
             coeff = (seg.masks - d.unsqueeze(-1)) * routed.unsqueeze(-1)

@@ -123,6 +123,12 @@ def batch_size(batch: Batch) -> int:
     return next(iter(batch.values())).shape[0]
 
 
+def _requires_grad(batch: Batch) -> bool:
+    if isinstance(batch, Tensor):
+        return batch.requires_grad
+    return any(_requires_grad(v) for v in batch.values() if isinstance(v, (Tensor, dict)))
+
+
 def repeat_batch(batch: Batch, n: int) -> Batch:
     if n == 1:
         return batch
@@ -437,19 +443,22 @@ class Decomposition(nn.Module):
     ) -> Tensor:
         n = len(passes)
         rows = batch_size(batch)
+        # Per pass: has a masked segment run yet (see SiteState.started)? Off when the inputs
+        # themselves require grad (a caller differentiating the output with respect to them).
+        started = None if _requires_grad(batch) else [False] * n
         with self._installed():
             for name, s in self._stand_ins.items():
                 segments: list[Segment] = []
-                for p in passes:
+                for i, p in enumerate(passes):
                     if name in p.masks:
-                        seg = Segment(rows, p.masks[name], p.routed.get(name), p.delta.get(name))
+                        seg = Segment(rows, p.masks[name], p.routed.get(name), p.delta.get(name), pass_index=i)
                     else:
                         seg = Segment(rows)
                     if segments and seg.masks is None and segments[-1].masks is None:
                         segments[-1].rows += rows  # merge neighbouring target-weight segments
                     else:
                         segments.append(seg)
-                s.state = SiteState("masked", segments)
+                s.state = SiteState("masked", segments, started)
             replaced = self._replay_blocks(skip_blocks, n) + self._replay_children(skip_blocks, skip_before, n)
             if stop_at_head:
                 parent, child, _ = self._head
