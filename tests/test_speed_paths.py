@@ -105,17 +105,43 @@ def test_a_pass_first_masked_segment_takes_its_input_without_gradient():
     assert calls_stacked == [False, True]
 
 
-def test_inputs_that_require_grad_keep_their_gradient_through_a_layerwise_pass():
-    """A caller differentiating with respect to the inputs gets their gradient even through a pass
-    whose only masked site is the last layer (nothing is detached then)."""
+class _TwoInputNet(torch.nn.Module):
+    """lin2(relu(lin0(x) + extra)): a second input, which may be the one requiring grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin0, self.lin2 = torch.nn.Linear(5, 4), torch.nn.Linear(4, 3)
+
+    def forward(self, x, extra=None):
+        h = self.lin0(x)
+        if extra is not None:
+            h = h + extra
+        return self.lin2(torch.relu(h))
+
+
+@pytest.mark.parametrize("leaf_at", ["batch tensor", "dict value x", "dict value extra"])
+def test_inputs_that_require_grad_keep_their_gradient_through_a_layerwise_pass(leaf_at):
+    """A caller differentiating with respect to the inputs (the batch tensor, or one value of a
+    dict batch) gets the same gradient from stacked passes as from passes run one at a time, also
+    through a pass whose only masked site is the last layer (nothing is detached)."""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
-    dec = tspd.Decomposition(net, make_cfg([("0", 3), ("2", 3)], masks={"delta_component": True}))
-    x = torch.randn(6, 5, requires_grad=True)
-    ci = dec.causal_importance(x.detach())
-    p = Pass(masks={"2": ci["2"]}, delta={"2": torch.ones(6)})
-    dec.run_passes(x, [p, dec.ones_pass(ci)])[0].sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
+    net = _TwoInputNet()
+    dec = tspd.Decomposition(net, make_cfg([("lin0", 3), ("lin2", 3)], masks={"delta_component": True}))
+    x, e = torch.randn(6, 5), torch.randn(6, 4)
+    ci = dec.causal_importance(x if leaf_at == "batch tensor" else {"x": x, "extra": e})
+    passes = [Pass(masks={"lin2": ci["lin2"]}, delta={"lin2": torch.ones(6)}), dec.ones_pass(ci)]
+
+    def grad(stack: bool) -> torch.Tensor:
+        leaf = (e if leaf_at == "dict value extra" else x).clone().requires_grad_(True)
+        batch = {"batch tensor": leaf, "dict value x": {"x": leaf, "extra": e}, "dict value extra": {"x": x, "extra": leaf}}[leaf_at]
+        dec.run_target(batch)
+        dec.run_passes(batch, passes, stack=stack)[0].sum().backward()
+        assert leaf.grad is not None
+        return leaf.grad
+
+    stacked = grad(True)
+    assert stacked.abs().sum() > 0
+    torch.testing.assert_close(stacked, grad(False))
 
 
 class _InPlaceBlock(torch.nn.Module):

@@ -117,10 +117,14 @@ class SiteState:
 
     `started` (shared by every stand-in of one forward; None: off): per pass, whether a masked
     segment of that pass has run earlier in this forward. Until one has, the pass's rows are the
-    target's own computation, which no trainable tensor reaches, so a masked segment cut from such
-    rows takes its input detached: autograd then skips the input gradient of its products (e.g. a
-    layerwise pass at an MLP's c_proj, stacked behind passes that make the whole c_proj input
-    require grad)."""
+    target's own computation, which no trainable tensor reaches (a Decomposition freezes the
+    target's parameters while it runs passes, and turns this off when the batch requires grad), so
+    a masked segment cut from such rows takes its input detached: autograd then skips the input
+    gradient of its products (e.g. a layerwise pass at an MLP's c_proj, stacked behind passes that
+    make the whole c_proj input require grad). Not covered: a forward hook on the target that
+    brings in its own tensor requiring grad (e.g. a steering vector); through stacked passes its
+    gradient would miss those rows' share. Run such passes one at a time (`run_passes(...,
+    stack=False)` or `run_pass`), which never detaches."""
 
     mode: Literal["record", "masked"] = "record"
     segments: list[Segment] = field(default_factory=list)
