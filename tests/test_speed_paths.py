@@ -342,7 +342,9 @@ def test_autocast_auto_picks_bf16_only_where_it_is_fast(monkeypatch):
 def test_bench_case_runs_and_reports(tmp_path):
     from tspd.bench import run_all, run_case
 
+    threads_before = torch.get_num_threads()
     row = run_case("tms-5-2", steps=2, warmup=1, threads=1)
+    torch.set_num_threads(threads_before)  # run_case sets the thread count of the process it runs in
     assert row["ms_per_step"] > 0 and row["forward_passes"] == 4 and row["peak_rss_gb"] > 0
     # An SPD step multiplies more matrices than one plain forward + backward of the target.
     assert row["gflop_per_step"] > row["target_fwd_bwd_gflop"] > 0 and row["flop_ratio"] > 1
@@ -355,6 +357,10 @@ def test_bench_case_runs_and_reports(tmp_path):
     with pytest.raises(KeyError, match="unknown benchmark case"):
         run_case("nope")
     assert row["device"] == "cpu" and saved["results"][0]["device"] == "cpu" and "cuda_peak_gb" not in row
+    # The host's speed around the case's subprocess, measured in this process (its thread count restored).
+    probe = saved["results"][0]["host_probe"]
+    assert all(probe[k]["matmul_gflop_per_s"] > 0 and probe[k]["stream_gb_per_s"] > 0 for k in ("before", "after"))
+    assert torch.get_num_threads() == threads_before
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
@@ -383,6 +389,7 @@ def test_bench_repeats_report_the_median_run():
     lines = []
     report = run_all(["tms-5-2"], steps=1, warmup=1, threads=1, out=None, progress=lines.append, repeats=2)
     assert report["results"][0]["repeats"] == 2 and len(report["results"][0]["ms_per_step_runs"]) == 2
+    assert len(report["results"][0]["host_probe_runs"]) == 2 and "GB/s" in lines[0]
     assert lines[0].startswith("[1/2] tms-5-2") and lines[2] == "median of the repeats:"
     with pytest.raises(ValueError, match="repeats must be at least 1"):
         run_all(["tms-5-2"], steps=1, warmup=1, threads=1, out=None, repeats=0)

@@ -259,6 +259,32 @@ def count_gflop(fn: Callable[[], Any]) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def host_probe() -> dict:
+    """How fast this host is right now, on one thread count's worth of work (~0.1 s): a 1024^3
+    fp32 matmul (best of 5, GFLOP/s) and a 64 MB elementwise add (median of 5, GB/s read + written).
+    `run_all` records it in its own process right before and after each case's subprocess (so it
+    never adds to a case's peak RSS), that a row measured in a slow spell of a shared host can be
+    told from a slow change (the induction rows are bound by memory traffic, which the second
+    figure tracks)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1024, 1024, generator=gen), torch.randn(1024, 1024, generator=gen)
+    x = torch.randn(16 * 2**20, generator=gen)
+    y = torch.empty_like(x)
+
+    def times(f, n: int) -> list[float]:
+        f()
+        out = []
+        for _ in range(n):
+            t = time.perf_counter()
+            f()
+            out.append(time.perf_counter() - t)
+        return out
+
+    mm = min(times(lambda: a @ b, 5))
+    add = statistics.median(times(lambda: torch.add(x, 1.0, out=y), 5))
+    return {"matmul_gflop_per_s": round(2 * 1024**3 / mm / 1e9, 1), "stream_gb_per_s": round(2 * x.numel() * 4 / add / 1e9, 1)}
+
+
 def check_device(device: str) -> None:
     """Refuse a CUDA device this torch cannot see, before any case is built."""
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -397,6 +423,8 @@ def combine_repeats(rows: list[dict]) -> dict:
         row["repeats"] = len(timed)
         row["ms_per_step_runs"] = [r["ms_per_step"] for r in timed]
         row["peak_rss_gb"] = max(r["peak_rss_gb"] for r in timed)
+        if any("host_probe" in r for r in timed):
+            row["host_probe_runs"] = [r.get("host_probe") for r in timed]
         if len(timed) < len(rows):
             row["failed_runs"] = len(rows) - len(timed)
     return row
@@ -415,11 +443,19 @@ def run_all(
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     runs: dict[str, list[dict]] = {name: [] for name in names}
-    for i in range(repeats):
-        for name in names:
-            row = _run_one(name, steps, warmup, threads, device)
-            runs[name].append(row)
-            progress((f"[{i + 1}/{repeats}] " if repeats > 1 else "") + _format_row(row))
+    own_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or own_threads)  # host_probe on the cases' thread count
+    try:
+        for i in range(repeats):
+            for name in names:
+                before = host_probe()
+                row = _run_one(name, steps, warmup, threads, device)
+                if "ms_per_step" in row:
+                    row["host_probe"] = {"before": before, "after": host_probe()}
+                runs[name].append(row)
+                progress((f"[{i + 1}/{repeats}] " if repeats > 1 else "") + _format_row(row))
+    finally:
+        torch.set_num_threads(own_threads)
     results = [combine_repeats(runs[name]) for name in names]
     if repeats > 1:
         progress("median of the repeats:")
@@ -440,6 +476,11 @@ def _format_row(r: dict) -> str:
     if "error" in r:
         return f"{r['case']:<22} ERROR {r['error']}"
     ref = f" ref {r['reference_ms']:.0f} ms -> {r['speedup_vs_reference']:.2f}x" if r.get("reference_ms") else ""
+    probe = r.get("host_probe")
+    if probe:
+        b, a = probe["before"], probe["after"]
+        ref += (f"  host {b['matmul_gflop_per_s']:.0f}/{a['matmul_gflop_per_s']:.0f} GFLOP/s, "
+                f"{b['stream_gb_per_s']:.0f}/{a['stream_gb_per_s']:.0f} GB/s")
     return (
         f"{r['case']:<22} {r['ms_per_step']:8.1f} ms/step  rss {r['peak_rss_gb']:.2f} GB  "
         f"fwd+bwd {r['target_fwd_bwd_ms']:.1f} ms  overhead {r['overhead_factor']:.1f}x ({r['forward_passes']} passes)  "
