@@ -160,9 +160,9 @@ class SiteModule(StandIn):
             return self._original(x)
         segs = st.segments
         if len(segs) == 1:
-            return self._segment_out(x, segs[0], st.started)
+            return self._segment_out(x, segs[0])
         parts = x.split([seg.rows for seg in segs])
-        return torch.cat([self._segment_out(xi, seg, st.started) for xi, seg in zip(parts, segs)])
+        return torch.cat([self._segment_out(xi, seg) for xi, seg in zip(parts, segs)])
 
     def _original(self, x: Tensor) -> Tensor:
         """The target module's own output (through oneDNN where on, it applies and the module has no hooks)."""
@@ -178,7 +178,7 @@ class SiteModule(StandIn):
         w = target_weight(self.original, self.kind)
         return linear(x, w.t()) if self.onednn else F.linear(x, w)
 
-    def _segment_out(self, x: Tensor, seg: Segment, started: list[bool] | None = None) -> Tensor:
+    def _segment_out(self, x: Tensor, seg: Segment) -> Tensor:
         if seg.masks is None:
             return self._original(x)
         delta = seg.delta if self.use_delta else None
@@ -188,6 +188,7 @@ class SiteModule(StandIn):
                 routed = None
             elif not bool(routed.any()):
                 return self._original(x)
+        started = self.state.started
         if started is not None and seg.pass_index is not None:
             if not started[seg.pass_index]:
                 x = x.detach()  # the pass's first masked segment: its input needs no gradient (see SiteState)

@@ -123,17 +123,6 @@ def batch_size(batch: Batch) -> int:
     return next(iter(batch.values())).shape[0]
 
 
-def _requires_grad(obj: Any) -> bool:
-    """Whether a batch holds a tensor that requires grad (in a dict, tuple or list, nested)."""
-    if isinstance(obj, Tensor):
-        return obj.requires_grad
-    if isinstance(obj, dict):
-        return any(_requires_grad(v) for v in obj.values())
-    if isinstance(obj, (tuple, list)):
-        return any(_requires_grad(v) for v in obj)
-    return False
-
-
 def repeat_batch(batch: Batch, n: int) -> Batch:
     if n == 1:
         return batch
@@ -451,7 +440,7 @@ class Decomposition(nn.Module):
         # Per pass: has a masked segment run yet (see SiteState.started)? Off for a single pass
         # (nothing to save: its input requires grad only through what the caller brought in) and
         # when the inputs require grad (a caller differentiating with respect to them).
-        started = None if n == 1 or _requires_grad(batch) else [False] * n
+        started = None if n == 1 or any(t.requires_grad for t in _flat_tensors(batch)) else [False] * n
         with self._installed():
             for name, s in self._stand_ins.items():
                 segments: list[Segment] = []
