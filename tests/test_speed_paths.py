@@ -86,23 +86,48 @@ def test_child_replay_skips_the_attention_before_mlp_sites(arch, delta):
     assert calls_stacked == [1]  # only block 0's passes run block 1's attention; none runs its own block's
 
 
-def test_a_pass_first_masked_segment_takes_its_input_without_gradient():
+@pytest.mark.parametrize("ci_kind", ["mlp", "shared_mlp"])
+def test_a_pass_first_masked_segment_takes_its_input_without_gradient(ci_kind):
     """Stacked behind the stochastic pass, a layerwise pass at c_proj reaches c_proj with target rows
-    only: its segment's input is detached (no input gradient computed), the stochastic pass's is not,
-    and every gradient equals that of the passes run one by one (checked in _stacked_vs_single)."""
+    only: its segment forms no x V of its own with an input gradient -- it reads the CI's x V when
+    the CI function reads inner activations ('mlp'), else x V formed from the recorded input,
+    detached ('shared_mlp') -- while the stochastic pass's segment forms x V with its input's
+    gradient; every gradient equals that of the passes run one by one (_stacked_vs_single)."""
     torch.manual_seed(0)
     model = make_gpt2(0)
     sites = [("transformer.h.*.mlp.c_fc", 6), ("transformer.h.*.mlp.c_proj", 6)]
-    dec = tspd.Decomposition(model, make_cfg(sites, masks={"delta_component": True}))
+    cfg = make_cfg(sites, masks={"delta_component": True}, ci={"kind": ci_kind, "hidden": [4]})
+    dec = tspd.Decomposition(model, cfg)
     tokens = torch.randint(0, 100, (3, 10), generator=torch.Generator().manual_seed(1))
     comps = dec.component("transformer.h.0.mlp.c_proj")
     seen = []
     inner = comps.inner
     comps.inner = lambda x, onednn=False: (seen.append(x.requires_grad), inner(x, onednn))[1]
-    calls_stacked, _ = _stacked_vs_single(dec, tokens, seen)
+    calls_stacked, calls_single = _stacked_vs_single(dec, tokens, seen)
     # Stacked group of block 0: [layerwise c_fc.0, layerwise c_proj.0, stochastic]; c_proj.0 is masked
     # in the last two. The layerwise pass's segment comes first and has no masked site upstream.
-    assert calls_stacked == [False, True]
+    assert calls_stacked == ([True] if ci_kind == "mlp" else [False, True])
+    assert calls_single == [False, True]  # one at a time, each pass forms its own (the layerwise one from target rows)
+
+
+def test_clean_segments_of_one_site_share_x_v_and_skip_x_w():
+    """The induction model hands q_proj and k_proj one tensor: stacked, the stochastic pass (started
+    at q_proj) and the layerwise pass at k_proj both reach k_proj with target rows, so k_proj forms
+    x V once (from the recorded input) and no x W^T at all (the delta term reads the recorded
+    output); outputs and gradients equal those of the passes one by one."""
+    target = InductionTransformer(20, 8, 2, 12)
+    cfg = make_cfg([("blocks.*.attn.q_proj", 4), ("blocks.*.attn.k_proj", 4)], ci={"kind": "shared_mlp", "hidden": [8]}, masks={"delta_component": True})
+    dec = tspd.Decomposition(target, cfg)
+    tokens = torch.randint(0, 20, (5, 12), generator=torch.Generator().manual_seed(1))
+    site = dec._stand_ins["blocks.0.attn.k_proj"]
+    seen = []
+    comps = dec.component("blocks.0.attn.k_proj")
+    inner, target_linear = comps.inner, site._target_linear
+    comps.inner = lambda x, onednn=False: (seen.append(("xV", x.shape[0], x.requires_grad)), inner(x, onednn))[1]
+    site._target_linear = lambda x: (seen.append(("xW", x.shape[0], x.requires_grad)), target_linear(x))[1]
+    calls_stacked, calls_single = _stacked_vs_single(dec, tokens, seen)
+    assert calls_stacked == [("xV", 5, False)]
+    assert sorted(calls_single) == [("xV", 5, False), ("xV", 5, False), ("xW", 5, False), ("xW", 5, False)]
 
 
 class _TwoInputNet(torch.nn.Module):

@@ -110,25 +110,68 @@ class Segment:
     pass_index: int | None = None
 
 
+class PassStarts:
+    """Per pass of one stacked forward (shared by every stand-in): where its first masked segment
+    ran, as the stacked input tensor that segment was cut from.
+
+    Until a pass's first masked segment has run, its rows are the target's own computation: no
+    trainable tensor reaches them (a Decomposition freezes the target's parameters while it runs
+    passes, and uses no PassStarts when the batch requires grad) and they hold the target run's
+    values. A segment is *clean* when it is cut from such rows: before the pass started, or from the
+    very tensor (same object, not modified since) its first masked segment was cut from, as when
+    an attention block hands one input to its q, k and v projections. A clean segment takes its
+    input detached, so autograd skips the input gradient of its products (e.g. a layerwise pass at
+    an MLP's c_proj, stacked behind passes that make the whole c_proj input require grad), and it
+    reads x V and x W^T from the target run (`SiteTarget`) instead of recomputing them.
+
+    Not covered: a forward hook on the target that brings in its own tensor requiring grad (e.g. a
+    steering vector); through stacked passes its gradient would miss those rows' share. Run such
+    passes one at a time (`run_passes(..., stack=False)` or `run_pass`), which never uses this."""
+
+    def __init__(self, n: int):
+        self.origin: list[Tensor | None] = [None] * n
+        self.version: list[int] = [0] * n
+
+    def clean(self, i: int, x: Tensor) -> bool:
+        """Whether pass i's segment cut from stacked input `x` is clean; marks the pass started."""
+        o = self.origin[i]
+        if o is None:
+            self.origin[i], self.version[i] = x, x._version
+            return True
+        return o is x and x._version == self.version[i]
+
+
+@dataclass
+class SiteTarget:
+    """The target run's values at one site, for the batch a stacked forward repeats: input x and
+    output y as `run_target` recorded them, and the inner activations x V (with their gradient
+    path to V) that every clean segment of the site shares -- the CI's own when its function
+    reads them (`Decomposition.ci_logits` stores them), else formed by the first clean segment."""
+
+    x: Tensor
+    y: Tensor
+    w_version: int
+    inner: Tensor | None = None
+    # What the inner activations were formed under: (V's version, requires_grad, dtype).
+    inner_key: tuple | None = None
+    lin: Tensor | None = None  # y without the bias: x W^T
+
+    def set_inner(self, inner: Tensor, V: Tensor) -> None:
+        self.inner, self.inner_key = inner, (V._version, inner.requires_grad, inner.dtype)
+
+
 @dataclass
 class SiteState:
     """What the stand-in module does on its next call: 'record' runs the original module and keeps
-    the input; 'masked' runs each segment of the batch (split along dim 0) as its Segment says.
-
-    `started` (shared by every stand-in of one forward; None: off): per pass, whether a masked
-    segment of that pass has run earlier in this forward. Until one has, the pass's rows are the
-    target's own computation, which no trainable tensor reaches (a Decomposition freezes the
-    target's parameters while it runs passes, and turns this off when the batch requires grad), so
-    a masked segment cut from such rows takes its input detached: autograd then skips the input
-    gradient of its products (e.g. a layerwise pass at an MLP's c_proj, stacked behind passes that
-    make the whole c_proj input require grad). Not covered: a forward hook on the target that
-    brings in its own tensor requiring grad (e.g. a steering vector); through stacked passes its
-    gradient would miss those rows' share. Run such passes one at a time (`run_passes(...,
-    stack=False)` or `run_pass`), which never detaches."""
+    its input and output; 'masked' runs each segment of the batch (split along dim 0) as its
+    Segment says. `starts` (shared by every stand-in of one forward; None: off) and `target` (this
+    site's values in the target run of the repeated batch; None: not known) let clean segments
+    skip work (see PassStarts)."""
 
     mode: Literal["record", "masked"] = "record"
     segments: list[Segment] = field(default_factory=list)
-    started: list[bool] | None = None
+    starts: PassStarts | None = None
+    target: SiteTarget | None = None
 
 
 class SiteModule(StandIn):
@@ -147,6 +190,7 @@ class SiteModule(StandIn):
         self.__dict__["components"] = components
         self.state = SiteState()
         self.recorded: Tensor | None = None
+        self.recorded_out: Tensor | None = None
         # fp32 products through oneDNN (tspd.fastlinear; set by the Decomposition from train.fp32_matmul).
         self.onednn = False
 
@@ -157,12 +201,13 @@ class SiteModule(StandIn):
         st = self.state
         if st.mode == "record":
             self.recorded = x
-            return self._original(x)
+            self.recorded_out = self._original(x)
+            return self.recorded_out
         segs = st.segments
         if len(segs) == 1:
-            return self._segment_out(x, segs[0])
+            return self._segment_out(x, segs[0], x)
         parts = x.split([seg.rows for seg in segs])
-        return torch.cat([self._segment_out(xi, seg) for xi, seg in zip(parts, segs)])
+        return torch.cat([self._segment_out(xi, seg, x) for xi, seg in zip(parts, segs)])
 
     def _original(self, x: Tensor) -> Tensor:
         """The target module's own output (through oneDNN where on, it applies and the module has no hooks)."""
@@ -178,7 +223,8 @@ class SiteModule(StandIn):
         w = target_weight(self.original, self.kind)
         return linear(x, w.t()) if self.onednn else F.linear(x, w)
 
-    def _segment_out(self, x: Tensor, seg: Segment) -> Tensor:
+    def _segment_out(self, x: Tensor, seg: Segment, stacked: Tensor) -> Tensor:
+        """The output for one segment `x` cut from the site's stacked input `stacked`."""
         if seg.masks is None:
             return self._original(x)
         delta = seg.delta if self.use_delta else None
@@ -188,11 +234,10 @@ class SiteModule(StandIn):
                 routed = None
             elif not bool(routed.any()):
                 return self._original(x)
-        started = self.state.started
-        if started is not None and seg.pass_index is not None:
-            if not started[seg.pass_index]:
-                x = x.detach()  # the pass's first masked segment: its input needs no gradient (see SiteState)
-            started[seg.pass_index] = True
+        starts = self.state.starts
+        clean = starts is not None and seg.pass_index is not None and starts.clean(seg.pass_index, stacked)
+        if clean:
+            x = x.detach()  # rows of the target's own computation: no input gradient (see PassStarts)
         if routed is not None:
             d = torch.where(routed, delta if delta is not None else 0.0, 1.0).to(seg.masks.dtype)
             coeff = (seg.masks - d.unsqueeze(-1)) * routed.unsqueeze(-1)
@@ -214,13 +259,49 @@ class SiteModule(StandIn):
             # The CI and so the masks are fp32; a bf16 or fp16 target (without autocast) has factors
             # in its own dtype, and the product must be in one dtype.
             coeff, d = coeff.to(U.dtype), (d.to(U.dtype) if d is not None else None)
-        h = self.components.inner(x, self.onednn) * coeff
+        known = self.state.target if clean else None
+        if known is not None and known.x.shape != x.shape:
+            known = None  # not one row per row of the recorded batch
+        h = self._target_inner(known, x, out_dtype) if known is not None else self.components.inner(x, self.onednn)
+        h = h * coeff
         out = linear(h, U) if self.onednn else h @ U
         if d is not None:
-            out = out + d.unsqueeze(-1) * self._target_linear(x)
+            lin = self._target_lin(known, x, out_dtype) if known is not None else None
+            out = out + d.unsqueeze(-1) * (lin if lin is not None else self._target_linear(x))
         b = self.bias()
         out = out if b is None else out + b
         # Under autocast the module's own output is in the autocast dtype; the masked output too
         # (the bf16 products summed in fp32 with the fp32 delta mask and bias, then rounded), so that
         # passes keep the target's dtype downstream and stacked segments concatenate without promotion.
         return out if out_dtype is None else out.to(out_dtype)
+
+    def _target_inner(self, known: SiteTarget, x: Tensor, autocast_dtype: torch.dtype | None) -> Tensor:
+        """x V for a clean segment `x` (already cast as the segment computes it): the target run's,
+        shared with the CI and the site's other clean segments, when formed under the same V,
+        gradient mode and dtype as this segment would form its own; else formed here from the
+        recorded input and kept for the site's later clean segments."""
+        V = self.components.V
+        if self.kind == "embedding":
+            dtype = V.dtype
+        else:
+            dtype = autocast_dtype or torch.promote_types(x.dtype, V.dtype)
+        key = (V._version, torch.is_grad_enabled() and V.requires_grad, dtype)
+        if known.inner is None or known.inner_key != key or known.inner.shape[:-1] != x.shape[:-1]:
+            rec = known.x.detach()
+            known.set_inner(self.components.inner(rec if rec.dtype == x.dtype else rec.to(x.dtype), self.onednn), V)
+        return known.inner
+
+    def _target_lin(self, known: SiteTarget, x: Tensor, autocast_dtype: torch.dtype | None) -> Tensor | None:
+        """x W^T for a clean segment from the recorded output (its bias taken off), if the target
+        weight is unchanged since the recording and the output has the dtype the product would."""
+        w = target_weight(self.original, self.kind)
+        if self.kind == "embedding":
+            dtype = w.dtype
+        else:
+            dtype = autocast_dtype or torch.promote_types(x.dtype, w.dtype)
+        if known.w_version != w._version or known.y.dtype != dtype:
+            return None
+        if known.lin is None:
+            b = self.bias()
+            known.lin = known.y if b is None else known.y - b
+        return known.lin

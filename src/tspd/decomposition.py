@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from tspd.components import Components, Segment, SiteModule, SiteState, resolve_sites, site_kind, target_weight
+from tspd.components import Components, PassStarts, Segment, SiteModule, SiteState, SiteTarget, resolve_sites, site_kind, target_weight
 from tspd.config import RunConfig
 from tspd.fastlinear import (
     FastLinear,
@@ -219,6 +219,9 @@ class Decomposition(nn.Module):
         # Per block holding a site: its direct children's (call start, call end, output) in the
         # target run, for replaying the children a group of passes does not route through.
         self._child_calls: dict[int, dict[str, tuple[int, int, Any]]] = {}
+        # Per site, the target run's input, output and inner activations for `_site_targets_batch`.
+        self._site_targets: dict[str, SiteTarget] = {}
+        self._site_targets_batch: Batch | None = None
         p = next(target.parameters(), None)
         if p is not None:
             self.to(device=p.device, dtype=p.dtype if p.is_floating_point() else None)
@@ -275,7 +278,7 @@ class Decomposition(nn.Module):
             for m, mode in modes:
                 m.training = mode
             for s in self._stand_ins.values():
-                s.state, s.recorded = SiteState(), None
+                s.state, s.recorded, s.recorded_out = SiteState(), None, None
 
     def component(self, site: str) -> Components:
         if site not in self._stand_ins:
@@ -294,6 +297,7 @@ class Decomposition(nn.Module):
         which `run_passes` on this batch replays."""
         self._block_outputs, self._block_batch, self._child_calls = None, None, {}
         self._head_batch = None
+        self._site_targets, self._site_targets_batch = {}, None
         reuse = bool(self._block_of) and self.config.train.reuse_prefix
         n_record = max(self._block_of.values()) if reuse else 0
         recorders = [_Record(self._block_list[i]) for i in range(n_record)]
@@ -323,6 +327,11 @@ class Decomposition(nn.Module):
                 if handle is not None:
                     handle.remove()
             inputs = {n: s.recorded for n, s in self._stand_ins.items()}
+            self._site_targets = {
+                n: SiteTarget(s.recorded, s.recorded_out, target_weight(s.original, s.kind)._version)
+                for n, s in self._stand_ins.items()
+            }
+            self._site_targets_batch = batch
         # Passes may stop before the head only if the model returned the head's output itself (one
         # call, nothing applied after it, not even in place): then the head's input determines the output.
         sound = len(head_out) == 1 and head_out[0][0] is out and head_out[0][1] == out._version
@@ -341,7 +350,11 @@ class Decomposition(nn.Module):
             x = site_inputs[name]
             fn = self.ci_fns[_key(name)]
             if fn.uses_inner or self.site_kinds[name] == "embedding":
-                x = self.factors[_key(name)].inner(x)
+                comps = self.factors[_key(name)]
+                known = self._site_targets.get(name)
+                x = comps.inner(x)
+                if known is not None and known.x is site_inputs[name]:
+                    known.set_inner(x, comps.V)  # the masked passes' clean segments reuse it (see PassStarts)
             z[name] = fn(x).float()
         return z
 
@@ -437,10 +450,13 @@ class Decomposition(nn.Module):
     ) -> Tensor:
         n = len(passes)
         rows = batch_size(batch)
-        # Per pass: has a masked segment run yet (see SiteState.started)? Off for a single pass
-        # (nothing to save: its input requires grad only through what the caller brought in) and
-        # when the inputs require grad (a caller differentiating with respect to them).
-        started = None if n == 1 or any(t.requires_grad for t in _flat_tensors(batch)) else [False] * n
+        # Where each pass's first masked segment ran (see PassStarts). Off for a single pass (its
+        # input requires grad only through what the caller brought in, and run_pass callers --
+        # adversarial search, attribution -- keep every path), when the inputs require grad (a
+        # caller differentiating with respect to them) and in inference mode (no version counters).
+        off = n == 1 or torch.is_inference_mode_enabled() or any(t.requires_grad for t in _flat_tensors(batch))
+        starts = None if off else PassStarts(n)
+        known = self._site_targets if starts is not None and self._site_targets_batch is batch else {}
         with self._installed():
             for name, s in self._stand_ins.items():
                 segments: list[Segment] = []
@@ -453,7 +469,7 @@ class Decomposition(nn.Module):
                         segments[-1].rows += rows  # merge neighbouring target-weight segments
                     else:
                         segments.append(seg)
-                s.state = SiteState("masked", segments, started)
+                s.state = SiteState("masked", segments, starts, known.get(name))
             replaced = self._replay_blocks(skip_blocks, n) + self._replay_children(skip_blocks, skip_before, n)
             if stop_at_head:
                 parent, child, _ = self._head
