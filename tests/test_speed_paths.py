@@ -382,10 +382,26 @@ def test_bench_case_runs_and_reports(tmp_path):
     with pytest.raises(KeyError, match="unknown benchmark case"):
         run_case("nope")
     assert row["device"] == "cpu" and saved["results"][0]["device"] == "cpu" and "cuda_peak_gb" not in row
+    assert row["fp32_matmul"] in ("onednn", "torch") and row["autocast"] is None
+    assert saved["reference_machine"]["cpu_flags"]  # the reference times' CPU, for comparing across machines
     # The host's speed around the case's subprocess, measured in this process (its thread count restored).
     probe = saved["results"][0]["host_probe"]
     assert all(probe[k]["matmul_gflop_per_s"] > 0 and probe[k]["stream_gb_per_s"] > 0 for k in ("before", "after"))
     assert torch.get_num_threads() == threads_before
+
+
+def test_bench_skips_bf16_cases_where_bf16_is_slow_unless_asked(monkeypatch):
+    """On a CPU whose bf16 matmuls are not fast (e.g. AVX2 only: emulated, ~70x slower than fp32),
+    the bf16-autocast case reports why it is skipped instead of timing the emulation for minutes."""
+    import tspd.bench as bench
+
+    monkeypatch.setattr(bench, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.delenv(bench.SLOW_BF16_ENV, raising=False)
+    threads_before = torch.get_num_threads()
+    row = bench.run_case("tiny-gpt2-bf16", steps=1, warmup=0, threads=1)
+    torch.set_num_threads(threads_before)
+    assert "ms_per_step" not in row and "--slow-bf16" in row["skipped"] and "not faster than fp32" in row["skipped"]
+    assert "skipped" in bench._format_row(row)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")

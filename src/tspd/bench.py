@@ -33,7 +33,7 @@ import torch
 from tspd.config import RunConfig
 from tspd.decomposition import Batch, Decomposition, call_target, fused_equivalents, restore_modules
 from tspd.fastlinear import fast_equivalents, onednn_available, swap_in_place, use_onednn
-from tspd.losses import autocast_for, compute_losses, cpu_has_fast_bf16, cpu_info, forward_passes
+from tspd.losses import autocast_for, compute_losses, cpu_has_fast_bf16, cpu_info, forward_passes, resolve_autocast
 from tspd.seeding import generator
 from tspd.train import faithfulness_warmup, make_optimizer, optimizer_step, tune_cpu_allocator
 
@@ -54,6 +54,10 @@ REFERENCE = {
     "output": {"divergence": "kl", "positions": None},
     "train": {"optimizer": "adam", "lr": 1e-3, "final_lr_frac": 1.0},
 }
+# Where the reference timings were measured: speedups against them on another CPU compare machines too.
+REFERENCE_MACHINE = {"cpu": "2-core AMD EPYC, family 26 (Zen 5), torch 2.13, 2 threads", "cpu_flags": ["avx2", "avx512f", "avx512_bf16"]}
+# Set (or `--slow-bf16`) to time bf16-autocast cases on a CPU whose bf16 matmuls are not fast.
+SLOW_BF16_ENV = "TSPD_BENCH_SLOW_BF16"
 
 
 @dataclass
@@ -305,6 +309,11 @@ def run_case(name: str, steps: int = 20, warmup: int = 3, threads: int | None = 
         target, batch, cfg = case.build()
     except SkipCase as why:
         return {"case": name, "description": case.description, "skipped": str(why)}
+    autocast = resolve_autocast(cfg.train.autocast, device)
+    if device == "cpu" and autocast == "bf16" and not cpu_has_fast_bf16() and not os.environ.get(SLOW_BF16_ENV):
+        return {"case": name, "description": case.description, "skipped": (
+            "bf16 matmuls are not faster than fp32 on this CPU (no native bf16: AVX2-only CPUs emulate it, ~70x "
+            f"slower), so this case would time the emulation; pass --slow-bf16 (or set {SLOW_BF16_ENV}=1) to time it anyway")}
     if device != "cpu":
         from tspd.distributed import to_device
 
@@ -356,6 +365,8 @@ def run_case(name: str, steps: int = 20, warmup: int = 3, threads: int | None = 
         "speedup_vs_reference": round(case.reference_ms / ms, 2) if case.reference_ms else None,
         "steps_timed": steps,
         "device": device,
+        "fp32_matmul": "onednn" if dec.onednn else "torch",  # what train.fp32_matmul resolved to in this process
+        "autocast": autocast,
     }
     if device.startswith("cuda"):
         row["cuda_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
@@ -462,7 +473,11 @@ def run_all(
         for row in results:
             runs_ms = row.get("ms_per_step_runs")
             progress(_format_row(row) + (f"  runs {', '.join(f'{m:.1f}' for m in runs_ms)}" if runs_ms else ""))
-    report = {"machine": machine_info(threads), "results": results}
+    report = {"machine": machine_info(threads), "reference_machine": REFERENCE_MACHINE, "results": results}
+    missing = [f for f in REFERENCE_MACHINE["cpu_flags"] if f not in report["machine"]["cpu_flags"]]
+    if device == "cpu" and missing and any(r.get("reference_ms") for r in results):
+        progress(f"note: the reference times were measured on a {REFERENCE_MACHINE['cpu']}; this CPU "
+                 f"({report['machine']['cpu_model']}) lacks {', '.join(missing)}, so the speedups also compare machines")
     if out is not None:
         from tspd.decomposition import atomic_write_bytes
 
@@ -498,8 +513,12 @@ def main(argv: list[str] | None = None, default_out: Path | None = None) -> None
                     help="fresh-process runs per case, round-robin; the median run is reported (default 1)")
     ap.add_argument("--out", type=Path, default=default_out, help="JSON file to write")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: where target, batch and decomposition live")
+    ap.add_argument("--slow-bf16", action="store_true",
+                    help="time bf16-autocast cases even on a CPU whose bf16 matmuls are not fast (skipped otherwise)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.slow_bf16:
+        os.environ[SLOW_BF16_ENV] = "1"  # the case subprocesses inherit it
     if args.one:
         print(json.dumps(run_case(args.one, args.steps, args.warmup, args.threads, args.device)))
         return

@@ -116,7 +116,7 @@ class TrainConfig(Strict):
     autocast: Literal["bf16", "auto"] | None = Field(
         None,
         description="run the target and masked passes under bf16 autocast (CPU or GPU); `auto`: bf16 where it is fast "
-        "(a GPU with bf16; a CPU whose bf16 matmuls measure ≥ 1.5× faster than fp32 in a 0.1-s test at start-up: a "
+        "(a GPU with bf16; a CPU whose bf16 matmuls measure ≥ 1.5× faster than fp32 in a 0.1-1-s test at start-up: a "
         "2-core AMD EPYC with AVX512-BF16 ran 850 vs 195 GFLOP/s, a 2-core Xeon with AVX512-BF16 but no AMX 164 vs 305, "
         "i.e. *slower*; a resumed run keeps the checkpoint's choice), else the target's dtype; None: the target's dtype",
     )
@@ -132,8 +132,10 @@ class TrainConfig(Strict):
         "auto",
         description="CPU fp32 products of the target's linear layers, the components and the sites: `onednn` through "
         "oneDNN's kernels (tspd.fastlinear; IEEE fp32, another summation order), `torch` torch's own (MKL on x86), "
-        "`auto` oneDNN where a 0.05-s test at start-up measures it >= 1.3x faster (a 2-core AMD EPYC, where MKL runs "
-        "its AVX2 kernels: ~430 vs ~200 GFLOP/s). Ignored under autocast and on GPUs",
+        "`auto` oneDNN where a ~0.1-s test at start-up measures a layer's forward product and weight gradient >= 1.3x "
+        "faster through it (a 2-core AMD EPYC Zen 5, where MKL runs its AVX2 kernels: ~430 vs ~200 GFLOP/s forward; not "
+        "a 2-core AMD EPYC Zen 3, AVX2 only: equal forward, oneDNN's weight gradient half as fast). Ignored under "
+        "autocast and on GPUs",
     )
     compile: bool = Field(
         False,

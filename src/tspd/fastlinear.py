@@ -207,28 +207,37 @@ def swap_in_place(swaps: list[Swap]) -> list[tuple[nn.Module, str, nn.Module]]:
 
 @functools.lru_cache(maxsize=1)
 def onednn_fp32_is_faster() -> bool:
-    """Whether oneDNN's fp32 products are clearly (>= 1.3x) faster than torch's own on this CPU,
-    measured once per process on a (1024 x 256) @ (256 x 1024) product (~50 ms in all). The
-    2-core AMD EPYC (Zen 5) measured ~430 vs ~200 GFLOP/s; Intel CPUs, where MKL runs its AVX-512
-    kernels, are expected to show no such gap, and then torch's own path is kept."""
+    """Whether oneDNN's fp32 products are clearly (>= 1.3x) faster than torch's own on this CPU for
+    what a step does with a linear layer -- the forward product and the weight gradient -- measured
+    once per process on a (1024 x 256) -> 1024 layer, the two routes alternated, best of 5 each
+    (0.1-0.2 s in all). The 2-core AMD EPYC (Zen 5, AVX-512) measured ~430 vs ~200 GFLOP/s forward;
+    a 2-core AMD EPYC (Zen 3, AVX2 only) about equal forward and oneDNN's weight gradient half as
+    fast (with its input conversions), so torch's path there; Intel CPUs, where MKL runs its
+    AVX-512 kernels, are expected to show no gap either."""
     if not onednn_available():
         return False
     try:
         gen = torch.Generator().manual_seed(0)  # not the global RNG a run has just seeded
         x, w = torch.randn(1024, 256, generator=gen), torch.randn(256, 1024, generator=gen)
+        g = torch.randn(1024, 1024, generator=gen)
         wt = w.t().contiguous()
 
-        def best(f) -> float:
-            for _ in range(2):
-                f()
-            t = float("inf")
-            for _ in range(5):
+        def torch_route() -> None:
+            x @ w
+            x.t() @ g
+
+        def onednn_route() -> None:
+            linear_pointwise(x, wt, None)
+            _weight_grad(x, g)
+
+        best = {torch_route: float("inf"), onednn_route: float("inf")}
+        for i in range(7):
+            for f in best:
                 s = time.perf_counter()
                 f()
-                t = min(t, time.perf_counter() - s)
-            return t
-
-        return best(lambda: x @ w) >= 1.3 * best(lambda: linear_pointwise(x, wt, None))
+                if i >= 2:  # two warm-up rounds
+                    best[f] = min(best[f], time.perf_counter() - s)
+        return best[torch_route] >= 1.3 * best[onednn_route]
     except RuntimeError:
         return False
 
