@@ -26,7 +26,7 @@ def _induction_dec(delta: bool) -> tspd.Decomposition:
     return tspd.Decomposition(target, cfg)
 
 
-def _stacked_vs_single(dec, tokens, calls: list) -> tuple[list, list]:
+def _stacked_vs_single(dec, tokens, calls: list, rtol: float = 1e-5) -> tuple[list, list]:
     """Layerwise + stochastic passes run stacked (with replay) and one by one: asserts equal outputs
     and gradients; returns what `calls` recorded during each run's passes (stacked, single)."""
 
@@ -45,10 +45,10 @@ def _stacked_vs_single(dec, tokens, calls: list) -> tuple[list, list]:
     stacked, g_stacked, calls_stacked = run(True)
     single, g_single, calls_single = run(False)
     for a, b in zip(stacked, single):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert g_stacked.keys() == g_single.keys() and len(g_single) >= 8
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol)
+    assert g_stacked.keys() == g_single.keys() and len(g_single) >= 6
     for n in g_single:
-        torch.testing.assert_close(g_stacked[n], g_single[n], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(g_stacked[n], g_single[n], rtol=10 * rtol, atol=rtol / 10)
     return calls_stacked, calls_single
 
 
@@ -128,6 +128,116 @@ def test_clean_segments_of_one_site_share_x_v_and_skip_x_w():
     calls_stacked, calls_single = _stacked_vs_single(dec, tokens, seen)
     assert calls_stacked == [("xV", 5, False)]
     assert sorted(calls_single) == [("xV", 5, False), ("xV", 5, False), ("xW", 5, False), ("xW", 5, False)]
+
+
+class _SharedTwice(torch.nn.Module):
+    """One linear layer applied twice (weights shared in a loop): its record holds the last call."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.shared, self.out = torch.nn.Linear(6, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.shared(torch.relu(self.inp(x))))
+        return self.out(torch.relu(self.shared(h)))
+
+
+class _InPlaceAfterSites(torch.nn.Module):
+    """A site's input scaled in place after it ran (before a second site reads it), and a site's
+    output rectified in place: the recorded tensors change after the recording."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(6, 8), torch.nn.Linear(6, 8), torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = x * 1.0
+        ya = self.a(h)
+        h.mul_(2.0)
+        yb = self.b(h)
+        ya.relu_()
+        return self.c(ya + yb)
+
+
+class _EmbedThenLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lin = torch.nn.Embedding(11, 6), torch.nn.Linear(6, 5)
+
+    def forward(self, t):
+        return self.lin(torch.tanh(self.emb(t)))
+
+
+def _off_target_dec(model, sites) -> tspd.Decomposition:
+    dec = tspd.Decomposition(model, make_cfg(sites, masks={"delta_component": True}, ci={"kind": "mlp", "hidden": [4]}))
+    for n in dec.site_names:
+        with torch.no_grad():  # factors away from the target weight, so a wrong x V or x W^T shows
+            dec.component(n).V.mul_(1.5)
+    return dec
+
+
+@pytest.mark.parametrize("net", ["shared layer applied twice", "embedding site"])
+def test_stacked_passes_with_reused_target_values_match_single_passes(net):
+    """Where a clean segment could be handed the wrong target values (a site called twice: its
+    record holds the last call) or where the reuse takes another route (an embedding site's
+    lookups), stacked passes still equal passes one by one, gradients included."""
+    torch.manual_seed(0)
+    if net == "embedding site":
+        dec, batch = _off_target_dec(_EmbedThenLinear(), [("emb", 4), ("lin", 3)]), torch.randint(0, 11, (4, 3))
+    else:
+        dec, batch = _off_target_dec(_SharedTwice(), [("inp", 3), ("shared", 3), ("out", 3)]), torch.randn(4, 3, 6)
+    _stacked_vs_single(dec, batch, [])
+
+
+def test_stacked_passes_see_target_values_changed_in_place_after_recording():
+    """A site's recorded input scaled in place after it ran, and a site's output rectified in
+    place: without gradients (as analysis runs passes; with them autograd itself refuses the input
+    change) stacked passes equal passes one by one -- the changed recordings are not reused."""
+    torch.manual_seed(0)
+    dec = _off_target_dec(_InPlaceAfterSites(), [("a", 3), ("b", 3), ("c", 3)])
+    x = torch.randn(4, 3, 6)
+    with torch.no_grad():
+        _, inputs = dec.run_target(x)
+        ci, _ = dec.ci_from_logits(dec.ci_logits(inputs))
+        passes = recon_passes("stochastic_recon_layerwise", dec, ci, torch.Generator().manual_seed(2))
+        stacked = dec.run_passes(x, passes)
+        dec.run_target(x)
+        single = dec.run_passes(x, passes, stack=False)
+    for a, b in zip(stacked, single):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_passes_twice_after_one_target_run():
+    """Passes run and differentiated twice after one run_target (no optimiser step between) give the
+    same gradients both times: nothing from the first round's freed graph is offered again."""
+    torch.manual_seed(0)
+    dec = _induction_dec(True)
+    tokens = torch.randint(0, 20, (5, 12), generator=torch.Generator().manual_seed(1))
+    _, inputs = dec.run_target(tokens)
+    ci, _ = dec.ci_from_logits(dec.ci_logits(inputs))
+    ci = {s: g.detach() for s, g in ci.items()}
+    passes = recon_passes("stochastic_recon_layerwise", dec, ci, torch.Generator().manual_seed(2))
+    grads = []
+    for _ in range(2):
+        dec.zero_grad(set_to_none=True)
+        sum(o.pow(2).mean() for o in dec.run_passes(tokens, passes)).backward()
+        grads.append({n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7)
+
+
+def test_stacked_passes_under_bf16_autocast_reuse_and_match_single_passes():
+    """Under bf16 autocast the clean segments' reused x V and x W^T (bf16, as the segments' own
+    products would be) give the outputs and gradients of passes one by one, to bf16 rounding."""
+    torch.manual_seed(0)
+    model = make_gpt2(0)
+    sites = [("transformer.h.*.mlp.c_fc", 6), ("transformer.h.*.mlp.c_proj", 6)]
+    cfg = make_cfg(sites, masks={"delta_component": True}, train={"autocast": "bf16"})
+    dec = tspd.Decomposition(model, cfg)
+    tokens = torch.randint(0, 100, (3, 10), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _stacked_vs_single(dec, tokens, [], rtol=2e-2)
 
 
 class _TwoInputNet(torch.nn.Module):
@@ -402,6 +512,12 @@ def test_bench_skips_bf16_cases_where_bf16_is_slow_unless_asked(monkeypatch):
     torch.set_num_threads(threads_before)
     assert "ms_per_step" not in row and "--slow-bf16" in row["skipped"] and "not faster than fp32" in row["skipped"]
     assert "skipped" in bench._format_row(row)
+    assert bench.slow_bf16_skip(None, "cpu") is None and bench.slow_bf16_skip("bf16", "cuda") is None
+    # Asked for (--slow-bf16 sets the variable for the case processes): timed; "0" does not ask.
+    monkeypatch.setenv(bench.SLOW_BF16_ENV, "0")
+    assert bench.slow_bf16_skip("bf16", "cpu")
+    monkeypatch.setenv(bench.SLOW_BF16_ENV, "1")
+    assert bench.slow_bf16_skip("bf16", "cpu") is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")

@@ -295,6 +295,18 @@ def check_device(device: str) -> None:
         raise RuntimeError(f"--device {device}: torch {torch.__version__} sees no CUDA GPU here; use --device cpu")
 
 
+def slow_bf16_skip(autocast: str | None, device: str) -> str | None:
+    """Why a case running under `autocast` on `device` is not timed here (None: it is): bf16 on a
+    CPU whose bf16 matmuls are not fast, unless asked for (`--slow-bf16` / SLOW_BF16_ENV=1)."""
+    if device != "cpu" or autocast != "bf16" or os.environ.get(SLOW_BF16_ENV, "0") not in ("", "0") or cpu_has_fast_bf16():
+        return None
+    return (
+        "bf16 matmuls are not faster than fp32 on this CPU (AVX2-only CPUs emulate bf16, ~70x slower than fp32; "
+        "a Xeon with AVX512-BF16 but no AMX measured ~0.5x), so this case would not time what it is for; pass "
+        f"--slow-bf16 (or set {SLOW_BF16_ENV}=1) to time it anyway"
+    )
+
+
 def run_case(name: str, steps: int = 20, warmup: int = 3, threads: int | None = None, device: str = "cpu") -> dict:
     """Time one case in this process; returns its result row. `device`: where the target, batch
     and decomposition live ('cpu', or 'cuda' for the GPU run the issue asks for)."""
@@ -309,11 +321,10 @@ def run_case(name: str, steps: int = 20, warmup: int = 3, threads: int | None = 
         target, batch, cfg = case.build()
     except SkipCase as why:
         return {"case": name, "description": case.description, "skipped": str(why)}
-    autocast = resolve_autocast(cfg.train.autocast, device)
-    if device == "cpu" and autocast == "bf16" and not cpu_has_fast_bf16() and not os.environ.get(SLOW_BF16_ENV):
-        return {"case": name, "description": case.description, "skipped": (
-            "bf16 matmuls are not faster than fp32 on this CPU (no native bf16: AVX2-only CPUs emulate it, ~70x "
-            f"slower), so this case would time the emulation; pass --slow-bf16 (or set {SLOW_BF16_ENV}=1) to time it anyway")}
+    autocast = resolve_autocast(cfg.train.autocast, torch.device(device).type)
+    why = slow_bf16_skip(autocast, device)
+    if why:
+        return {"case": name, "description": case.description, "skipped": why}
     if device != "cpu":
         from tspd.distributed import to_device
 

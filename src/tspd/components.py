@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tspd.fastlinear import StandIn, linear, original_output
+from tspd.fastlinear import StandIn, linear, original_output, untouched
 
 SiteKind = Literal["linear", "conv1d", "embedding"]
 
@@ -144,13 +144,17 @@ class PassStarts:
 @dataclass
 class SiteTarget:
     """The target run's values at one site, for the batch a stacked forward repeats: input x and
-    output y as `run_target` recorded them, and the inner activations x V (with their gradient
-    path to V) that every clean segment of the site shares -- the CI's own when its function
-    reads them (`Decomposition.ci_logits` stores them), else formed by the first clean segment."""
+    output y as `run_target` recorded them (with their versions then, so an in-place change since
+    is seen), and the inner activations x V (with their gradient path to V) that every clean
+    segment of the site shares -- the CI's own when its function reads them
+    (`Decomposition.ci_logits` stores them), else formed by the first clean segment. Made only for
+    a site called once in the target run (`SiteModule.site_target`)."""
 
     x: Tensor
-    y: Tensor
-    w_version: int
+    x_version: int
+    y: Tensor | None  # None: not to be reused (no delta component, or hooks on the site module)
+    y_version: int
+    weight_versions: tuple  # the target weight's and bias's versions at the recording
     inner: Tensor | None = None
     # What the inner activations were formed under: (V's version, requires_grad, dtype).
     inner_key: tuple | None = None
@@ -191,6 +195,8 @@ class SiteModule(StandIn):
         self.state = SiteState()
         self.recorded: Tensor | None = None
         self.recorded_out: Tensor | None = None
+        self.record_calls = 0
+        self.recorded_versions: tuple[int, int] | None = None
         # fp32 products through oneDNN (tspd.fastlinear; set by the Decomposition from train.fp32_matmul).
         self.onednn = False
 
@@ -200,9 +206,12 @@ class SiteModule(StandIn):
     def forward(self, x: Tensor) -> Tensor:
         st = self.state
         if st.mode == "record":
-            self.recorded = x
-            self.recorded_out = self._original(x)
-            return self.recorded_out
+            self.record_calls += 1
+            y = self._original(x)
+            self.recorded, self.recorded_out = x, y
+            # Versions now, not after the forward: a later in-place change must show (see SiteTarget).
+            self.recorded_versions = None if x.is_inference() or y.is_inference() else (x._version, y._version)
+            return y
         segs = st.segments
         if len(segs) == 1:
             return self._segment_out(x, segs[0], x)
@@ -260,8 +269,8 @@ class SiteModule(StandIn):
             # in its own dtype, and the product must be in one dtype.
             coeff, d = coeff.to(U.dtype), (d.to(U.dtype) if d is not None else None)
         known = self.state.target if clean else None
-        if known is not None and known.x.shape != x.shape:
-            known = None  # not one row per row of the recorded batch
+        if known is not None and (known.x.shape != x.shape or known.x._version != known.x_version):
+            known = None  # not one row per row of the recorded batch, or changed in place since
         h = self._target_inner(known, x, out_dtype) if known is not None else self.components.inner(x, self.onednn)
         h = h * coeff
         out = linear(h, U) if self.onednn else h @ U
@@ -275,33 +284,47 @@ class SiteModule(StandIn):
         # passes keep the target's dtype downstream and stacked segments concatenate without promotion.
         return out if out_dtype is None else out.to(out_dtype)
 
+    def site_target(self) -> SiteTarget | None:
+        """What clean segments may reuse from the target run just recorded; None when the site ran
+        other than once in it (a shared layer applied twice: which call's values would a segment
+        need?) or the recording holds inference tensors (no versions; no gradient path)."""
+        x, y, versions = self.recorded, self.recorded_out, self.recorded_versions
+        if self.record_calls != 1 or x is None or y is None or versions is None:
+            return None
+        keep_y = self.use_delta and untouched(self.original)  # a forward hook may have changed y
+        return SiteTarget(x, versions[0], y if keep_y else None, versions[1], self._weight_versions())
+
+    def _weight_versions(self) -> tuple:
+        b = self.bias()
+        return (target_weight(self.original, self.kind)._version, None if b is None else b._version)
+
+    def _product_dtype(self, x: Tensor, w: Tensor, autocast_dtype: torch.dtype | None) -> torch.dtype:
+        """The dtype this site's product of `x` (as the segment holds it) with `w` comes out in."""
+        if self.kind == "embedding":
+            return w.dtype  # a lookup
+        return autocast_dtype or torch.promote_types(x.dtype, w.dtype)
+
     def _target_inner(self, known: SiteTarget, x: Tensor, autocast_dtype: torch.dtype | None) -> Tensor:
         """x V for a clean segment `x` (already cast as the segment computes it): the target run's,
         shared with the CI and the site's other clean segments, when formed under the same V,
         gradient mode and dtype as this segment would form its own; else formed here from the
         recorded input and kept for the site's later clean segments."""
         V = self.components.V
-        if self.kind == "embedding":
-            dtype = V.dtype
-        else:
-            dtype = autocast_dtype or torch.promote_types(x.dtype, V.dtype)
-        key = (V._version, torch.is_grad_enabled() and V.requires_grad, dtype)
+        key = (V._version, torch.is_grad_enabled() and V.requires_grad, self._product_dtype(x, V, autocast_dtype))
         if known.inner is None or known.inner_key != key or known.inner.shape[:-1] != x.shape[:-1]:
             rec = known.x.detach()
             known.set_inner(self.components.inner(rec if rec.dtype == x.dtype else rec.to(x.dtype), self.onednn), V)
         return known.inner
 
     def _target_lin(self, known: SiteTarget, x: Tensor, autocast_dtype: torch.dtype | None) -> Tensor | None:
-        """x W^T for a clean segment from the recorded output (its bias taken off), if the target
-        weight is unchanged since the recording and the output has the dtype the product would."""
-        w = target_weight(self.original, self.kind)
-        if self.kind == "embedding":
-            dtype = w.dtype
-        else:
-            dtype = autocast_dtype or torch.promote_types(x.dtype, w.dtype)
-        if known.w_version != w._version or known.y.dtype != dtype:
+        """x W^T for a clean segment from the recorded output (its bias taken off), if it was kept,
+        is unchanged since, the target weight and bias too, and it has the dtype the product would."""
+        y = known.y
+        if y is None or y._version != known.y_version or known.weight_versions != self._weight_versions():
+            return None
+        if y.dtype != self._product_dtype(x, target_weight(self.original, self.kind), autocast_dtype):
             return None
         if known.lin is None:
             b = self.bias()
-            known.lin = known.y if b is None else known.y - b
+            known.lin = y if b is None else y - b
         return known.lin

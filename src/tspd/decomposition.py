@@ -219,9 +219,10 @@ class Decomposition(nn.Module):
         # Per block holding a site: its direct children's (call start, call end, output) in the
         # target run, for replaying the children a group of passes does not route through.
         self._child_calls: dict[int, dict[str, tuple[int, int, Any]]] = {}
-        # Per site, the target run's input, output and inner activations for `_site_targets_batch`.
+        # Per site, the target run's input, output and inner activations for the batch (and its
+        # tensors' versions) in `_site_targets_batch`; dropped once passes have used them.
         self._site_targets: dict[str, SiteTarget] = {}
-        self._site_targets_batch: Batch | None = None
+        self._site_targets_batch: tuple[Batch, list[int] | None] | None = None
         p = next(target.parameters(), None)
         if p is not None:
             self.to(device=p.device, dtype=p.dtype if p.is_floating_point() else None)
@@ -278,7 +279,7 @@ class Decomposition(nn.Module):
             for m, mode in modes:
                 m.training = mode
             for s in self._stand_ins.values():
-                s.state, s.recorded, s.recorded_out = SiteState(), None, None
+                s.state, s.recorded, s.recorded_out, s.record_calls, s.recorded_versions = SiteState(), None, None, 0, None
 
     def component(self, site: str) -> Components:
         if site not in self._stand_ins:
@@ -327,11 +328,8 @@ class Decomposition(nn.Module):
                 if handle is not None:
                     handle.remove()
             inputs = {n: s.recorded for n, s in self._stand_ins.items()}
-            self._site_targets = {
-                n: SiteTarget(s.recorded, s.recorded_out, target_weight(s.original, s.kind)._version)
-                for n, s in self._stand_ins.items()
-            }
-            self._site_targets_batch = batch
+            self._site_targets = {n: t for n, s in self._stand_ins.items() if (t := s.site_target()) is not None}
+            self._site_targets_batch = (batch, _versions(_flat_tensors(batch)))
         # Passes may stop before the head only if the model returned the head's output itself (one
         # call, nothing applied after it, not even in place): then the head's input determines the output.
         sound = len(head_out) == 1 and head_out[0][0] is out and head_out[0][1] == out._version
@@ -374,7 +372,15 @@ class Decomposition(nn.Module):
 
     def run_pass(self, batch: Batch, p: Pass) -> Tensor:
         """One masked forward of the target (gradients flow to components and masks)."""
-        return self._run_stacked(batch, [p], skip_blocks=0)
+        try:
+            return self._run_stacked(batch, [p], skip_blocks=0)
+        finally:
+            self._drop_site_targets()
+
+    def _drop_site_targets(self) -> None:
+        """Forget the target run's site values once passes have run: no memory held past the step,
+        and no x V whose graph a backward has freed is offered to a later pass."""
+        self._site_targets, self._site_targets_batch = {}, None
 
     def run_passes(self, batch: Batch, passes: list[Pass], stack: bool = True, defer_head: bool = False):
         """Several masked passes. With `stack`, passes run as one forward over the batch repeated,
@@ -408,6 +414,12 @@ class Decomposition(nn.Module):
         return m if ours and untouched(head) else None
 
     def _run_passes(self, batch: Batch, passes: list[Pass], stack: bool, stop_at_head: bool) -> list[Tensor]:
+        try:
+            return self._run_grouped(batch, passes, stack, stop_at_head)
+        finally:
+            self._drop_site_targets()
+
+    def _run_grouped(self, batch: Batch, passes: list[Pass], stack: bool, stop_at_head: bool) -> list[Tensor]:
         if not stack or (len(passes) == 1 and self._block_batch is not batch):
             return [self._run_stacked(batch, [p], skip_blocks=0, stop_at_head=stop_at_head) for p in passes]
         groups: dict[tuple[int, int], list[int]] = {}
@@ -456,7 +468,9 @@ class Decomposition(nn.Module):
         # caller differentiating with respect to them) and in inference mode (no version counters).
         off = n == 1 or torch.is_inference_mode_enabled() or any(t.requires_grad for t in _flat_tensors(batch))
         starts = None if off else PassStarts(n)
-        known = self._site_targets if starts is not None and self._site_targets_batch is batch else {}
+        recorded = self._site_targets_batch
+        same_batch = recorded is not None and recorded[0] is batch and recorded[1] == _versions(_flat_tensors(batch))
+        known = self._site_targets if starts is not None and same_batch else {}
         with self._installed():
             for name, s in self._stand_ins.items():
                 segments: list[Segment] = []
