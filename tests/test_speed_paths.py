@@ -500,6 +500,15 @@ def test_bench_case_runs_and_reports(tmp_path):
     assert torch.get_num_threads() == threads_before
 
 
+def test_bench_recipe_cases_build_the_same_target_every_time():
+    """A recipe case's untrained target is seeded: runs (and processes) time the same weights."""
+    from tspd.bench import CASES
+
+    a, b = CASES["induction-recipe"].build()[0], CASES["induction-recipe"].build()[0]
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
+
+
 def test_bench_skips_bf16_cases_where_bf16_is_slow_unless_asked(monkeypatch):
     """On a CPU whose bf16 matmuls are not fast (e.g. AVX2 only: emulated, ~70x slower than fp32),
     the bf16-autocast case reports why it is skipped instead of timing the emulation for minutes."""

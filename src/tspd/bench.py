@@ -146,6 +146,7 @@ def _recipe_case(recipe: str, overrides: list[str] | None = None) -> Callable:
         from tspd.targets import build_data, build_target
 
         cfg = RunConfig.from_yaml(CONFIGS_DIR / f"{recipe}.yaml", overrides)
+        torch.manual_seed(cfg.seed)  # the untrained target's weights: the same in every run of the case
         target = build_target(cfg.target, train=False)
         data = build_data(cfg.data, cfg.target, cfg.train.batch_size, cfg.seed)
         return target, data(0), cfg
