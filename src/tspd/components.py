@@ -148,7 +148,7 @@ class SiteTarget:
     is seen), and the inner activations x V (with their gradient path to V) that every clean
     segment of the site shares -- the CI's own when its function reads them
     (`Decomposition.ci_logits` stores them), else formed by the first clean segment. Made only for
-    a site called once in the target run (`SiteModule.site_target`)."""
+    a site called once in the target run (`SiteModule.record`)."""
 
     x: Tensor
     x_version: int
@@ -194,9 +194,8 @@ class SiteModule(StandIn):
         self.__dict__["components"] = components
         self.state = SiteState()
         self.recorded: Tensor | None = None
-        self.recorded_out: Tensor | None = None
-        self.record_calls = 0
-        self.recorded_versions: tuple[int, int] | None = None
+        # What clean segments may reuse from the target run (None: nothing; see `_site_target`).
+        self.record: SiteTarget | None = None
         # fp32 products through oneDNN (tspd.fastlinear; set by the Decomposition from train.fp32_matmul).
         self.onednn = False
 
@@ -206,11 +205,11 @@ class SiteModule(StandIn):
     def forward(self, x: Tensor) -> Tensor:
         st = self.state
         if st.mode == "record":
-            self.record_calls += 1
             y = self._original(x)
-            self.recorded, self.recorded_out = x, y
-            # Versions now, not after the forward: a later in-place change must show (see SiteTarget).
-            self.recorded_versions = None if x.is_inference() or y.is_inference() else (x._version, y._version)
+            # A second call (a shared layer applied twice) leaves nothing to reuse: which call's
+            # values would a segment need?
+            self.record = self._site_target(x, y) if self.recorded is None else None
+            self.recorded = x
             return y
         segs = st.segments
         if len(segs) == 1:
@@ -284,15 +283,13 @@ class SiteModule(StandIn):
         # passes keep the target's dtype downstream and stacked segments concatenate without promotion.
         return out if out_dtype is None else out.to(out_dtype)
 
-    def site_target(self) -> SiteTarget | None:
-        """What clean segments may reuse from the target run just recorded; None when the site ran
-        other than once in it (a shared layer applied twice: which call's values would a segment
-        need?) or the recording holds inference tensors (no versions; no gradient path)."""
-        x, y, versions = self.recorded, self.recorded_out, self.recorded_versions
-        if self.record_calls != 1 or x is None or y is None or versions is None:
+    def _site_target(self, x: Tensor, y: Tensor) -> SiteTarget | None:
+        """The recording of one call, with its versions taken now (a later in-place change must
+        show); None for inference tensors (no versions; no gradient path)."""
+        if x.is_inference() or y.is_inference():
             return None
         keep_y = self.use_delta and untouched(self.original)  # a forward hook may have changed y
-        return SiteTarget(x, versions[0], y if keep_y else None, versions[1], self._weight_versions())
+        return SiteTarget(x, x._version, y if keep_y else None, y._version, self._weight_versions())
 
     def _weight_versions(self) -> tuple:
         b = self.bias()

@@ -279,7 +279,7 @@ class Decomposition(nn.Module):
             for m, mode in modes:
                 m.training = mode
             for s in self._stand_ins.values():
-                s.state, s.recorded, s.recorded_out, s.record_calls, s.recorded_versions = SiteState(), None, None, 0, None
+                s.state, s.recorded, s.record = SiteState(), None, None
 
     def component(self, site: str) -> Components:
         if site not in self._stand_ins:
@@ -328,7 +328,7 @@ class Decomposition(nn.Module):
                 if handle is not None:
                     handle.remove()
             inputs = {n: s.recorded for n, s in self._stand_ins.items()}
-            self._site_targets = {n: t for n, s in self._stand_ins.items() if (t := s.site_target()) is not None}
+            self._site_targets = {n: s.record for n, s in self._stand_ins.items() if s.record is not None}
             self._site_targets_batch = (batch, _versions(_flat_tensors(batch)))
         # Passes may stop before the head only if the model returned the head's output itself (one
         # call, nothing applied after it, not even in place): then the head's input determines the output.
