@@ -183,16 +183,18 @@ def test_vector_mlp_ci_is_per_position():
     torch.testing.assert_close(z[:, 1:], z2[:, 1:], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("keep", [True, False])
 @pytest.mark.parametrize("chunk_rows", [None, 5])
-def test_vector_mlp_recomputing_backward_matches_autograd(chunk_rows):
-    """PerComponentMLP saves only its input and recomputes the hidden layer in the backward, in
-    one chunk or in chunks of rows (5 rows: 18 rows in 4 chunks, the last one short)."""
+def test_vector_mlp_recomputing_backward_matches_autograd(chunk_rows, keep):
+    """PerComponentMLP's backward, in one chunk or in chunks of rows (5 rows: 18 rows in 4 chunks,
+    the last one short), reusing the forward's hidden layer (keep) or recomputing it from the input."""
     import torch.nn.functional as F
 
     from tspd.importance import PerComponentMLP
 
     torch.manual_seed(0)
     m = PerComponentMLP(7, 5, 4).double()
+    m.KEEP_BYTES = 2**30 if keep else 0
     if chunk_rows is not None:
         m.CHUNK_BYTES = chunk_rows * 5 * 4 * 4  # rows x C x hidden x 4 bytes
     for p in m.parameters():
@@ -203,7 +205,10 @@ def test_vector_mlp_recomputing_backward_matches_autograd(chunk_rows):
     torch.testing.assert_close(out, plain)
     g = torch.randn_like(out)
     params = [x, *m.parameters()]
-    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(plain, params, g)):
+    for a, b in zip(torch.autograd.grad(out, params, g, retain_graph=True), torch.autograd.grad(plain, params, g, retain_graph=True)):
+        torch.testing.assert_close(a, b)
+    # A second backward through the same graph (the kept values are released after the first: it recomputes).
+    for a, b in zip(torch.autograd.grad(out, params, 2 * g), torch.autograd.grad(plain, params, 2 * g)):
         torch.testing.assert_close(a, b)
 
 

@@ -573,3 +573,37 @@ def test_cli_bench_rejects_an_unknown_case(capsys):
 
     assert main(["bench", "--cases", "nope", "--steps", "1"]) == 2
     assert "unknown benchmark case 'nope'" in capsys.readouterr().err
+
+
+def test_head_runs_on_the_output_positions_only_and_matches_the_full_head():
+    """With output positions, the masked passes stop before the output head and the head runs on
+    those positions only: the same loss terms and gradients as the head on every position."""
+    torch.manual_seed(0)
+    target = InductionTransformer(20, 8, 2, 12)
+    cfg = make_cfg(
+        [("blocks.*.attn.q_proj", 4), ("blocks.*.attn.v_proj", 4)],
+        ci={"kind": "shared_mlp", "hidden": [8]},
+        losses={"faithfulness": 1.0, "stochastic_recon": 1.0, "stochastic_recon_layerwise": 1.0, "ci_masked_recon": 0.5,
+                "stochastic_recon_subset": 1.0, "importance_minimality": 0.1},
+        output={"positions": [-1]},
+    )
+    dec = tspd.Decomposition(target, cfg)
+    tokens = torch.randint(0, 20, (6, 12))
+    rows = []
+    apply_head = dec.apply_head
+    dec.apply_head = lambda h: rows.append(h.shape[:-1]) or apply_head(h)
+    results = []
+    for head in (dec.output_head, None):
+        dec.__dict__["_head"] = None if head is None else dec.__dict__["_head"]
+        dec.zero_grad()
+        total, terms, _ = compute_losses(dec, tokens, 0, torch.Generator().manual_seed(1))
+        total.backward()
+        results.append((terms, [p.grad.clone() for p in dec.parameters() if p.grad is not None]))
+    assert rows and all(tuple(r) == (6, 1) for r in rows)  # the head saw the last position only
+    (terms_sel, grads_sel), (terms_all, grads_all) = results
+    assert terms_sel.keys() == terms_all.keys()
+    for t in terms_sel:
+        assert terms_sel[t] == pytest.approx(terms_all[t], rel=1e-5, abs=1e-9)
+    assert len(grads_sel) == len(grads_all)
+    for a, b in zip(grads_sel, grads_all):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

@@ -33,6 +33,7 @@ from tspd.fastlinear import (
     StandIn,
     Swap,
     fast_equivalents,
+    linear,
     onednn_available,
     slot,
     swap_in_place,
@@ -402,6 +403,14 @@ class Decomposition(nn.Module):
     def output_head(self) -> nn.Linear | None:
         """The target's output head the masked passes can stop before (see `run_passes`), if any."""
         return self._head[2] if self._head is not None else None
+
+    def apply_head(self, h: Tensor) -> Tensor:
+        """The output head on its inputs `h` (from `run_passes(..., defer_head=True)`), through
+        oneDNN where the passes' own linear layers run through it. The head's weights are frozen
+        here as in the passes: no gradient reaches them (GPT-2's is its token embedding)."""
+        head = self._head[2]
+        b = head.bias.detach() if head.bias is not None else None
+        return linear(h, head.weight.detach().t(), b, self.onednn)
 
     def _head_module(self) -> nn.Module | None:
         """What stands at the output head's place now: the head or its FastLinear stand-in (None

@@ -90,7 +90,7 @@ class _PerComponentMLPFn(torch.autograd.Function):
     backward recomputes the chunk's pre-activations from x (one more small matmul per chunk)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, chunk: int, onednn: bool) -> Tensor:
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, chunk: int, onednn: bool, keep: bool = False) -> Tensor:
         rows = x.shape[0]
         autocast = torch.is_autocast_enabled(x.device.type)
         # x w1 + b1 through oneDNN (tspd.fastlinear) where on: 39 vs 51 us per 160-row chunk here.
@@ -98,6 +98,9 @@ class _PerComponentMLPFn(torch.autograd.Function):
         w1t = w1.t() if onednn else None
         out = torch.empty(rows, w2.shape[0], dtype=torch.promote_types(x.dtype, w2.dtype), device=x.device)
         dt = x.dtype
+        # keep: the pre-activations and GELU outputs stay for the backward (which then recomputes
+        # neither), where the caller judged them small enough.
+        kept: list[tuple[Tensor, Tensor]] = []
         for i in range(0, rows, chunk):
             xc = x[i : i + chunk]
             if autocast:  # bf16 matmul (the backward recomputes in the same dtype), bias and GELU in fp32
@@ -109,15 +112,20 @@ class _PerComponentMLPFn(torch.autograd.Function):
             else:  # the bias added inside the matmul
                 pre = torch.addmm(b1, xc, w1)
             hid = F.gelu(pre).unflatten(-1, w2.shape)
-            torch.sum(hid.mul_(w2), -1, out=out[i : i + chunk])  # no second (chunk, C, hidden) tensor
-        ctx.mm_dtype, ctx.chunk, ctx.onednn = dt, chunk, onednn
+            if keep:
+                kept.append((pre, hid))
+                torch.sum(hid * w2, -1, out=out[i : i + chunk])
+            else:
+                torch.sum(hid.mul_(w2), -1, out=out[i : i + chunk])  # no second (chunk, C, hidden) tensor
+        ctx.mm_dtype, ctx.chunk, ctx.onednn, ctx.kept = dt, chunk, onednn, kept
         ctx.save_for_backward(x, w1, b1, w2)
         return out.add_(b2)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, w1, b1, w2 = ctx.saved_tensors
-        dt, chunk = ctx.mm_dtype, ctx.chunk
+        dt, chunk, kept = ctx.mm_dtype, ctx.chunk, ctx.kept
+        ctx.kept = []
         w1c = w1.to(dt)
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         # w1's gradient is summed over chunks transposed (grad_pre^T x runs faster than x^T grad_pre
@@ -127,13 +135,17 @@ class _PerComponentMLPFn(torch.autograd.Function):
         grad_w2 = torch.zeros_like(w2)
         grad = grad.to(w2.dtype)
         w1t = w1.t() if ctx.onednn else None
-        for i in range(0, x.shape[0], chunk):
+        for k, i in enumerate(range(0, x.shape[0], chunk)):
             xc, gc = x[i : i + chunk], grad[i : i + chunk].unsqueeze(-1)
-            if ctx.onednn:
-                pre = linear_pointwise(xc, w1t, b1)
+            if kept:
+                pre, hid = kept[k]
+                grad_w2.add_((hid * gc).sum(0))
             else:
-                pre = torch.addmm(b1, xc, w1) if dt == w1.dtype else xc.to(dt) @ w1c + b1
-            grad_w2.add_(F.gelu(pre).unflatten(-1, w2.shape).mul_(gc).sum(0))
+                if ctx.onednn:
+                    pre = linear_pointwise(xc, w1t, b1)
+                else:
+                    pre = torch.addmm(b1, xc, w1) if dt == w1.dtype else xc.to(dt) @ w1c + b1
+                grad_w2.add_(F.gelu(pre).unflatten(-1, w2.shape).mul_(gc).sum(0))
             grad_pre = torch.ops.aten.gelu_backward((gc * w2).flatten(-2), pre)
             if dt == w1.dtype:
                 grad_w1t.addmm_(grad_pre.T, xc)
@@ -142,7 +154,7 @@ class _PerComponentMLPFn(torch.autograd.Function):
             grad_b1.add_(grad_pre.sum(0))
             if grad_x is not None:
                 grad_x[i : i + chunk] = grad_pre.to(dt) @ w1c.T
-        return grad_x, grad_w1t.T.contiguous(), grad_b1, grad_w2, grad.sum(0), None, None
+        return grad_x, grad_w1t.T.contiguous(), grad_b1, grad_w2, grad.sum(0), None, None, None
 
 
 class PerComponentMLP(nn.Module):
@@ -162,10 +174,16 @@ class PerComponentMLP(nn.Module):
     # / 127 ms (median); in a slower run 2 / 3 / 4 / 8 MB -> 131 / 131 / 137 / 147 ms (25th pct).
     CHUNK_BYTES = 2 * 2**20
 
+    # The backward reuses the forward's pre-activations and GELU outputs (instead of recomputing
+    # both) while they take at most this many bytes per call.
+    KEEP_BYTES = 32 * 2**20
+
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         chunk = max(1, self.CHUNK_BYTES // (self.C * self.hidden * 4))
-        z = _PerComponentMLPFn.apply(x.reshape(-1, x.shape[-1]), self.w1, self.b1, self.w2, self.b2, chunk, self.onednn)
+        rows = x.numel() // x.shape[-1]
+        keep = torch.is_grad_enabled() and 2 * rows * self.C * self.hidden * 4 <= self.KEEP_BYTES
+        z = _PerComponentMLPFn.apply(x.reshape(-1, x.shape[-1]), self.w1, self.b1, self.w2, self.b2, chunk, self.onednn, keep)
         return z.reshape(*lead, self.C)
 
 

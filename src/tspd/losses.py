@@ -53,8 +53,9 @@ class Reference:
             self.neg_entropy = (self.p * log_p).sum(-1).mean()
             self._flat: tuple[Tensor, Tensor] | None = None
 
-    def divergence(self, out: Tensor) -> Tensor:
-        out = select_positions(out, self.positions)
+    def divergence(self, out: Tensor, selected: bool = False) -> Tensor:
+        """D(target, out); `selected`: `out` holds only the output positions already."""
+        out = out if selected else select_positions(out, self.positions)
         if self.kind == "mse":
             return (out.float() - self.target).pow(2).mean()
         if self.compiled:
@@ -293,14 +294,20 @@ def compute_losses(
     if all_passes:
         ref = Reference(target_out, cfg.output.divergence, cfg.output.positions, compiled=cfg.train.compile)
         fuse = ref.kind == "kl" and fuse_head(cfg.train.fuse_head, dec)
+        # With output positions (the induction recipe: the last one), the head runs on those
+        # positions only instead of on every position of every stacked pass.
+        select = not fuse and cfg.output.positions is not None and dec.output_head is not None
         with autocast_for(cfg, dec.target):
-            if fuse:
+            if fuse or select:
                 outs, head = dec.run_passes(batch, all_passes, stack=cfg.train.stack_passes, defer_head=True)
             else:
                 outs, head = dec.run_passes(batch, all_passes, stack=cfg.train.stack_passes), None
             for t in active:
-                if head is not None:  # the passes stopped before the output head: head + KL fused
+                if head is not None and fuse:  # the passes stopped before the output head: head + KL fused
                     vals = [ref.divergence_through_head(o, head, dec.onednn) for o, owner in zip(outs, owners) if owner == t]
+                elif head is not None:  # they stopped before it: the head on the output positions only
+                    vals = [ref.divergence(dec.apply_head(select_positions(o, cfg.output.positions)), selected=True)
+                            for o, owner in zip(outs, owners) if owner == t]
                 else:
                     vals = [ref.divergence(o) for o, owner in zip(outs, owners) if owner == t]
                 terms[t] = torch.stack(vals).mean()
