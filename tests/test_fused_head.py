@@ -180,3 +180,47 @@ def test_replayed_blocks_read_through_to_the_original():
     dec1, t1, g1 = _step(_seeded(_ReadsBlocks), sites, True, X, losses=LOSSES, train={"reuse_prefix": True})
     assert dec1._block_outputs is not None  # block 0 was recorded for replay
     assert_same_step((t0, g0), (t1, g1), loss_tol=(1e-5, 1e-8), grad_tol=(1e-4, 1e-7))
+
+
+def test_fused_head_takes_its_own_measured_onednn_choice(monkeypatch):
+    """train.fp32_matmul auto with the other products on torch's route: the fused head's products
+    follow their own measurement at the head's chunk shape; 'torch' never measures; a head that is
+    not fused is never measured; the choice reaches the loss."""
+    import tspd.decomposition as decomposition
+    from tspd import fastlinear
+
+    if not fastlinear.onednn_available():
+        pytest.skip("no oneDNN in this torch build")
+    asked = []
+
+    def fake(rows, d_in, d_out):
+        asked.append((rows, d_in, d_out))
+        return True
+
+    monkeypatch.setattr(decomposition, "use_onednn", lambda setting: False)  # the layers: torch's route
+    monkeypatch.setattr(decomposition, "onednn_head_is_faster", fake)
+    batch = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(2))
+    sites = [("transformer.h.*.mlp.c_fc", 8)]
+    kw = dict(losses=LOSSES, ci={"kind": "shared_mlp", "hidden": [16]})
+    dec = tspd.Decomposition(make_gpt2(0), make_cfg(sites, **kw, train={"fuse_head": True}))
+    assert not dec.onednn and dec.head_onednn
+    assert asked == [(Reference.head_chunk_rows(100), dec.output_head.in_features, 100)]
+    seen = []
+    real = Reference.divergence_through_head
+    monkeypatch.setattr(Reference, "divergence_through_head", lambda self, h, head, onednn: seen.append(onednn) or real(self, h, head, onednn))
+    compute_losses(dec, batch, 0, torch.Generator().manual_seed(3))
+    assert seen and all(seen)
+    asked.clear()
+    for train in ({"fuse_head": True, "fp32_matmul": "torch"}, {"fuse_head": False}):
+        dec = tspd.Decomposition(make_gpt2(0), make_cfg(sites, **kw, train=train))
+        assert not dec.head_onednn and not asked
+
+
+def test_head_onednn_measurement_returns_a_choice_once_per_shape():
+    from tspd import fastlinear
+
+    fastlinear.onednn_head_is_faster.cache_clear()
+    first = fastlinear.onednn_head_is_faster(64, 16, 256)
+    assert isinstance(first, bool)
+    assert fastlinear.onednn_head_is_faster(64, 16, 256) is first
+    assert fastlinear.onednn_head_is_faster.cache_info().hits == 1

@@ -378,6 +378,7 @@ def run_case(name: str, steps: int = 20, warmup: int = 3, threads: int | None = 
         "steps_timed": steps,
         "device": device,
         "fp32_matmul": "onednn" if dec.onednn else "torch",  # what train.fp32_matmul resolved to in this process
+        "head_fp32_matmul": "onednn" if dec.head_onednn else "torch",  # and for the fused output head
         "autocast": autocast,
     }
     if device.startswith("cuda"):

@@ -35,6 +35,7 @@ from tspd.fastlinear import (
     fast_equivalents,
     linear,
     onednn_available,
+    onednn_head_is_faster,
     slot,
     swap_in_place,
     untouched,
@@ -213,6 +214,7 @@ class Decomposition(nn.Module):
         # fp32 products through oneDNN (tspd.fastlinear) for the sites, the CI layers and every other
         # linear layer of the target, where train.fp32_matmul says so and they can apply.
         self.set_onednn(self._onednn_possible() and use_onednn(config.train.fp32_matmul))
+        self.set_head_onednn(self._head_onednn_measured())
         # Held outside the module tree (like the target), so parameters() never lists the target's.
         self.__dict__["_block_list"], self._block_of, self._branch_of = _find_block_list(target, self.site_names)
         self._block_outputs: list[Any] | None = None
@@ -259,6 +261,30 @@ class Decomposition(nn.Module):
             if hasattr(m, "onednn"):
                 m.onednn = on
         self.__dict__["_fast"] = fast_equivalents(self.target, set(self._stand_ins)) if on else []
+
+    @property
+    def head_onednn(self) -> bool:
+        """Whether the fused output head's products (`train.fuse_head`) go through oneDNN: wherever
+        the other products do, and where `train.fp32_matmul: auto` measured them faster at the head's
+        own shape (`_head_onednn_measured`)."""
+        return self.onednn or self.__dict__.get("_head_onednn", False)
+
+    def set_head_onednn(self, on: bool) -> None:
+        """Set the fused head's own oneDNN choice (a resumed run takes its checkpoint's, a
+        data-parallel run rank 0's)."""
+        self.__dict__["_head_onednn"] = bool(on) and self._onednn_possible()
+
+    def _head_onednn_measured(self) -> bool:
+        """`train.fp32_matmul: auto` with the head fused and the other products on torch's route:
+        time the head's chunk product both ways (fastlinear.onednn_head_is_faster)."""
+        from tspd.losses import Reference, fuse_head
+
+        if self.config.train.fp32_matmul != "auto" or self.onednn or self._head is None or not self._onednn_possible():
+            return False
+        if not fuse_head(self.config.train.fuse_head, self) or self.config.output.divergence != "kl":
+            return False
+        head = self._head[2]
+        return onednn_head_is_faster(Reference.head_chunk_rows(head.out_features), head.in_features, head.out_features)
 
     # ---- the target, temporarily wired to the stand-ins ------------------------------------
     @contextlib.contextmanager

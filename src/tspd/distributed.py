@@ -86,9 +86,10 @@ def agree_on_onednn(dec, device: torch.device, w: World) -> None:
     torchrun every rank takes rank 0's answer (as `agree_on_autocast`). A collective."""
     if not w.parallel or dec.config.train.fp32_matmul != "auto" or device.type != "cpu":
         return
-    flag = torch.tensor([int(dec.onednn)])
+    flag = torch.tensor([int(dec.onednn), int(dec.head_onednn)])
     dist.broadcast(flag, src=0)
-    dec.set_onednn(bool(flag.item()))
+    dec.set_onednn(bool(flag[0].item()))
+    dec.set_head_onednn(bool(flag[1].item()))
 
 
 def leave(wait: bool = False) -> None:

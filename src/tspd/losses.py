@@ -69,6 +69,11 @@ class Reference:
     # case (vocab 1024) measured the same at 0.25, 4 and 64 MB.
     HEAD_CHUNK_BYTES = 32 * 2**20
 
+    @classmethod
+    def head_chunk_rows(cls, vocab: int) -> int:
+        """Rows per chunk of `divergence_through_head` for a head of `vocab` outputs."""
+        return max(64, cls.HEAD_CHUNK_BYTES // (4 * vocab))
+
     def divergence_through_head(self, h: Tensor, head: torch.nn.Linear, onednn: bool) -> Tensor:
         """KL(target || head(h)) for the inputs h of the output head, computed with the head by
         `_HeadKL` over chunks of rows (no (tokens x vocab) logits kept for the backward). Call it
@@ -84,7 +89,7 @@ class Reference:
         if h2.shape[0] != p.shape[0]:
             raise ValueError(f"{h2.shape[0]} head-input rows for a target output of {p.shape[0]}")
         w, b = head.weight.detach(), head.bias.detach() if head.bias is not None else None
-        chunk = max(64, self.HEAD_CHUNK_BYTES // (4 * p.shape[1]))
+        chunk = self.head_chunk_rows(p.shape[1])
         return _HeadKL.apply(h2, w, b, p, psum, self.neg_entropy, chunk, onednn)
 
 
@@ -304,7 +309,7 @@ def compute_losses(
                 outs, head = dec.run_passes(batch, all_passes, stack=cfg.train.stack_passes), None
             for t in active:
                 if head is not None and fuse:  # the passes stopped before the output head: head + KL fused
-                    vals = [ref.divergence_through_head(o, head, dec.onednn) for o, owner in zip(outs, owners) if owner == t]
+                    vals = [ref.divergence_through_head(o, head, dec.head_onednn) for o, owner in zip(outs, owners) if owner == t]
                 elif head is not None:  # they stopped before it: the head on the output positions only
                     vals = [ref.divergence(dec.apply_head(select_positions(o, cfg.output.positions)), selected=True)
                             for o, owner in zip(outs, owners) if owner == t]

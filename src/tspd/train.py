@@ -206,6 +206,7 @@ def _save_checkpoint(run_dir: Path, dec: Decomposition, opt: torch.optim.Optimiz
         "autocast": resolve_autocast(dec.config.train.autocast, model_device(dec.target).type),
         # Likewise what train.fp32_matmul resolved to (another summation order: resume stays exact).
         "fp32_matmul_onednn": dec.onednn,
+        "head_onednn": dec.head_onednn,  # and the fused head's own choice
     }
     atomic_write_bytes(run_dir / CHECKPOINT, lambda p: torch.save(state, p))
 
@@ -223,6 +224,8 @@ def _load_checkpoint(run_dir: Path, dec: Decomposition, opt: torch.optim.Optimiz
         pin_fast_bf16(state["autocast"] == "bf16")
     if dec.config.train.fp32_matmul == "auto" and "fp32_matmul_onednn" in state:
         dec.set_onednn(state["fp32_matmul_onednn"])
+        if "head_onednn" in state:
+            dec.set_head_onednn(state["head_onednn"])
     dec.load_state_dict(state["decomposition"])
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
