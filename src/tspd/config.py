@@ -134,8 +134,9 @@ class TrainConfig(Strict):
         "oneDNN's kernels (tspd.fastlinear; IEEE fp32, another summation order), `torch` torch's own (MKL on x86), "
         "`auto` oneDNN where a ~0.1-s test at start-up measures a layer's forward product and weight gradient >= 1.3x "
         "faster through it (a 2-core AMD EPYC Zen 5, where MKL runs its AVX2 kernels: ~430 vs ~200 GFLOP/s forward; not "
-        "a 2-core AMD EPYC Zen 3, AVX2 only: equal forward, oneDNN's weight gradient half as fast). Ignored under "
-        "autocast and on GPUs",
+        "a 2-core AMD EPYC Zen 3, AVX2 only: equal forward, oneDNN's weight gradient half as fast); where that picks "
+        "torch's, a fused output head (`train.fuse_head`) gets its own ~0.3-s test at its chunk shape, oneDNN if >= 1.15x "
+        "faster (the Zen 3 ran SmolLM2's head chunk 1.4-1.55x faster through oneDNN). Ignored under autocast and on GPUs",
     )
     compile: bool = Field(
         False,
