@@ -354,3 +354,33 @@ def test_decompose_applies_the_lr_schedule_and_clips_gradients(monkeypatch):
     assert len({lr for lr, _ in seen}) > 4  # warm-up and decay, not a constant
     norms = [n for _, n in seen]
     assert max(norms) <= 1e-3 * (1 + 1e-5) and min(norms) > 0.9e-3, norms  # clipped, and clipping was active
+
+
+def test_resume_keeps_the_fused_heads_product_route(tmp_path, monkeypatch):
+    """The fused head's own oneDNN choice (measured per process under fp32_matmul auto) comes from
+    the checkpoint on resume; a checkpoint without it (older) means the head followed the layers'."""
+    import tspd.decomposition as decomposition
+    from tspd import fastlinear
+    from tspd.train import _load_checkpoint, _save_checkpoint, make_optimizer
+
+    if not fastlinear.onednn_available():
+        pytest.skip("no oneDNN in this torch build")
+    monkeypatch.setattr(decomposition, "use_onednn", lambda setting: False)  # the layers: torch's route
+
+    def make(measured: bool):
+        monkeypatch.setattr(decomposition, "onednn_head_is_faster", lambda *shape: measured)
+        dec = tspd.Decomposition(make_gpt2(0), make_cfg([("transformer.h.0.mlp.c_fc", 4)], train={"fuse_head": True}))
+        return dec, make_optimizer(dec)
+
+    dec, opt = make(True)
+    assert dec.head_onednn and not dec.onednn
+    _save_checkpoint(tmp_path, dec, opt, 3)
+    new, new_opt = make(False)
+    assert not new.head_onednn
+    assert _load_checkpoint(tmp_path, new, new_opt) == 3 and new.head_onednn
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    del state["head_onednn"]
+    torch.save(state, tmp_path / CHECKPOINT)
+    old, old_opt = make(True)
+    _load_checkpoint(tmp_path, old, old_opt)
+    assert not old.head_onednn

@@ -206,12 +206,14 @@ def swap_in_place(swaps: list[Swap]) -> list[tuple[nn.Module, str, nn.Module]]:
     return swapped
 
 
-def _clearly_faster(torch_route: Callable[[], Any], onednn_route: Callable[[], Any], factor: float) -> bool:
-    """Whether `onednn_route` runs >= `factor` x faster than `torch_route`: the two alternated, two
-    warm-up rounds, then the best of 5 each. False where oneDNN is missing or refuses."""
+def _clearly_faster(routes: Callable[[], tuple[Callable[[], Any], Callable[[], Any]]], factor: float) -> bool:
+    """Whether the oneDNN route runs >= `factor` x faster than torch's, `routes()` giving (torch's,
+    oneDNN's): the two alternated, two warm-up rounds, then the best of 5 each. False where oneDNN
+    is missing or refuses, or the inputs cannot be made."""
     if not onednn_available():
         return False
     try:
+        torch_route, onednn_route = routes()
         best = {torch_route: float("inf"), onednn_route: float("inf")}
         for i in range(7):
             for f in best:
@@ -232,34 +234,42 @@ def onednn_fp32_is_faster() -> bool:
     AVX-512) measured ~430 vs ~200 GFLOP/s forward; a 2-core AMD EPYC (Zen 3, AVX2 only) about equal
     forward and oneDNN's weight gradient half as fast (with its input conversions), so torch's path
     there; Intel CPUs, where MKL runs its AVX-512 kernels, are expected to show no gap either."""
-    gen = torch.Generator().manual_seed(0)  # not the global RNG a run has just seeded
-    x, w = torch.randn(1024, 256, generator=gen), torch.randn(256, 1024, generator=gen)
-    g = torch.randn(1024, 1024, generator=gen)
-    wt = w.t().contiguous()
 
-    def torch_route() -> None:
-        x @ w
-        x.t() @ g
+    def routes():
+        gen = torch.Generator().manual_seed(0)  # not the global RNG a run has just seeded
+        x, w = torch.randn(1024, 256, generator=gen), torch.randn(256, 1024, generator=gen)
+        g = torch.randn(1024, 1024, generator=gen)
+        wt = w.t().contiguous()
 
-    def onednn_route() -> None:
-        linear_pointwise(x, wt, None)
-        _weight_grad(x, g)
+        def torch_route() -> None:
+            x @ w
+            x.t() @ g
 
-    return _clearly_faster(torch_route, onednn_route, 1.3)
+        def onednn_route() -> None:
+            linear_pointwise(x, wt, None)
+            _weight_grad(x, g)
+
+        return torch_route, onednn_route
+
+    return _clearly_faster(routes, 1.3)
 
 
 @functools.lru_cache(maxsize=8)
 def onednn_head_is_faster(rows: int, d_in: int, d_out: int) -> bool:
     """Whether oneDNN's fp32 product is faster (>= 1.15x) than torch's own for a fused output
     head's chunk, (rows x d_in) . (d_in x d_out) -- few rows times a wide head, a shape the layer
-    test of `onednn_fp32_is_faster` does not cover -- measured once per shape on at most 8192 of
-    the head's outputs (~0.1-0.3 s). A 2-core AMD EPYC Zen 3 (AVX2), whose layer test picks torch,
+    test of `onednn_fp32_is_faster` does not cover -- measured once per shape on at most 512 rows
+    and 8192 of the head's outputs (~0.1-0.3 s at d_in 576). A 2-core AMD EPYC Zen 3 (AVX2), whose layer test picks torch,
     ran (170 x 576) . (576 x 8192) at 113 vs 73 GFLOP/s through oneDNN in one test, 1.3-1.4x in
     others (the head's input-gradient product: 114 vs 107). The bar is lower than the layers' 1.3x:
     a head has no weight gradient, the product oneDNN ran at half speed there."""
-    gen = torch.Generator().manual_seed(0)  # not the global RNG a run has just seeded
-    x, w = torch.randn(rows, d_in, generator=gen), torch.randn(min(d_out, 8192), d_in, generator=gen)
-    return _clearly_faster(lambda: F.linear(x, w), lambda: linear_pointwise(x, w, None), 1.15)
+
+    def routes():
+        gen = torch.Generator().manual_seed(0)  # not the global RNG a run has just seeded
+        x, w = torch.randn(min(rows, 512), d_in, generator=gen), torch.randn(min(d_out, 8192), d_in, generator=gen)
+        return (lambda: F.linear(x, w)), (lambda: linear_pointwise(x, w, None))
+
+    return _clearly_faster(routes, 1.15)
 
 
 def use_onednn(setting: str) -> bool:

@@ -81,13 +81,13 @@ def upper_leaky_hard_sigmoid(z: Tensor, leak: float = 0.01) -> Tensor:
 
 
 class _PerComponentMLPFn(torch.autograd.Function):
-    """z[n, c] = w2[c] . gelu(x[n] @ w1[:, c] + b1[c]) + b2[c], over chunks of `chunk` rows, saving
-    only x for the backward.
+    """z[n, c] = w2[c] . gelu(x[n] @ w1[:, c] + b1[c]) + b2[c], over chunks of `chunk` rows.
 
     The hidden activations (rows x C x hidden) are the largest tensors of a vector_mlp step, and
     eager elementwise ops over them are bound by memory traffic. Here every op runs on one chunk of
-    rows small enough to stay in the CPU's cache, and nothing of that size is written out: the
-    backward recomputes the chunk's pre-activations from x (one more small matmul per chunk)."""
+    rows small enough to stay in the CPU's cache. With `keep` each chunk's pre-activations and GELU
+    outputs stay for the backward (2 x rows x C x hidden values until then); without it only x is
+    saved and the backward recomputes them chunk by chunk (one more small matmul and GELU each)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, chunk: int, onednn: bool, keep: bool = False) -> Tensor:
@@ -175,14 +175,16 @@ class PerComponentMLP(nn.Module):
     CHUNK_BYTES = 2 * 2**20
 
     # The backward reuses the forward's pre-activations and GELU outputs (instead of recomputing
-    # both) while they take at most this many bytes per call.
+    # both) while they take at most this many bytes per call, i.e. per site and step (the recipe's
+    # 6 sites: 16.8 MB each).
     KEEP_BYTES = 32 * 2**20
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         chunk = max(1, self.CHUNK_BYTES // (self.C * self.hidden * 4))
         rows = x.numel() // x.shape[-1]
-        keep = torch.is_grad_enabled() and 2 * rows * self.C * self.hidden * 4 <= self.KEEP_BYTES
+        size = torch.promote_types(x.dtype, self.w1.dtype).itemsize
+        keep = torch.is_grad_enabled() and 2 * rows * self.C * self.hidden * size <= self.KEEP_BYTES
         z = _PerComponentMLPFn.apply(x.reshape(-1, x.shape[-1]), self.w1, self.b1, self.w2, self.b2, chunk, self.onednn, keep)
         return z.reshape(*lead, self.C)
 

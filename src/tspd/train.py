@@ -224,8 +224,8 @@ def _load_checkpoint(run_dir: Path, dec: Decomposition, opt: torch.optim.Optimiz
         pin_fast_bf16(state["autocast"] == "bf16")
     if dec.config.train.fp32_matmul == "auto" and "fp32_matmul_onednn" in state:
         dec.set_onednn(state["fp32_matmul_onednn"])
-        if "head_onednn" in state:
-            dec.set_head_onednn(state["head_onednn"])
+        # A checkpoint from before the head had its own choice: its head followed the layers'.
+        dec.set_head_onednn(state.get("head_onednn", False))
     dec.load_state_dict(state["decomposition"])
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
