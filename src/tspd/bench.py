@@ -33,7 +33,7 @@ import torch
 from tspd.config import RunConfig
 from tspd.decomposition import Batch, Decomposition, call_target, fused_equivalents, restore_modules
 from tspd.fastlinear import fast_equivalents, onednn_available, swap_in_place, use_onednn
-from tspd.losses import autocast_for, compute_losses, cpu_has_fast_bf16, cpu_info, forward_passes, fuse_head, resolve_autocast
+from tspd.losses import autocast_for, compute_losses, cpu_has_fast_bf16, cpu_info, forward_passes, head_fused, resolve_autocast
 from tspd.seeding import generator
 from tspd.train import faithfulness_warmup, make_optimizer, optimizer_step, tune_cpu_allocator
 
@@ -379,7 +379,7 @@ def run_case(name: str, steps: int = 20, warmup: int = 3, threads: int | None = 
         "device": device,
         "fp32_matmul": "onednn" if dec.onednn else "torch",  # what train.fp32_matmul resolved to in this process
         # and for the fused output head (None: no head fused)
-        "head_fp32_matmul": ("onednn" if dec.head_onednn else "torch") if cfg.output.divergence == "kl" and fuse_head(cfg.train.fuse_head, dec) else None,
+        "head_fp32_matmul": ("onednn" if dec.head_onednn else "torch") if head_fused(dec) else None,
         "autocast": autocast,
     }
     if device.startswith("cuda"):

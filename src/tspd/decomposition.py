@@ -277,11 +277,11 @@ class Decomposition(nn.Module):
     def _head_onednn_measured(self) -> bool:
         """`train.fp32_matmul: auto` with the head fused and the other products on torch's route:
         time the head's chunk product both ways (fastlinear.onednn_head_is_faster)."""
-        from tspd.losses import Reference, fuse_head
+        from tspd.losses import Reference, head_fused
 
         if self.config.train.fp32_matmul != "auto" or self.onednn or self._head is None or not self._onednn_possible():
             return False
-        if not fuse_head(self.config.train.fuse_head, self) or self.config.output.divergence != "kl":
+        if not head_fused(self):
             return False
         head = self._head[2]
         return onednn_head_is_faster(Reference.head_chunk_rows(head.out_features), head.in_features, head.out_features)

@@ -99,6 +99,12 @@ class Reference:
 FUSE_HEAD_MIN_OUTPUTS = 8192
 
 
+def head_fused(dec: Decomposition) -> bool:
+    """Whether the step's loss runs the output head fused with the KL: `train.fuse_head` resolved
+    for this decomposition, and a KL divergence (the fused head computes no other)."""
+    return dec.config.output.divergence == "kl" and fuse_head(dec.config.train.fuse_head, dec)
+
+
 def fuse_head(setting: bool | str, dec: Decomposition) -> bool:
     """Resolve `train.fuse_head` for this decomposition's output head."""
     if setting == "auto":
@@ -298,10 +304,10 @@ def compute_losses(
         owners += [t] * len(ps)
     if all_passes:
         ref = Reference(target_out, cfg.output.divergence, cfg.output.positions, compiled=cfg.train.compile)
-        fuse = ref.kind == "kl" and fuse_head(cfg.train.fuse_head, dec)
+        fuse = head_fused(dec)
         # With output positions (the induction recipe: the last one), the head runs on those
         # positions only instead of on every position of every stacked pass.
-        select = not fuse and cfg.output.positions is not None and dec.output_head is not None
+        select = not fuse and cfg.output.positions is not None  # (no head found: run_passes returns the outputs)
         with autocast_for(cfg, dec.target):
             if fuse or select:
                 outs, head = dec.run_passes(batch, all_passes, stack=cfg.train.stack_passes, defer_head=True)
