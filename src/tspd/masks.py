@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from tspd.fastrng import uniform16
+
 
 @dataclass
 class Pass:
@@ -24,10 +26,21 @@ class Pass:
 
 
 def uniform(shape: tuple[int, ...] | torch.Size, generator: torch.Generator, dtype: torch.dtype, device) -> Tensor:
-    """U(0, 1) on the 2^16-point grid (k + 1/2) / 2^16 (masks need no finer grid). On CPU it takes
-    four values from each 64-bit draw of torch.randint, ~3x faster than torch.rand's draw per
+    """U(0, 1) on the 2^16-point grid (k + 1/2) / 2^16 (masks need no finer grid): four values from
+    each 64-bit draw of torch.randint (`torch_uniform`), ~3x faster than torch.rand's draw per
     element. Drawn on the CPU stream even for GPU tensors: the same masks on every device, exact
-    resume."""
+    resume. For CPU tensors the same values come from tspd.fastrng's compiled loop where it is
+    available (4-6x faster than torch's draw)."""
+    if torch.device(device).type == "cpu":
+        u = uniform16(math.prod(shape), generator)
+        if u is not None:
+            u = u.view(shape)
+            return u if dtype == torch.float32 else u.to(dtype)
+    return torch_uniform(shape, generator, dtype, device)
+
+
+def torch_uniform(shape: tuple[int, ...] | torch.Size, generator: torch.Generator, dtype: torch.dtype, device) -> Tensor:
+    """`uniform` through torch's own kernels."""
     n = math.prod(shape)
     bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), generator=generator, dtype=torch.int64)
     bits = bits.view(torch.int16)[:n].to(device, non_blocking=True)

@@ -1,0 +1,242 @@
+"""torch's CPU random stream for the masks' uniform draws, from a small compiled C loop.
+
+`tspd.masks.uniform` takes its U(0, 1) values four to a 64-bit word of
+`torch.randint(-2**63, 2**63 - 1, ...)`, whose CPU kernel runs torch's Mersenne Twister one value at
+a time (with a 64-bit modulo each) on one thread: ~1 ms per (64 x 64 x 100) mask on the 2-core
+hosts here, 12 such masks a step in the induction reference rows. `uniform16` produces the very
+same values and leaves the generator in the very same state (torch's MT19937 stream read from and
+written back to `Generator.get_state()`), from a C loop that runs the twist and tempering in
+vector registers and converts to fp32 in the same pass: 0.18 vs 0.7-1.2 ms per such mask.
+
+The C source is compiled once per machine with the system's C compiler (`cc`, as torch.compile
+needs one too) into `$TSPD_CACHE/native/`; at first use in a process the library is checked
+against torch's own draws (several sizes, a twist boundary crossed, the generator states after). No
+compiler, a failed build, a failed check, a big-endian host, or `TSPD_NATIVE_RNG=0`: `uniform16`
+returns None and the caller draws with torch (the same values, slower).
+
+Example:
+    >>> import torch
+    >>> from tspd.fastrng import uniform16
+    >>> u = uniform16(10, torch.Generator().manual_seed(0))
+    >>> u is None or (u.shape == (10,) and bool(((u > 0) & (u < 1)).all()))
+    True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+# torch's CPUGeneratorImplState (c10 CPUGeneratorImpl.cpp): the legacy THGeneratorState (uint64
+# seed; int left; int seeded; uint64 next; uint64 state[624]; three doubles and an int for the old
+# normal sampler) followed by the float normal sample and its flag; 5056 bytes on x86-64 and arm64.
+# The self-check at load catches a layout that differs.
+STATE_BYTES = 5056
+
+SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#define MT_N 624
+#define MT_M 397
+#define MATRIX_A 0x9908b0dfU
+#define UMASK 0x80000000U
+#define LMASK 0x7fffffffU
+
+static void twist(uint32_t *mt) {
+    int i;
+    for (i = 0; i < MT_N - MT_M; i++) {
+        uint32_t y = (mt[i] & UMASK) | (mt[i + 1] & LMASK);
+        mt[i] = mt[i + MT_M] ^ (y >> 1) ^ ((0U - (y & 1U)) & MATRIX_A);
+    }
+    for (; i < MT_N - 1; i++) {
+        uint32_t y = (mt[i] & UMASK) | (mt[i + 1] & LMASK);
+        mt[i] = mt[i + MT_M - MT_N] ^ (y >> 1) ^ ((0U - (y & 1U)) & MATRIX_A);
+    }
+    uint32_t y = (mt[MT_N - 1] & UMASK) | (mt[0] & LMASK);
+    mt[MT_N - 1] = mt[MT_M - 1] ^ (y >> 1) ^ ((0U - (y & 1U)) & MATRIX_A);
+}
+
+/* `count` tempered outputs of torch's at::mt19937 (state mt; counters left, next as torch keeps
+   them: a twist is due when left reaches 1). */
+static void gen32(uint32_t *mt, int64_t *left, int64_t *next, uint32_t *out, int64_t count) {
+    while (count > 0) {
+        if (*left == 1) { twist(mt); *left = MT_N + 1; *next = 0; }
+        int64_t k = *left - 1 < count ? *left - 1 : count;
+        const uint32_t *src = mt + *next;
+        for (int64_t i = 0; i < k; i++) {
+            uint32_t y = src[i];
+            y ^= (y >> 11);
+            y ^= (y << 7) & 0x9d2c5680U;
+            y ^= (y << 15) & 0xefc60000U;
+            y ^= (y >> 18);
+            out[i] = y;
+        }
+        *left -= k; *next += k; out += k; count -= k;
+    }
+}
+
+/* Words w of 32-bit output pairs -> m <= 4 w uniforms. torch's random64 is (first << 32) | second
+   and randint(-2^63, 2^63 - 1) maps it to (v % (2^64 - 1)) - 2^63: the top bit flipped, the
+   all-ones word (1 in 2^64) sent to -2^63. Each word's int16 lanes, low first (little-endian), k
+   -> (2^15 + 1/2 + k) / 2^16, exact in fp32. */
+void tspd_words_to_uniform(const uint32_t *buf, int64_t w, float *out, int64_t m) {
+    uint32_t word[1024];
+    const float c = (32768.0f + 0.5f) / 65536.0f, s = 1.0f / 65536.0f;
+    while (w > 0) {
+        int64_t b = w < 512 ? w : 512;
+        uint32_t all_ones = 0;
+        for (int64_t j = 0; j < b; j++) {
+            all_ones |= (uint32_t)((buf[2 * j] & buf[2 * j + 1]) == 0xffffffffU);
+            word[2 * j] = buf[2 * j + 1];
+            word[2 * j + 1] = buf[2 * j] ^ 0x80000000U;
+        }
+        if (all_ones) {
+            for (int64_t j = 0; j < b; j++) {
+                if ((buf[2 * j] & buf[2 * j + 1]) == 0xffffffffU) { word[2 * j] = 0; word[2 * j + 1] = 0x80000000U; }
+            }
+        }
+        int16_t k[2048];
+        memcpy(k, word, sizeof(uint32_t) * 2 * b);
+        int64_t n = m < 4 * b ? m : 4 * b;
+        for (int64_t i = 0; i < n; i++) out[i] = c + (float)k[i] * s;
+        buf += 2 * b; w -= b; out += n; m -= n;
+    }
+}
+
+/* n uniforms from the generator state `st` (torch's get_state() bytes, updated in place).
+   Returns 0, or -1 for a state this code does not know (nothing drawn). */
+int tspd_uniform16(uint8_t *st, float *out, int64_t n) {
+    int32_t left32, seeded;
+    uint64_t next64, s64[MT_N];
+    uint32_t mt[MT_N], buf[1024];
+    memcpy(&left32, st + 8, 4); memcpy(&seeded, st + 12, 4); memcpy(&next64, st + 16, 8);
+    memcpy(s64, st + 24, 8 * MT_N);
+    if (!seeded || left32 < 1 || left32 > MT_N || next64 > MT_N) return -1;
+    for (int i = 0; i < MT_N; i++) mt[i] = (uint32_t)s64[i];
+    int64_t left = left32, next = (int64_t)next64;
+    int64_t words = (n + 3) / 4;
+    while (words > 0) {
+        int64_t w = words < 512 ? words : 512;
+        gen32(mt, &left, &next, buf, 2 * w);
+        int64_t m = n < 4 * w ? n : 4 * w;
+        tspd_words_to_uniform(buf, w, out, m);
+        out += m; n -= m; words -= w;
+    }
+    for (int i = 0; i < MT_N; i++) s64[i] = mt[i];
+    left32 = (int32_t)left; next64 = (uint64_t)next;
+    memcpy(st + 8, &left32, 4); memcpy(st + 16, &next64, 8); memcpy(st + 24, s64, 8 * MT_N);
+    return 0;
+}
+"""
+
+FLAGS = ["-O3", "-march=native", "-fno-strict-aliasing", "-shared", "-fPIC"]
+
+
+def enabled() -> bool:
+    return os.environ.get("TSPD_NATIVE_RNG", "1").strip() not in ("0", "false", "no", "off")
+
+
+def _machine_key() -> str:
+    """What the compiled library depends on: the source, the flags and (for -march=native) the CPU."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu += next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    return hashlib.sha256("\n".join([SOURCE, " ".join(FLAGS), cpu, sys.platform]).encode()).hexdigest()[:16]
+
+
+def _build(folder: Path) -> Path | None:
+    """The library's path in `folder`, compiled there (into a temporary file, then renamed) if absent."""
+    lib = folder / f"mt19937-{_machine_key()}.so"
+    if lib.is_file():
+        return lib
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        src, out = Path(tmp) / "mt19937.c", Path(tmp) / "mt19937.so"
+        src.write_text(SOURCE)
+        for flags in (FLAGS, [f for f in FLAGS if f != "-march=native"]):
+            r = subprocess.run([cc, *flags, "-o", str(out), str(src)], capture_output=True, timeout=120)
+            if r.returncode == 0:
+                os.replace(out, lib)
+                return lib
+    return None
+
+
+def _self_check(lib: ctypes.CDLL) -> bool:
+    """The library's draws and generator states equal torch's own on a few sizes (1-5 values,
+    a twist boundary crossed, 409600 values; a state part-way through a twist block)."""
+    from tspd.masks import torch_uniform
+
+    for seed, sizes in ((0, [1, 2, 3, 5, 4096, 2500, 409600]), (12345, [7, 1251, 640])):
+        a, b = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        torch.rand(3, generator=a), torch.rand(3, generator=b)
+        for n in sizes:
+            ours = _draw(lib, n, a)
+            if ours is None or not torch.equal(ours, torch_uniform((n,), b, torch.float32, "cpu")):
+                return False
+        if not torch.equal(a.get_state(), b.get_state()):
+            return False
+    return True
+
+
+def _draw(lib: ctypes.CDLL, n: int, gen: torch.Generator) -> torch.Tensor | None:
+    st = gen.get_state()
+    if st.numel() != STATE_BYTES or not st.is_contiguous():
+        return None
+    out = torch.empty(n, dtype=torch.float32)
+    if lib.tspd_uniform16(ctypes.c_void_p(st.data_ptr()), ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(n)) != 0:
+        return None
+    gen.set_state(st)
+    return out
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled, checked library, or None (see the module docstring for when)."""
+    if not enabled() or sys.byteorder != "little":
+        return None
+    from tspd.cache import cache_dir
+
+    for folder in (cache_dir() / "native", Path(tempfile.gettempdir()) / f"tspd-native-{os.getuid() if hasattr(os, 'getuid') else 0}"):
+        try:
+            path = _build(folder)
+            if path is None:
+                return None
+            lib = ctypes.CDLL(str(path))
+            lib.tspd_uniform16.restype = ctypes.c_int
+            lib.tspd_uniform16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+            lib.tspd_words_to_uniform.restype = None
+            lib.tspd_words_to_uniform.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if _self_check(lib):
+            return lib
+        warnings.warn("tspd.fastrng: the compiled random stream differs from torch's here; masks are drawn with torch "
+                      "(same values, slower)", stacklevel=2)
+        return None
+    return None
+
+
+def uniform16(n: int, gen: torch.Generator) -> torch.Tensor | None:
+    """`tspd.masks.uniform`'s n fp32 values from CPU generator `gen` (advanced exactly as torch's
+    draw would), or None where the compiled stream is unavailable."""
+    if gen.device.type != "cpu":
+        return None
+    lib = library()
+    return _draw(lib, n, gen) if lib is not None else None

@@ -1,0 +1,80 @@
+"""The compiled random stream (tspd.fastrng): the very values and generator states of torch's draw."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from tspd import fastrng
+from tspd.masks import torch_uniform, uniform
+
+needs_cc = pytest.mark.skipif(
+    not fastrng.enabled() or not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")),
+    reason="no C compiler (or TSPD_NATIVE_RNG=0): masks are drawn with torch",
+)
+
+
+@needs_cc
+def test_library_builds_and_passes_its_check():
+    assert fastrng.library() is not None
+
+
+@needs_cc
+@pytest.mark.parametrize("seed", [0, 7, 2**40 + 3])
+def test_masks_uniform_equals_torch_draw_and_state(seed):
+    a, b = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    # Odd sizes (a word's unused lanes), a twist crossed mid-draw, mask and delta shapes, fp64 and bf16.
+    for shape, dtype in [((3,), torch.float32), ((64, 64, 100), torch.float32), ((5, 1251), torch.float32),
+                         ((64, 64), torch.float32), ((2, 3, 7), torch.float64), ((8, 128, 256), torch.bfloat16)]:
+        ours = uniform(shape, a, dtype, "cpu")
+        ref = torch_uniform(shape, b, dtype, "cpu")
+        assert ours.shape == ref.shape and ours.dtype == ref.dtype
+        assert torch.equal(ours, ref), shape
+        assert torch.equal(a.get_state(), b.get_state())
+    # Whatever draws next from the generator (torch's own kernels) sees the same stream.
+    assert torch.equal(torch.rand(100, generator=a), torch.rand(100, generator=b))
+    assert torch.equal(torch.randn(100, generator=a), torch.randn(100, generator=b))
+
+
+@needs_cc
+def test_state_after_torch_normal_draws_is_kept():
+    # randn keeps a cached normal sample in the generator state; the draw must carry it through.
+    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    torch.randn(1, generator=a), torch.randn(1, generator=b)
+    assert torch.equal(uniform((1000,), a, torch.float32, "cpu"), torch_uniform((1000,), b, torch.float32, "cpu"))
+    assert torch.equal(a.get_state(), b.get_state())
+
+
+@needs_cc
+def test_word_conversion_matches_randint_including_the_all_ones_word():
+    # Pairs of 32-bit outputs (first, second) -> torch.randint's int64 (((first << 32) | second) % (2^64 - 1)
+    # - 2^63) -> its int16 lanes -> (2^15 + 1/2 + k) / 2^16. The all-ones pair (1 in 2^64) maps to -2^63.
+    import ctypes
+
+    pairs = [(0xFFFFFFFF, 0xFFFFFFFF), (0, 0), (0x80000000, 1), (0x12345678, 0x9ABCDEF0), (0xFFFFFFFF, 0xFFFFFFFE)]
+    buf = torch.tensor([v for p in pairs for v in p], dtype=torch.int64).to(torch.int32)  # wraps to the same bits
+    out = torch.empty(4 * len(pairs) - 1)  # the last word's last lane unused
+    fastrng.library().tspd_words_to_uniform(ctypes.c_void_p(buf.data_ptr()), len(pairs), ctypes.c_void_p(out.data_ptr()), out.numel())
+    expected = []
+    for first, second in pairs:
+        v = ((first << 32) | second) % (2**64 - 1)
+        v = (v + 2**63) % 2**64  # - 2^63 as an unsigned 64-bit add
+        for lane in range(4):
+            k = (v >> (16 * lane)) & 0xFFFF
+            k = k - 65536 if k >= 32768 else k
+            expected.append((2**15 + 0.5 + k) / 2**16)
+    assert out.tolist() == expected[: out.numel()]
+
+
+def test_disabled_falls_back_to_torch(monkeypatch):
+    monkeypatch.setenv("TSPD_NATIVE_RNG", "0")
+    fastrng.library.cache_clear()
+    try:
+        assert fastrng.uniform16(10, torch.Generator().manual_seed(0)) is None
+        a, b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        assert torch.equal(uniform((4, 5), a, torch.float32, "cpu"), torch_uniform((4, 5), b, torch.float32, "cpu"))
+    finally:
+        monkeypatch.undo()
+        fastrng.library.cache_clear()
