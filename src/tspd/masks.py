@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from tspd.fastrng import uniform16
+from tspd.native import uniform16
 
 
 @dataclass
@@ -29,7 +29,7 @@ def uniform(shape: tuple[int, ...] | torch.Size, generator: torch.Generator, dty
     """U(0, 1) on the 2^16-point grid (k + 1/2) / 2^16 (masks need no finer grid): four values from
     each 64-bit draw of torch.randint (`torch_uniform`), ~3x faster than torch.rand's draw per
     element. Drawn on the CPU stream even for GPU tensors: the same masks on every device, exact
-    resume. For CPU tensors the same values come from tspd.fastrng's compiled loop where it is
+    resume. For CPU tensors the same values come from tspd.native's compiled loop where it is
     available (4-6x faster than torch's draw)."""
     if torch.device(device).type == "cpu":
         u = uniform16(math.prod(shape), generator)

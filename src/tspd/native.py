@@ -1,22 +1,27 @@
-"""torch's CPU random stream for the masks' uniform draws, from a small compiled C loop.
+"""Small compiled C loops for hot work of the step, each exactly equal to the torch ops it replaces.
 
-`tspd.masks.uniform` takes its U(0, 1) values four to a 64-bit word of
-`torch.randint(-2**63, 2**63 - 1, ...)`, whose CPU kernel runs torch's Mersenne Twister one value at
-a time (with a 64-bit modulo each) on one thread: ~1 ms per (64 x 64 x 100) mask on the 2-core
-hosts here, 12 such masks a step in the induction reference rows. `uniform16` produces the very
-same values and leaves the generator in the very same state (torch's MT19937 stream read from and
-written back to `Generator.get_state()`), from a C loop that runs the twist and tempering in
-vector registers and converts to fp32 in the same pass: 0.18 vs 0.7-1.2 ms per such mask.
+- `uniform16`: `tspd.masks.uniform` takes its U(0, 1) values four to a 64-bit word of
+  `torch.randint(-2**63, 2**63 - 1, ...)`, whose CPU kernel runs torch's Mersenne Twister one value
+  at a time (with a 64-bit modulo each) on one thread: ~1 ms per (64 x 64 x 100) mask on the
+  2-core hosts here, 12 such masks a step in the induction reference rows. This produces the very
+  same values and leaves the generator in the very same state (torch's MT19937 stream read from
+  and written back to `Generator.get_state()`), from a loop that runs the twist and tempering in
+  vector registers and converts to fp32 in the same pass: 0.18 vs 0.7-1.2 ms per such mask.
 
 The C source is compiled once per machine with the system's C compiler (`cc`, as torch.compile
-needs one too) into `$TSPD_CACHE/native/`; at first use in a process the library is checked
-against torch's own draws (several sizes, a twist boundary crossed, the generator states after). No
-compiler, a failed build, a failed check, a big-endian host, or `TSPD_NATIVE_RNG=0`: `uniform16`
-returns None and the caller draws with torch (the same values, slower).
+needs one too) into `$TSPD_CACHE/native/`; at first use in a process each part is checked against
+torch's own ops (the draws: several sizes, a twist boundary crossed, the generator states after).
+No compiler, a failed build or check, a big-endian host, or `TSPD_NATIVE=0`: the callers run
+torch's ops instead (the same numbers, slower).
+
+Measured and not kept: a masked segment's (x V) * (lerp(r, 1, g) - d) with its backward as one C
+loop each (exactly torch's values and gradients): 0.37 vs 1.1 ms per (64 x 64 x 100) segment in
+isolation, but 0.4-0.65 ms forward in the step (one thread on cache-cold inputs, where torch's ops
+run on two) and the induction shared-64 step slower with it (161.9 vs 148.4 ms, 7 of 8 rounds).
 
 Example:
     >>> import torch
-    >>> from tspd.fastrng import uniform16
+    >>> from tspd.native import uniform16
     >>> u = uniform16(10, torch.Generator().manual_seed(0))
     >>> u is None or (u.shape == (10,) and bool(((u > 0) & (u < 1)).all()))
     True
@@ -140,11 +145,11 @@ int tspd_uniform16(uint8_t *st, float *out, int64_t n) {
 }
 """
 
-FLAGS = ["-O3", "-march=native", "-fno-strict-aliasing", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-fno-strict-aliasing", "-ffp-contract=off", "-shared", "-fPIC"]
 
 
 def enabled() -> bool:
-    return os.environ.get("TSPD_NATIVE_RNG", "1").strip() not in ("0", "false", "no", "off")
+    return os.environ.get("TSPD_NATIVE", "1").strip() not in ("0", "false", "no", "off")
 
 
 def _machine_key() -> str:
@@ -178,7 +183,11 @@ def _build(folder: Path) -> Path | None:
     return None
 
 
-def _self_check(lib: ctypes.CDLL) -> bool:
+def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p | None:
+    return ctypes.c_void_p(t.data_ptr()) if t is not None else None
+
+
+def _rng_matches(lib: ctypes.CDLL) -> bool:
     """The library's draws and generator states equal torch's own on a few sizes (1-5 values,
     a twist boundary crossed, 409600 values; a state part-way through a twist block)."""
     from tspd.masks import torch_uniform
@@ -200,7 +209,7 @@ def _draw(lib: ctypes.CDLL, n: int, gen: torch.Generator) -> torch.Tensor | None
     if st.numel() != STATE_BYTES or not st.is_contiguous():
         return None
     out = torch.empty(n, dtype=torch.float32)
-    if lib.tspd_uniform16(ctypes.c_void_p(st.data_ptr()), ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(n)) != 0:
+    if lib.tspd_uniform16(_ptr(st), _ptr(out), n) != 0:
         return None
     gen.set_state(st)
     return out
@@ -208,29 +217,49 @@ def _draw(lib: ctypes.CDLL, n: int, gen: torch.Generator) -> torch.Tensor | None
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled, checked library, or None (see the module docstring for when)."""
+    """The compiled library (unchecked), or None (see the module docstring for when)."""
     if not enabled() or sys.byteorder != "little":
         return None
     from tspd.cache import cache_dir
 
-    for folder in (cache_dir() / "native", Path(tempfile.gettempdir()) / f"tspd-native-{os.getuid() if hasattr(os, 'getuid') else 0}"):
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    for folder in (cache_dir() / "native", Path(tempfile.gettempdir()) / f"tspd-native-{uid}"):
         try:
             path = _build(folder)
             if path is None:
                 return None
             lib = ctypes.CDLL(str(path))
-            lib.tspd_uniform16.restype = ctypes.c_int
-            lib.tspd_uniform16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-            lib.tspd_words_to_uniform.restype = None
-            lib.tspd_words_to_uniform.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
         except (OSError, subprocess.SubprocessError):
             continue
-        if _self_check(lib):
-            return lib
-        warnings.warn("tspd.fastrng: the compiled random stream differs from torch's here; masks are drawn with torch "
-                      "(same values, slower)", stacklevel=2)
-        return None
+        P, I = ctypes.c_void_p, ctypes.c_int64
+        lib.tspd_uniform16.restype = ctypes.c_int
+        lib.tspd_uniform16.argtypes = [P, P, I]
+        lib.tspd_words_to_uniform.restype = None
+        lib.tspd_words_to_uniform.argtypes = [P, I, P, I]
+        return lib
     return None
+
+
+def _checked(part: str, check) -> ctypes.CDLL | None:
+    lib = library()
+    if lib is None:
+        return None
+    if check(lib):
+        return lib
+    warnings.warn(f"tspd.native: the compiled {part} differs from torch's on this machine; torch's ops run instead "
+                  "(the same numbers, slower)", stacklevel=3)
+    return None
+
+
+@functools.cache
+def rng_library() -> ctypes.CDLL | None:
+    """The library where its random stream passed its check, else None."""
+    return _checked("random stream", _rng_matches)
+
+
+def clear() -> None:
+    """Forget the loaded library and checks (after changing TSPD_NATIVE)."""
+    library.cache_clear(), rng_library.cache_clear()
 
 
 def uniform16(n: int, gen: torch.Generator) -> torch.Tensor | None:
@@ -238,5 +267,5 @@ def uniform16(n: int, gen: torch.Generator) -> torch.Tensor | None:
     draw would), or None where the compiled stream is unavailable."""
     if gen.device.type != "cpu":
         return None
-    lib = library()
+    lib = rng_library()
     return _draw(lib, n, gen) if lib is not None else None

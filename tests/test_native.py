@@ -1,4 +1,4 @@
-"""The compiled random stream (tspd.fastrng): the very values and generator states of torch's draw."""
+"""The compiled loops (tspd.native): the very values and generator states of torch's ops."""
 
 from __future__ import annotations
 
@@ -7,18 +7,19 @@ import shutil
 import pytest
 import torch
 
-from tspd import fastrng
+import tspd
+from tspd import native
 from tspd.masks import torch_uniform, uniform
 
 needs_cc = pytest.mark.skipif(
-    not fastrng.enabled() or not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")),
-    reason="no C compiler (or TSPD_NATIVE_RNG=0): masks are drawn with torch",
+    not native.enabled() or not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")),
+    reason="no C compiler (or TSPD_NATIVE=0): torch's ops run instead",
 )
 
 
 @needs_cc
-def test_library_builds_and_passes_its_check():
-    assert fastrng.library() is not None
+def test_library_builds_and_passes_its_checks():
+    assert native.rng_library() is not None
 
 
 @needs_cc
@@ -56,7 +57,7 @@ def test_word_conversion_matches_randint_including_the_all_ones_word():
     pairs = [(0xFFFFFFFF, 0xFFFFFFFF), (0, 0), (0x80000000, 1), (0x12345678, 0x9ABCDEF0), (0xFFFFFFFF, 0xFFFFFFFE)]
     buf = torch.tensor([v for p in pairs for v in p], dtype=torch.int64).to(torch.int32)  # wraps to the same bits
     out = torch.empty(4 * len(pairs) - 1)  # the last word's last lane unused
-    fastrng.library().tspd_words_to_uniform(ctypes.c_void_p(buf.data_ptr()), len(pairs), ctypes.c_void_p(out.data_ptr()), out.numel())
+    native.rng_library().tspd_words_to_uniform(ctypes.c_void_p(buf.data_ptr()), len(pairs), ctypes.c_void_p(out.data_ptr()), out.numel())
     expected = []
     for first, second in pairs:
         v = ((first << 32) | second) % (2**64 - 1)
@@ -69,12 +70,48 @@ def test_word_conversion_matches_randint_including_the_all_ones_word():
 
 
 def test_disabled_falls_back_to_torch(monkeypatch):
-    monkeypatch.setenv("TSPD_NATIVE_RNG", "0")
-    fastrng.library.cache_clear()
+    monkeypatch.setenv("TSPD_NATIVE", "0")
+    native.clear()
     try:
-        assert fastrng.uniform16(10, torch.Generator().manual_seed(0)) is None
+        assert native.uniform16(10, torch.Generator().manual_seed(0)) is None
         a, b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
         assert torch.equal(uniform((4, 5), a, torch.float32, "cpu"), torch_uniform((4, 5), b, torch.float32, "cpu"))
     finally:
         monkeypatch.undo()
-        fastrng.library.cache_clear()
+        native.clear()
+
+
+@needs_cc
+def test_training_step_is_the_same_with_and_without_the_compiled_loops(monkeypatch):
+    # Every loss term and every parameter after a few steps of stochastic + layerwise + subset
+    # reconstruction with the delta component: equal with the compiled loops and with torch's ops.
+    from conftest import make_cfg, make_gpt2
+    from tspd.losses import compute_losses
+    from tspd.train import make_optimizer, optimizer_step
+
+    def run():
+        torch.manual_seed(0)
+        cfg = make_cfg([("transformer.h.*.mlp.c_fc", 8), ("transformer.h.*.attn.c_attn", 6)],
+                       losses={"stochastic_recon": 1.0, "stochastic_recon_layerwise": 1.0, "stochastic_recon_subset": 1.0},
+                       masks={"delta_component": True})
+        dec = tspd.Decomposition(make_gpt2(), cfg)
+        opt = make_optimizer(dec)
+        batch = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(1))
+        terms = []
+        for i in range(3):
+            total, t, _ = compute_losses(dec, batch, i, torch.Generator().manual_seed(10 + i))
+            optimizer_step(dec, opt, total)
+            terms.append(t)
+        return terms, [p.detach().clone() for p in dec.parameters()]
+
+    native.clear()
+    fast = run()
+    monkeypatch.setenv("TSPD_NATIVE", "0")
+    native.clear()
+    try:
+        slow = run()
+    finally:
+        monkeypatch.delenv("TSPD_NATIVE")
+        native.clear()
+    assert fast[0] == slow[0]
+    assert all(torch.equal(a, b) for a, b in zip(fast[1], slow[1]))
