@@ -231,3 +231,17 @@ def test_vector_mlp_chunks_under_bf16_autocast_match_one_chunk():
     for a, b in zip(*grads):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_sigmoid_gradients_as_elementwise_ops_equal_the_custom_backwards():
+    # The compiled CI chain (train.compile) uses these where-forms; the boundaries 0 and 1 and the
+    # signs of the incoming gradient decide which side each lands on.
+    from tspd.importance import lower_leaky_hard_sigmoid_grad, upper_leaky_hard_sigmoid_grad
+
+    z = torch.tensor([-2.0, -1e-30, -0.0, 0.0, 1e-30, 0.3, 0.5, 1.0 - 1e-7, 1.0, 1.0 + 1e-7, 3.0])
+    for sign in (1.0, -1.0):
+        g = sign * torch.linspace(0.5, 1.5, len(z))
+        for fn, grad_fn in ((lower_leaky_hard_sigmoid, lower_leaky_hard_sigmoid_grad), (upper_leaky_hard_sigmoid, upper_leaky_hard_sigmoid_grad)):
+            zz = z.clone().requires_grad_(True)
+            (expected,) = torch.autograd.grad(fn(zz, 0.01), zz, g)
+            assert torch.equal(grad_fn(g, z, 0.01), expected), (fn.__name__, sign)

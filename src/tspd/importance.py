@@ -70,6 +70,18 @@ class _UpperLeakyHardSigmoid(torch.autograd.Function):
         return inside.add_(above, alpha=ctx.leak), None
 
 
+def lower_leaky_hard_sigmoid_grad(grad: Tensor, z: Tensor, leak: float) -> Tensor:
+    """_LowerLeakyHardSigmoid's backward as plain elementwise ops (for torch.compile to fuse):
+    grad on 0 < z <= 1, leak * min(grad, 0) on z <= 0, 0 above 1."""
+    return torch.where((z > 0) & (z <= 1), grad, torch.where(z <= 0, leak * grad.clamp(max=0.0), 0.0))
+
+
+def upper_leaky_hard_sigmoid_grad(grad: Tensor, z: Tensor, leak: float) -> Tensor:
+    """_UpperLeakyHardSigmoid's backward as plain elementwise ops: grad on 0 <= z <= 1, leak *
+    grad above 1, 0 below 0."""
+    return torch.where((z >= 0) & (z <= 1), grad, torch.where(z > 1, leak * grad, 0.0))
+
+
 def lower_leaky_hard_sigmoid(z: Tensor, leak: float = 0.01) -> Tensor:
     """Forward clamp(z, 0, 1); custom backward (SPEC §3). Used for masks and reconstruction."""
     return _LowerLeakyHardSigmoid.apply(z, leak)
