@@ -18,6 +18,9 @@ Measured and not kept: a masked segment's (x V) * (lerp(r, 1, g) - d) with its b
 loop each (exactly torch's values and gradients): 0.37 vs 1.1 ms per (64 x 64 x 100) segment in
 isolation, but 0.4-0.65 ms forward in the step (one thread on cache-cold inputs, where torch's ops
 run on two) and the induction shared-64 step slower with it (161.9 vs 148.4 ms, 7 of 8 rounds).
+Built with -fopenmp (run on torch's own OpenMP runtime, libgomp.so.1, already loaded) and used under
+train.compile only: shared-64 131.6 vs 139.2 ms (7/8) but shared-256 552.9 vs 539.4 (2/8), Q,K,V,O
+744.0 vs 708.3 (3/8), vector-64 462.2 vs 446.2 (4/8), tiny GPT-2 288.2 vs 284.8 (3/8): not a win.
 
 Example:
     >>> import torch
