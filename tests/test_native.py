@@ -115,3 +115,49 @@ def test_training_step_is_the_same_with_and_without_the_compiled_loops(monkeypat
         native.clear()
     assert fast[0] == slow[0]
     assert all(torch.equal(a, b) for a, b in zip(fast[1], slow[1]))
+
+
+@needs_cc
+@pytest.mark.parametrize("before", [619, 620, 621, 622, 623, 624, 1247])
+def test_draws_across_a_twist_from_every_nearby_state(before):
+    # States 0-5 outputs short of a twist (and one a whole block later): the draw crosses it mid-word.
+    a, b = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    for g in (a, b):
+        torch.randint(0, 2**31, (before,), generator=g)  # one 32-bit output each
+    assert torch.equal(uniform((9,), a, torch.float32, "cpu"), torch_uniform((9,), b, torch.float32, "cpu"))
+    assert torch.equal(a.get_state(), b.get_state())
+
+
+@needs_cc
+def test_an_inconsistent_state_is_refused_not_read_past():
+    g = torch.Generator().manual_seed(0)
+    st = g.get_state()
+    st[8:12] = torch.tensor([600], dtype=torch.int32).view(torch.uint8)  # left 600 with next 0 would read past
+    st[16:24] = torch.tensor([300], dtype=torch.int64).view(torch.uint8)
+    out = native._draw(native.rng_library(), 10, _Holder(st))
+    assert out is None
+
+
+class _Holder:
+    """A stand-in generator whose state the C code reads (torch would refuse to set this one)."""
+
+    def __init__(self, st):
+        self.st = st
+
+    def get_state(self):
+        return self.st.clone()
+
+    def set_state(self, st):
+        self.st = st
+
+
+def test_shared_temp_folders_must_be_private(tmp_path):
+    import os
+
+    mine = tmp_path / "ok"
+    assert native._private(mine, os.getuid())
+    open_to_all = tmp_path / "open"
+    open_to_all.mkdir()
+    open_to_all.chmod(0o777)
+    assert not native._private(open_to_all, os.getuid())
+    assert not native._private(mine, os.getuid() + 1)

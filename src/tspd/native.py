@@ -38,6 +38,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -130,7 +131,7 @@ int tspd_uniform16(uint8_t *st, float *out, int64_t n) {
     uint32_t mt[MT_N], buf[1024];
     memcpy(&left32, st + 8, 4); memcpy(&seeded, st + 12, 4); memcpy(&next64, st + 16, 8);
     memcpy(s64, st + 24, 8 * MT_N);
-    if (!seeded || left32 < 1 || left32 > MT_N || next64 > MT_N) return -1;
+    if (!seeded || left32 < 1 || left32 > MT_N || next64 > MT_N || (uint64_t)left32 + next64 > MT_N + 1) return -1;
     for (int i = 0; i < MT_N; i++) mt[i] = (uint32_t)s64[i];
     int64_t left = left32, next = (int64_t)next64;
     int64_t words = (n + 3) / 4;
@@ -155,15 +156,27 @@ def enabled() -> bool:
     return os.environ.get("TSPD_NATIVE", "1").strip() not in ("0", "false", "no", "off")
 
 
-def _machine_key() -> str:
-    """What the compiled library depends on: the source, the flags and (for -march=native) the CPU."""
-    cpu = platform.processor() or platform.machine()
+def _cpu_identity() -> str | None:
+    """The CPU's model and feature lines from /proc/cpuinfo (x86 `flags`, arm64 `Features`), or
+    None where there is no such file: then the library is built without -march=native, so one
+    built for another CPU (a cache folder shared across machines) can never be loaded here."""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu += next((line for line in f if line.startswith("flags")), "")
+            keys = ("flags", "Features", "model name", "CPU implementer", "CPU part", "vendor_id")
+            lines = sorted({line.strip() for line in f if line.split(":")[0].strip() in keys})
     except OSError:
-        pass
-    return hashlib.sha256("\n".join([SOURCE, " ".join(FLAGS), cpu, sys.platform]).encode()).hexdigest()[:16]
+        return None
+    return "\n".join(lines) if any(line.startswith(("flags", "Features")) for line in lines) else None
+
+
+def _flags() -> list[str]:
+    return FLAGS if _cpu_identity() is not None else [f for f in FLAGS if f != "-march=native"]
+
+
+def _machine_key() -> str:
+    """What the compiled library depends on: the source, the flags and (for -march=native) the CPU."""
+    parts = [SOURCE, " ".join(_flags()), platform.machine(), _cpu_identity() or "", sys.platform]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def _build(folder: Path) -> Path | None:
@@ -178,12 +191,23 @@ def _build(folder: Path) -> Path | None:
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         src, out = Path(tmp) / "mt19937.c", Path(tmp) / "mt19937.so"
         src.write_text(SOURCE)
-        for flags in (FLAGS, [f for f in FLAGS if f != "-march=native"]):
+        for flags in (_flags(), [f for f in FLAGS if f != "-march=native"]):
             r = subprocess.run([cc, *flags, "-o", str(out), str(src)], capture_output=True, timeout=120)
             if r.returncode == 0:
                 os.replace(out, lib)
                 return lib
     return None
+
+
+def _private(folder: Path, uid: int) -> bool:
+    """`folder` exists (made now if absent, mode 0700), is a real folder owned by this user and is
+    not writable by group or others."""
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        st = folder.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and (not hasattr(os, "getuid") or st.st_uid == uid) and not st.st_mode & 0o022
 
 
 def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p | None:
@@ -211,7 +235,7 @@ def _draw(lib: ctypes.CDLL, n: int, gen: torch.Generator) -> torch.Tensor | None
     st = gen.get_state()
     if st.numel() != STATE_BYTES or not st.is_contiguous():
         return None
-    out = torch.empty(n, dtype=torch.float32)
+    out = torch.empty(n, dtype=torch.float32, device="cpu")
     if lib.tspd_uniform16(_ptr(st), _ptr(out), n) != 0:
         return None
     gen.set_state(st)
@@ -228,6 +252,8 @@ def library() -> ctypes.CDLL | None:
     uid = os.getuid() if hasattr(os, "getuid") else 0
     for folder in (cache_dir() / "native", Path(tempfile.gettempdir()) / f"tspd-native-{uid}"):
         try:
+            if folder.parent == Path(tempfile.gettempdir()) and not _private(folder, uid):
+                continue  # a shared temp folder: only one this user owns and no one else can write to
             path = _build(folder)
             if path is None:
                 return None
@@ -267,7 +293,8 @@ def clear() -> None:
 
 def uniform16(n: int, gen: torch.Generator) -> torch.Tensor | None:
     """`tspd.masks.uniform`'s n fp32 values from CPU generator `gen` (advanced exactly as torch's
-    draw would), or None where the compiled stream is unavailable."""
+    draw would), or None where the compiled stream is unavailable. Unlike torch's own draw it does
+    not lock the generator: do not draw from one generator on two threads at once."""
     if gen.device.type != "cpu":
         return None
     lib = rng_library()
