@@ -8,6 +8,7 @@ Cache layout (`$TSPD_CACHE`, default `~/.cache/tspd`):
     smollm2-135m-instruct/             SmolLM2-135M-Instruct as a Hugging Face folder (fp32 safetensors)
     gpt2-tokenizer/                    the GPT-2 BPE tokenizer as a Hugging Face folder
     text/<source>-<tokenizer>-L<length>-<hash>.safetensors   tokenised text chunks
+    native/mt19937-<key>/              tspd.native's compiled C library, one per source, flags and CPU
 
 Every entry is built in a temporary sibling and renamed into place, so a killed fetch leaves no
 half-written entry. Environment variables: `TSPD_CACHE` (the folder), `TSPD_OFFLINE=1` (never run

@@ -47,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from tspd.cache import building, cache_dir
+
 # torch's CPUGeneratorImplState (c10 CPUGeneratorImpl.cpp): the legacy THGeneratorState (uint64
 # seed; int left; int seeded; uint64 next; uint64 state[624]; three doubles and an int for the old
 # normal sampler) followed by the float normal sample and its flag; 5056 bytes on x86-64 and arm64.
@@ -156,6 +158,7 @@ def enabled() -> bool:
     return os.environ.get("TSPD_NATIVE", "1").strip() not in ("0", "false", "no", "off")
 
 
+@functools.cache
 def _cpu_identity() -> str | None:
     """The CPU's model and feature lines from /proc/cpuinfo (x86 `flags`, arm64 `Features`), or
     None where there is no such file: then the library is built without -march=native, so one
@@ -179,24 +182,33 @@ def _machine_key() -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+class _BuildFailed(Exception):
+    pass
+
+
 def _build(folder: Path) -> Path | None:
-    """The library's path in `folder`, compiled there (into a temporary file, then renamed) if absent."""
-    lib = folder / f"mt19937-{_machine_key()}.so"
+    """The library's path in `folder`, compiled there if absent (in a cache entry that
+    `tspd.cache.building` renames into place when complete); None without a compiler or build."""
+    entry = folder / f"mt19937-{_machine_key()}"
+    lib = entry / "mt19937.so"
     if lib.is_file():
         return lib
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         return None
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        src, out = Path(tmp) / "mt19937.c", Path(tmp) / "mt19937.so"
-        src.write_text(SOURCE)
-        for flags in (_flags(), [f for f in FLAGS if f != "-march=native"]):
-            r = subprocess.run([cc, *flags, "-o", str(out), str(src)], capture_output=True, timeout=120)
-            if r.returncode == 0:
-                os.replace(out, lib)
-                return lib
-    return None
+    try:
+        with building(entry) as tmp:
+            src = tmp / "mt19937.c"
+            src.write_text(SOURCE)
+            for flags in (_flags(), [f for f in FLAGS if f != "-march=native"]):
+                r = subprocess.run([cc, *flags, "-o", str(tmp / "mt19937.so"), str(src)], capture_output=True, timeout=120)
+                if r.returncode == 0:
+                    break
+            else:
+                raise _BuildFailed
+    except _BuildFailed:
+        return None
+    return lib if lib.is_file() else None
 
 
 def _private(folder: Path, uid: int) -> bool:
@@ -247,7 +259,6 @@ def library() -> ctypes.CDLL | None:
     """The compiled library (unchecked), or None (see the module docstring for when)."""
     if not enabled() or sys.byteorder != "little":
         return None
-    from tspd.cache import cache_dir
 
     uid = os.getuid() if hasattr(os, "getuid") else 0
     for folder in (cache_dir() / "native", Path(tempfile.gettempdir()) / f"tspd-native-{uid}"):
