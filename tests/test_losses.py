@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -274,6 +276,31 @@ def test_compiled_kl_matches_eager():
     torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-8)
     assert float(values[0]) > 0.1
+
+
+@pytest.mark.parametrize("kind,positions,compiled", [("kl", None, False), ("kl", [-1], False), ("mse", None, False), ("kl", None, True)])
+def test_divergences_of_stacked_outputs_equal_each_pass_divergence(kind, positions, compiled):
+    """Reference.divergences on n outputs stacked along dim 0: the divergence of each block of
+    rows, values and gradients (the step computes its reconstruction terms this way)."""
+    if compiled and shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("torch.compile on CPU needs a C++ compiler")
+    from tspd.losses import Reference
+
+    torch.manual_seed(0)
+    target = torch.randn(3, 5, 11)
+    out = (target.repeat(4, 1, 1) + torch.randn(12, 5, 11)).requires_grad_()
+    ref = Reference(target, kind, positions, compiled=compiled)
+    stacked = ref.divergences(out, 4)
+    assert stacked.shape == (4,)
+    (stacked * torch.arange(1.0, 5.0)).sum().backward()
+    g_stacked, out.grad = out.grad.clone(), None
+    each = torch.stack([ref.divergence(o) for o in out.chunk(4)])
+    (each * torch.arange(1.0, 5.0)).sum().backward()
+    torch.testing.assert_close(stacked, each, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g_stacked, out.grad, rtol=1e-5, atol=1e-8)
+    assert float(each.min()) > 0.01
+    with pytest.raises(ValueError, match="output rows for 5 passes"):
+        ref.divergences(out, 5)
 
 
 @needs_compiler

@@ -419,11 +419,25 @@ class Decomposition(nn.Module):
         inputs of the output head `head` (an nn.Linear) and the caller applies it (the losses fuse
         it with the KL). That needs `run_target` on this very batch to have found the model's
         output to be the head's; otherwise head is None and the outputs are the model's."""
-        if defer_head:
-            ok = self._head is not None and self._head_batch is batch and self._head_module() is not None
-            head = self._head[2] if ok else None
-            return self._run_passes(batch, passes, stack, ok), head
-        return self._run_passes(batch, passes, stack, False)
+        groups, head = self.run_pass_groups(batch, passes, stack, defer_head)
+        outs: list[Tensor | None] = [None] * len(passes)
+        for idxs, out in groups:
+            for i, o in zip(idxs, out.chunk(len(idxs), dim=0) if len(idxs) > 1 else [out]):
+                outs[i] = o
+        return (outs, head) if defer_head else outs
+
+    def run_pass_groups(
+        self, batch: Batch, passes: list[Pass], stack: bool = True, defer_head: bool = False
+    ) -> tuple[list[tuple[list[int], Tensor]], nn.Linear | None]:
+        """`run_passes` without splitting the stacked outputs: ([(indices, output)], head), where
+        `output` holds the outputs of passes `indices` one after the other along dim 0 (a loss
+        computed on it per pass needs no concatenation of the passes' gradients in the backward).
+        `head` as for `run_passes(..., defer_head=True)`; None without `defer_head`."""
+        ok = defer_head and self._head is not None and self._head_batch is batch and self._head_module() is not None
+        try:
+            return self._run_groups(batch, passes, stack, ok), (self._head[2] if ok else None)
+        finally:
+            self._drop_site_targets()
 
     @property
     def output_head(self) -> nn.Linear | None:
@@ -448,25 +462,17 @@ class Decomposition(nn.Module):
         ours = m is head or (isinstance(m, FastLinear) and m.original is head)
         return m if ours and untouched(head) else None
 
-    def _run_passes(self, batch: Batch, passes: list[Pass], stack: bool, stop_at_head: bool) -> list[Tensor]:
-        try:
-            return self._run_grouped(batch, passes, stack, stop_at_head)
-        finally:
-            self._drop_site_targets()
-
-    def _run_grouped(self, batch: Batch, passes: list[Pass], stack: bool, stop_at_head: bool) -> list[Tensor]:
+    def _run_groups(self, batch: Batch, passes: list[Pass], stack: bool, stop_at_head: bool) -> list[tuple[list[int], Tensor]]:
         if not stack or (len(passes) == 1 and self._block_batch is not batch):
-            return [self._run_stacked(batch, [p], skip_blocks=0, stop_at_head=stop_at_head) for p in passes]
+            return [([i], self._run_stacked(batch, [p], skip_blocks=0, stop_at_head=stop_at_head)) for i, p in enumerate(passes)]
         groups: dict[tuple[int, int], list[int]] = {}
         replayable = self._block_batch is batch  # block outputs were recorded for this very batch
         for i, p in enumerate(passes):
             groups.setdefault(self._start_of(p) if replayable else (0, -1), []).append(i)
-        outs: list[Tensor | None] = [None] * len(passes)
-        for (j, start), idxs in groups.items():
-            group_out = self._run_stacked(batch, [passes[i] for i in idxs], skip_blocks=j, skip_before=start, stop_at_head=stop_at_head)
-            for i, o in zip(idxs, group_out.chunk(len(idxs), dim=0)):
-                outs[i] = o
-        return outs  # type: ignore[return-value]
+        return [
+            (idxs, self._run_stacked(batch, [passes[i] for i in idxs], skip_blocks=j, skip_before=start, stop_at_head=stop_at_head))
+            for (j, start), idxs in groups.items()
+        ]
 
     def _start_of(self, p: Pass) -> tuple[int, int]:
         """Where a pass can start: (j, t) with j the first block (of the target's block list) any

@@ -62,6 +62,20 @@ class Reference:
             return _compiled_kl()(out, self.p, self.neg_entropy)
         return _kl(out, self.p, self.neg_entropy)
 
+    def divergences(self, out: Tensor, n: int, selected: bool = False) -> Tensor:
+        """D(target, each of n outputs stacked along dim 0 of `out`): a vector of n values, each
+        the `divergence` of its own block of rows, in one product and one reduction for all n
+        (its gradient lands in `out` as a whole: no per-pass gradients to concatenate)."""
+        out = out if selected else select_positions(out, self.positions)
+        ref = self.target if self.kind == "mse" else self.p
+        if out.shape[0] != n * ref.shape[0]:
+            raise ValueError(f"{out.shape[0]} output rows for {n} passes over a target output of {ref.shape[0]}")
+        if self.kind == "mse":
+            return (out.float().view(n, *ref.shape) - self.target).pow(2).flatten(1).mean(-1)
+        if self.compiled:
+            return _compiled_kl_stacked()(out, self.p, self.neg_entropy, n)
+        return _kl_stacked(out, self.p, self.neg_entropy, n)
+
 
     # Rows of fp32 logits per chunk of `divergence_through_head`. SmolLM2's head (vocab 49152), one
     # step each (one-off script, 2 threads): 1 / 32 MB / 1 GB (one chunk a pass) -> 2257 / 1963 /
@@ -160,6 +174,17 @@ def _kl(out: Tensor, p: Tensor, neg_entropy: Tensor) -> Tensor:
 def _compiled_kl() -> Callable:
     """_kl fused by torch.compile (forward and backward one loop each instead of five ATen ops)."""
     return torch.compile(_kl, dynamic=False)
+
+
+def _kl_stacked(out: Tensor, p: Tensor, neg_entropy: Tensor, n: int) -> Tensor:
+    lsm = out.float().log_softmax(-1).view(n, *p.shape)
+    return neg_entropy - (p * lsm).sum(-1).flatten(1).mean(-1)
+
+
+@functools.cache
+def _compiled_kl_stacked() -> Callable:
+    """_kl_stacked fused by torch.compile (compiled once per pass count and shape)."""
+    return torch.compile(_kl_stacked, dynamic=False)
 
 
 def divergence(target_out: Tensor, out: Tensor, kind: str, positions: list[int] | None = None) -> Tensor:
@@ -345,19 +370,21 @@ def compute_losses(
         # positions only instead of on every position of every stacked pass.
         select = not fuse and cfg.output.positions is not None  # (no head found: run_passes returns the outputs)
         with autocast_for(cfg, dec.target):
-            if fuse or select:
-                outs, head = dec.run_passes(batch, all_passes, stack=cfg.train.stack_passes, defer_head=True)
-            else:
-                outs, head = dec.run_passes(batch, all_passes, stack=cfg.train.stack_passes), None
-            for t in active:
+            groups, head = dec.run_pass_groups(batch, all_passes, stack=cfg.train.stack_passes, defer_head=fuse or select)
+            vals: list[Tensor | None] = [None] * len(all_passes)
+            for idxs, out in groups:
                 if head is not None and fuse:  # the passes stopped before the output head: head + KL fused
-                    vals = [ref.divergence_through_head(o, head, dec.head_onednn) for o, owner in zip(outs, owners) if owner == t]
-                elif head is not None:  # they stopped before it: the head on the output positions only
-                    vals = [ref.divergence(dec.apply_head(select_positions(o, cfg.output.positions)), selected=True)
-                            for o, owner in zip(outs, owners) if owner == t]
+                    for i, o in zip(idxs, out.chunk(len(idxs), dim=0)):
+                        vals[i] = ref.divergence_through_head(o, head, dec.head_onednn)
+                    continue
+                if head is not None:  # they stopped before it: the head on the output positions only
+                    v = ref.divergences(dec.apply_head(select_positions(out, cfg.output.positions)), len(idxs), selected=True)
                 else:
-                    vals = [ref.divergence(o) for o, owner in zip(outs, owners) if owner == t]
-                terms[t] = torch.stack(vals).mean()
+                    v = ref.divergences(out, len(idxs))
+                for k, i in enumerate(idxs):
+                    vals[i] = v[k]
+            for t in active:
+                terms[t] = torch.stack([v for v, owner in zip(vals, owners) if owner == t]).mean()
     if coeffs.adversarial_recon > 0:
         # Under the same autocast as the target output it is compared with: otherwise bf16 rounding
         # alone would give the term a floor (KL ~3e-6 for an all-ones pass on the induction model).
