@@ -474,6 +474,38 @@ def test_autocast_auto_picks_bf16_only_where_it_is_fast(monkeypatch):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 
+def test_bench_phases_time_the_step_and_leave_it_unchanged():
+    """--phases: each phase of the step timed by wrapping the calls compute_losses makes; the
+    wrappers are gone afterwards and the steps are the training loop's (the same parameters as
+    steps run without them)."""
+    from tspd import bench
+    from tspd import losses as L
+    from tspd.seeding import generator
+    from tspd.train import faithfulness_warmup, make_optimizer, optimizer_step
+
+    target, batch, cfg = bench.CASES["tms-5-2"].build()
+    runs = []
+    for timed in (True, False):
+        torch.manual_seed(cfg.seed)
+        dec = tspd.Decomposition(target, cfg)
+        opt = make_optimizer(dec)
+        faithfulness_warmup(dec)
+        if timed:
+            phases = bench.time_phases(dec, opt, batch, steps=3, first_step=0)
+            timed_dec, timed_opt = dec, opt
+        else:
+            for step in range(3):
+                optimizer_step(dec, opt, compute_losses(dec, batch, step, generator(cfg.seed, step, 202))[0])
+        runs.append([p.detach().clone() for p in dec.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    assert list(phases) == ["target run", "CI", "faithfulness", "masks", "masked passes", "divergences", "backward",
+                            "optimizer", "other"]
+    assert all(v >= 0 for k, v in phases.items() if k != "other") and phases["backward"] > 0 and phases["masked passes"] > 0
+    assert "run_target" not in timed_dec.__dict__ and "step" not in timed_opt.__dict__  # the wrappers are gone
+    assert L.recon_passes.__name__ == "recon_passes" and L.Reference.divergences.__name__ == "divergences"
+
+
 def test_bench_case_runs_and_reports(tmp_path):
     from tspd.bench import run_all, run_case
 

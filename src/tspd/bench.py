@@ -308,9 +308,97 @@ def slow_bf16_skip(autocast: str | None, device: str) -> str | None:
     )
 
 
-def run_case(name: str, steps: int = 20, warmup: int = 3, threads: int | None = None, device: str = "cpu") -> dict:
+# The step's phases `--phases` times, in step order.
+PHASES = ("target run", "CI", "faithfulness", "masks", "masked passes", "divergences", "adversarial", "backward", "optimizer")
+
+
+@contextlib.contextmanager
+def _phase_timers(dec: Decomposition, opt: torch.optim.Optimizer, device: str) -> Iterator[dict[str, float]]:
+    """Accumulate, into the yielded dict, the seconds spent in each of PHASES but 'backward' (the
+    caller times it): the calls compute_losses makes are wrapped for the duration, a clock read
+    around each (with a CUDA sync on a GPU), nothing else changed."""
+    from tspd import losses as L
+
+    acc: dict[str, float] = {}
+
+    def timed(fn: Callable, phase: str) -> Callable:
+        def wrapper(*args, **kwargs):
+            _sync(device)
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _sync(device)
+                acc[phase] = acc.get(phase, 0.0) + time.perf_counter() - t
+
+        return wrapper
+
+    instance = {"run_target": "target run", "ci_logits": "CI", "ci_from_logits": "CI", "faithfulness": "faithfulness",
+                "run_pass_groups": "masked passes", "apply_head": "divergences"}
+    module = {"importance_minimality": "CI", "recon_passes": "masks", "adversarial_recon": "adversarial"}
+    methods = {"divergence": "divergences", "divergences": "divergences", "divergence_through_head": "divergences"}
+    saved_module = {k: getattr(L, k) for k in (*module, "_compiled_ci_and_minimality")}
+    saved_methods = {k: getattr(L.Reference, k) for k in methods}
+    chain = timed(L._compiled_ci_and_minimality(), "CI")
+    try:
+        for k, phase in instance.items():
+            setattr(dec, k, timed(getattr(dec, k), phase))  # instance attributes shadow the methods
+        for k, phase in module.items():
+            setattr(L, k, timed(saved_module[k], phase))
+        L._compiled_ci_and_minimality = lambda: chain
+        for k, phase in methods.items():
+            setattr(L.Reference, k, timed(saved_methods[k], phase))
+        opt.step = timed(opt.step, "optimizer")
+        yield acc
+    finally:
+        for k in instance:
+            dec.__dict__.pop(k, None)
+        for k, v in saved_module.items():
+            setattr(L, k, v)
+        for k, v in saved_methods.items():
+            setattr(L.Reference, k, v)
+        opt.__dict__.pop("step", None)
+
+
+def time_phases(dec: Decomposition, opt: torch.optim.Optimizer, batch: Batch, steps: int, first_step: int,
+                device: str = "cpu") -> dict[str, float]:
+    """Median milliseconds per step of each phase of the training step (PHASES, those that ran,
+    and 'other': the rest of the step), over `steps` steps from step `first_step` on. The same
+    step as the training loop's; the clock reads add microseconds, unlike torch.profiler or a
+    dispatch-mode hook, which on a 2-core host changed the very times they report (the tiny GPT-2
+    head's product: 13.9 ms under torch.profiler, 16 ms under a dispatch hook, 4.95 ms timed by a
+    forward hook)."""
+    cfg = dec.config
+    per_step: list[dict[str, float]] = []
+    with _phase_timers(dec, opt, device) as acc:
+        for step in range(first_step, first_step + steps):
+            acc.clear()
+            _sync(device)
+            t0 = time.perf_counter()
+            total, _, _ = compute_losses(dec, batch, step, generator(cfg.seed, step, 202))
+            opt.zero_grad(set_to_none=True)
+            _sync(device)
+            t1 = time.perf_counter()
+            total.backward()
+            _sync(device)
+            acc["backward"] = time.perf_counter() - t1
+            if cfg.train.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(dec.parameters(), cfg.train.grad_clip)
+            opt.step()
+            _sync(device)
+            row = dict(acc)
+            row["other"] = time.perf_counter() - t0 - sum(row.values())
+            per_step.append(row)
+    names = [p for p in PHASES if any(p in r for r in per_step)] + ["other"]
+    return {p: round(1000 * statistics.median(r.get(p, 0.0) for r in per_step), 2) for p in names}
+
+
+def run_case(
+    name: str, steps: int = 20, warmup: int = 3, threads: int | None = None, device: str = "cpu", phases: bool = False
+) -> dict:
     """Time one case in this process; returns its result row. `device`: where the target, batch
-    and decomposition live ('cpu', or 'cuda' for the GPU run the issue asks for)."""
+    and decomposition live ('cpu', or 'cuda' for the GPU run the issue asks for). `phases`: also
+    time the step's phases (`time_phases`, over `steps` more steps) into the row's `phases_ms`."""
     if name not in CASES:
         raise KeyError(f"unknown benchmark case {name!r}; cases: {', '.join(CASES)}")
     check_device(device)
@@ -352,6 +440,7 @@ def run_case(name: str, steps: int = 20, warmup: int = 3, threads: int | None = 
         total, _, _ = compute_losses(dec, batch, warmup + steps, generator(cfg.seed, warmup + steps, 202))
         optimizer_step(dec, opt, total)
 
+    phase_ms = time_phases(dec, opt, batch, steps, warmup + steps + 1, device) if phases else None
     step_gflop = count_gflop(one_step)
     with _plain_target(target, dec.onednn, dec.config.train.compile):
         target_gflop = count_gflop(_target_fwd_bwd(target, batch, cfg))
@@ -384,6 +473,8 @@ def run_case(name: str, steps: int = 20, warmup: int = 3, threads: int | None = 
     }
     if device.startswith("cuda"):
         row["cuda_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
+    if phase_ms is not None:
+        row["phases_ms"] = phase_ms
     return row
 
 
@@ -425,12 +516,14 @@ def machine_info(threads: int | None) -> dict:
     }
 
 
-def _run_one(name: str, steps: int, warmup: int, threads: int | None, device: str = "cpu") -> dict:
+def _run_one(name: str, steps: int, warmup: int, threads: int | None, device: str = "cpu", phases: bool = False) -> dict:
     """One case in a fresh subprocess (so peak RSS is the case's own)."""
     cmd = [sys.executable, "-m", "tspd.bench", "--one", name, "--steps", str(steps), "--warmup", str(warmup),
            "--device", device]
     if threads:
         cmd += ["--threads", str(threads)]
+    if phases:
+        cmd += ["--phases"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"case": name, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
@@ -457,7 +550,7 @@ def combine_repeats(rows: list[dict]) -> dict:
 
 def run_all(
     names: list[str], steps: int, warmup: int, threads: int | None, out: Path | None, progress=print, repeats: int = 1,
-    device: str = "cpu",
+    device: str = "cpu", phases: bool = False,
 ) -> dict:
     """Run each case in a fresh subprocess, `repeats` times round-robin over the cases (so a slow
     spell of a shared host spreads over cases instead of hitting one); returns {"machine": ...,
@@ -474,7 +567,7 @@ def run_all(
         for i in range(repeats):
             for name in names:
                 before = host_probe()
-                row = _run_one(name, steps, warmup, threads, device)
+                row = _run_one(name, steps, warmup, threads, device, phases)
                 if "ms_per_step" in row:
                     row["host_probe"] = {"before": before, "after": host_probe()}
                 runs[name].append(row)
@@ -510,11 +603,14 @@ def _format_row(r: dict) -> str:
         b, a = probe["before"], probe["after"]
         ref += (f"  host {b['matmul_gflop_per_s']:.0f}/{a['matmul_gflop_per_s']:.0f} GFLOP/s, "
                 f"{b['stream_gb_per_s']:.0f}/{a['stream_gb_per_s']:.0f} GB/s")
-    return (
+    line = (
         f"{r['case']:<22} {r['ms_per_step']:8.1f} ms/step  rss {r['peak_rss_gb']:.2f} GB  "
         f"fwd+bwd {r['target_fwd_bwd_ms']:.1f} ms  overhead {r['overhead_factor']:.1f}x ({r['forward_passes']} passes)  "
         f"{r['gflop_per_step']:.2f} GFLOP at {r['achieved_gflop_per_s']:.0f} GFLOP/s, flop ratio {r['flop_ratio']}{ref}"
     )
+    if r.get("phases_ms"):
+        line += "\n" + " " * 23 + "phases (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in r["phases_ms"].items())
+    return line
 
 
 def main(argv: list[str] | None = None, default_out: Path | None = None) -> None:
@@ -529,12 +625,15 @@ def main(argv: list[str] | None = None, default_out: Path | None = None) -> None
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: where target, batch and decomposition live")
     ap.add_argument("--slow-bf16", action="store_true",
                     help="time bf16-autocast cases even on a CPU whose bf16 matmuls are not fast (skipped otherwise)")
+    ap.add_argument("--phases", action="store_true",
+                    help="also time the step's phases (target run, CI, masks, masked passes, divergences, backward, "
+                         "optimizer) over --steps more steps; printed under each case and kept as phases_ms")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.slow_bf16:
         os.environ[SLOW_BF16_ENV] = "1"  # the case subprocesses inherit it
     if args.one:
-        print(json.dumps(run_case(args.one, args.steps, args.warmup, args.threads, args.device)))
+        print(json.dumps(run_case(args.one, args.steps, args.warmup, args.threads, args.device, args.phases)))
         return
     names = list(CASES) if args.cases == "all" else [c.strip() for c in args.cases.split(",") if c.strip()]
     if args.repeats < 1:
@@ -546,7 +645,7 @@ def main(argv: list[str] | None = None, default_out: Path | None = None) -> None
         check_device(args.device)
     except RuntimeError as err:
         ap.error(str(err))
-    run_all(names, args.steps, args.warmup, args.threads, args.out, repeats=args.repeats, device=args.device)
+    run_all(names, args.steps, args.warmup, args.threads, args.out, repeats=args.repeats, device=args.device, phases=args.phases)
     if args.out:
         print(f"results written to {args.out}")
 
