@@ -1,4 +1,5 @@
-"""The compiled loops (tspd.native): the very values and generator states of torch's ops."""
+"""The compiled loops (tspd.native): the very values and generator states of torch's draws; the KL
+and its gradient to fp32 rounding."""
 
 from __future__ import annotations
 
@@ -161,3 +162,56 @@ def test_shared_temp_folders_must_be_private(tmp_path):
     open_to_all.chmod(0o777)
     assert not native._private(open_to_all, os.getuid())
     assert not native._private(mine, os.getuid() + 1)
+
+
+@needs_cc
+@pytest.mark.parametrize("rows,V,n,scale", [(1, 1, 1, 1.0), (7, 9, 3, 3.0), (64, 130, 4, 10.0), (16, 1024, 2, 50.0)])
+def test_kl_rows_values_and_gradient_match_log_softmax(rows, V, n, scale):
+    """The KL loop: per pass sum p log_softmax(x), and psum softmax(x) - p, to fp32 rounding
+    (its exp is its own), for vocabularies that are and are not multiples of 8."""
+    gen = torch.Generator().manual_seed(rows * V)
+    p = torch.randn(rows, V, generator=gen).mul(scale).log_softmax(-1).exp()
+    x = torch.randn(n * rows, V, generator=gen).mul(scale)
+    x[-1, 0] = -1e4  # exp underflows to 0
+    got = native.kl_rows(x, p, p.sum(-1), n)
+    assert got is not None
+    totals, g = got
+    lsm = x.double().view(n, rows, V).log_softmax(-1)
+    torch.testing.assert_close(totals, (p.double() * lsm).sum((-1, -2)), rtol=1e-5, atol=1e-5)
+    want = lsm.exp() * p.double().sum(-1, keepdim=True) - p.double()
+    torch.testing.assert_close(g.double().view(n, rows, V), want, rtol=1e-4, atol=1e-6)
+
+
+@needs_cc
+def test_kl_rows_declines_what_it_does_not_handle():
+    p = torch.rand(4, 6).softmax(-1)
+    x = torch.randn(8, 6)
+    assert native.kl_rows(x, p, p.sum(-1), 2) is not None
+    assert native.kl_rows(x.double(), p.double(), p.sum(-1).double(), 2) is None  # fp32 only
+    assert native.kl_rows(torch.randn(6, 8).t(), p, p.sum(-1), 2) is None  # not contiguous
+    assert native.kl_rows(x, p, p.sum(-1), 3) is None  # rows are not n x the target's
+    assert native.kl_rows(torch.randn(65 * 4, 6), p, p.sum(-1), 65) is None  # more than 64 passes
+
+
+@needs_cc
+def test_compiled_divergences_through_the_kl_loop_match_eager(monkeypatch):
+    """Under train.compile the reconstruction KL runs through the loop: values and gradients as
+    the eager KL's to fp32 rounding; with TSPD_NATIVE=0 the compiled KL instead, to the same."""
+    from tspd.losses import Reference
+
+    torch.manual_seed(0)
+    target = torch.randn(3, 5, 11)
+    out = (target.repeat(3, 1, 1) + torch.randn(9, 5, 11)).requires_grad_()
+    results = []
+    for compiled, env in ((False, "1"), (True, "1"), (True, "0")):
+        monkeypatch.setenv("TSPD_NATIVE", env)
+        native.clear()
+        assert (native.kl_library() is not None) == (env == "1")
+        out.grad = None
+        v = Reference(target, "kl", compiled=compiled).divergences(out, 3)
+        (v * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+        results.append((v.detach(), out.grad.clone()))
+    native.clear()
+    for v, g in results[1:]:
+        torch.testing.assert_close(v, results[0][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g, results[0][1], rtol=1e-5, atol=1e-7)

@@ -73,7 +73,11 @@ class Reference:
         if self.kind == "mse":
             return (out.float().view(n, *ref.shape) - self.target).pow(2).flatten(1).mean(-1)
         if self.compiled:
-            return _compiled_kl_stacked()(out, self.p, self.neg_entropy, n)
+            if self._flat is None:
+                p = self.p.reshape(-1, self.p.shape[-1])
+                self._flat = (p, p.sum(-1))
+            vals = _KLRows.apply(out, *self._flat, self.neg_entropy, n)
+            return vals if vals is not None else _compiled_kl_stacked()(out, self.p, self.neg_entropy, n)
         return _kl_stacked(out, self.p, self.neg_entropy, n)
 
 
@@ -174,6 +178,32 @@ def _kl(out: Tensor, p: Tensor, neg_entropy: Tensor) -> Tensor:
 def _compiled_kl() -> Callable:
     """_kl fused by torch.compile (forward and backward one loop each instead of five ATen ops)."""
     return torch.compile(_kl, dynamic=False)
+
+
+class _KLRows(torch.autograd.Function):
+    """`_kl_stacked` by tspd.native's row loop (train.compile): the n values and, in the same pass,
+    the gradient psum softmax - p (one exp per logit where the compiled KL's forward and backward
+    took one each); the backward scales it. Returns None (no graph) where the loop does not apply."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, p: Tensor, psum: Tensor, neg_entropy: Tensor, n: int):
+        from tspd.native import kl_rows
+
+        rows = p.shape[0]
+        got = kl_rows(out.reshape(-1, p.shape[-1]), p, psum, n) if out.numel() == n * p.numel() else None
+        if got is None:
+            return None
+        totals, g = got
+        ctx.save_for_backward(g)
+        ctx.rows, ctx.shape = rows, out.shape
+        return neg_entropy - (totals / rows).to(neg_entropy.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        (g,) = ctx.saved_tensors
+        scale = (grad / ctx.rows).to(g.dtype)
+        return (g.view(scale.shape[0], -1) * scale[:, None]).view(ctx.shape), None, None, None, None
 
 
 def _kl_stacked(out: Tensor, p: Tensor, neg_entropy: Tensor, n: int) -> Tensor:
