@@ -215,3 +215,29 @@ def test_compiled_divergences_through_the_kl_loop_match_eager(monkeypatch):
     for v, g in results[1:]:
         torch.testing.assert_close(v, results[0][0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(g, results[0][1], rtol=1e-5, atol=1e-7)
+
+
+@needs_cc
+@pytest.mark.parametrize("leak,eps,p", [(0.01, 1e-12, 0.9), (0.0, 1e-6, 0.1), (0.2, 1e-3, 1.5)])
+def test_ci_chain_loop_matches_fp64(leak, eps, p):
+    """The CI chain's loop: lower exactly clamp(z, 0, 1); the minimality sum and q to fp32 rounding
+    of the fp64 values (its log and exp are its own)."""
+    z = torch.cat([torch.randn(64, 64, 100, generator=torch.Generator().manual_seed(1)).flatten() * 3,
+                   torch.tensor([0.0, 1.0, 1e-20, 50.0, -50.0])])
+    got = native.ci_min(z, leak, eps, p)
+    assert got is not None
+    lower, total, q = got
+    w_lower, w_total, w_q = native._ci_min_reference(z, leak, eps, p)
+    assert torch.equal(lower.double(), w_lower)
+    assert total == pytest.approx(w_total, rel=1e-6)
+    torch.testing.assert_close(q.double(), w_q, rtol=2e-6, atol=0.0)
+
+
+@needs_cc
+def test_ci_chain_loop_declines_what_it_does_not_handle():
+    z = torch.randn(8, 5)
+    assert native.ci_min(z, 0.01, 1e-12, 0.9) is not None
+    assert native.ci_min(z.t(), 0.01, 1e-12, 0.9) is None  # not contiguous
+    assert native.ci_min(z.bfloat16(), 0.01, 1e-12, 0.9) is None  # fp32 only (autocast runs the compiled chain)
+    assert native.ci_min(z, 0.01, 1e-40, 0.9) is None  # eps below fp32's normal range
+    assert native.ci_min(z, 0.01, 1e-12, 9.0) is None  # p out of the checked range
