@@ -241,3 +241,15 @@ def test_ci_chain_loop_declines_what_it_does_not_handle():
     assert native.ci_min(z.bfloat16(), 0.01, 1e-12, 0.9) is None  # fp32 only (autocast runs the compiled chain)
     assert native.ci_min(z, 0.01, 1e-40, 0.9) is None  # eps below fp32's normal range
     assert native.ci_min(z, 0.01, 1e-12, 9.0) is None  # p out of the checked range
+
+
+@needs_cc
+def test_kl_loop_backward_twice_on_one_graph_says_why():
+    from tspd.losses import Reference
+
+    target = torch.randn(2, 3, 5)
+    out = torch.randn(4, 3, 5, requires_grad=True)
+    v = Reference(target, "kl", compiled=True).divergences(out, 2).sum()
+    v.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="ran twice"):
+        v.backward()
