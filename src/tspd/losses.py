@@ -201,11 +201,11 @@ class _KLRows(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        (g,) = ctx.saved_tensors
         if ctx.used:
             raise RuntimeError("the reconstruction KL's backward ran twice on one graph (retain_graph=True); "
                                "its saved gradient is scaled in place: run the step's forward again instead")
         ctx.used = True
+        (g,) = ctx.saved_tensors
         # Scaled in place: g (as large as the passes' logits) is this graph's own and needed no more;
         # a fresh tensor the size of the logits measured 18 ms a step on induction-shared-256 here.
         scale = (grad / ctx.rows).to(g.dtype)
