@@ -140,8 +140,9 @@ class TrainConfig(Strict):
     )
     compile: bool = Field(
         False,
-        description="torch.compile the step's elementwise chains, one fused loop each way instead of several ops: the per-pass "
-        "KL, each site's CI sigmoids with its minimality term and, in passes with gradients, GPT-2's tanh GELU (first steps "
+        description="fuse the step's elementwise chains into one loop each way instead of several ops: the reconstruction "
+        "KL, each site's CI sigmoids with its minimality term and, in passes with gradients, GPT-2's tanh GELU (torch.compile; "
+        "on the CPU the KL and the CI chain's forward as tspd.native's C loops; equal to eager to fp32 rounding; first steps "
         "compile: seconds; CPU needs a C++ compiler)",
     )
 
