@@ -206,8 +206,8 @@ class _KLRows(torch.autograd.Function):
                                "its saved gradient is scaled in place: run the step's forward again instead")
         ctx.used = True
         (g,) = ctx.saved_tensors
-        # Scaled in place: g (as large as the passes' logits) is this graph's own and needed no more;
-        # a fresh tensor the size of the logits measured 18 ms a step on induction-shared-256 here.
+        # Scaled in place: g (as large as the passes' logits) is this graph's own and needed no more,
+        # so no second logits-sized tensor (induction-shared-64: 64.2 vs 65.5 ms a step, 7 of 8 rounds).
         scale = (grad / ctx.rows).to(g.dtype)
         return g.view(scale.shape[0], -1).mul_(scale[:, None]).view(ctx.shape), None, None, None, None
 
