@@ -173,29 +173,9 @@ int tspd_uniform16(uint8_t *st, float *out, int64_t n) {
     return 0;
 }
 
-/* exp(y) for y <= 0 (y < -87 gives ~1e-38): 2^n e^r with r = y - n ln 2 in [-ln2/2, ln2/2] (ln 2 in
-   two parts) and e^r by its Taylor series to r^7 (relative error < 1e-8 before rounding). */
-static inline float exp_nonpositive(float y) {
-    y = y < -87.0f ? -87.0f : y;
-    float n = __builtin_rintf(y * 1.44269504088896341f);
-    float r = __builtin_fmaf(-n, 0.693145751953125f, y);
-    r = __builtin_fmaf(-n, 1.428606765330187045e-06f, r);
-    float q = 1.0f / 5040.0f;
-    q = __builtin_fmaf(q, r, 1.0f / 720.0f);
-    q = __builtin_fmaf(q, r, 1.0f / 120.0f);
-    q = __builtin_fmaf(q, r, 1.0f / 24.0f);
-    q = __builtin_fmaf(q, r, 1.0f / 6.0f);
-    q = __builtin_fmaf(q, r, 0.5f);
-    q = __builtin_fmaf(q, r, 1.0f);
-    q = __builtin_fmaf(q, r, 1.0f);
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, 4);
-    return q * scale;
-}
-
-/* exp(y) for any y: y clamped to [-87, 88] (results ~1.6e-38 and ~1.65e38 beyond), else as
-   exp_nonpositive. */
+/* exp(y): y clamped to [-87, 88] (results ~1.6e-38 and ~1.65e38 beyond), then 2^n e^r with
+   r = y - n ln 2 in [-ln2/2, ln2/2] (ln 2 in two parts) and e^r by its Taylor series to r^7
+   (relative error < 1e-8 before rounding). */
 static inline float exp_any(float y) {
     y = y < -87.0f ? -87.0f : (y > 88.0f ? 88.0f : y);
     float n = __builtin_rintf(y * 1.44269504088896341f);
@@ -237,6 +217,18 @@ static inline float log_normal(float x) {
     return __builtin_fmaf(ef, 0.693145751953125f, __builtin_fmaf(ef, 1.428606765330187045e-06f, lm));
 }
 
+/* One CI logit z: writes lower = clamp(z, 0, 1) and q = p base^p / base, returns base^p, where
+   base = lower + leak max(z - 1, 0) + eps. */
+static inline float ci_one(float zi, float leak, float eps, float p, float *lower, float *q) {
+    float lw = zi < 0.0f ? 0.0f : (zi > 1.0f ? 1.0f : zi);
+    float above = zi - 1.0f > 0.0f ? zi - 1.0f : 0.0f;
+    float base = (lw + above * leak) + eps;
+    float pw = exp_any(p * log_normal(base));
+    *lower = lw;
+    *q = p * pw / base;
+    return pw;
+}
+
 /* One site's CI chain forward (tspd.losses._CIAndMinimality): lower = clamp(z, 0, 1); base = lower
    + leak max(z - 1, 0) + eps; powered = base^p = exp(p log base); q = p powered / base; and the sum
    of powered (per thread in blocks of 1024 summed in fp32 lanes, then in fp64, threads in order). */
@@ -255,26 +247,8 @@ void tspd_ci_min(const float *z, float *lower, float *q, double *total, int64_t 
             float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
             int64_t i = b;
             for (; i + 8 <= end; i += 8)
-                for (int l = 0; l < 8; l++) {
-                    float zi = z[i + l];
-                    float lw = zi < 0.0f ? 0.0f : (zi > 1.0f ? 1.0f : zi);
-                    float above = zi - 1.0f > 0.0f ? zi - 1.0f : 0.0f;
-                    float base = (lw + above * leak) + eps;
-                    float pw = exp_any(p * log_normal(base));
-                    lower[i + l] = lw;
-                    q[i + l] = p * pw / base;
-                    lanes[l] += pw;
-                }
-            for (; i < end; i++) {
-                float zi = z[i];
-                float lw = zi < 0.0f ? 0.0f : (zi > 1.0f ? 1.0f : zi);
-                float above = zi - 1.0f > 0.0f ? zi - 1.0f : 0.0f;
-                float base = (lw + above * leak) + eps;
-                float pw = exp_any(p * log_normal(base));
-                lower[i] = lw;
-                q[i] = p * pw / base;
-                lanes[0] += pw;
-            }
+                for (int l = 0; l < 8; l++) lanes[l] += ci_one(z[i + l], leak, eps, p, lower + i + l, q + i + l);
+            for (; i < end; i++) lanes[0] += ci_one(z[i], leak, eps, p, lower + i, q + i);
             for (int l = 0; l < 8; l++) acc += lanes[l];
         }
         part[tid] = acc;
@@ -316,7 +290,7 @@ void tspd_kl_rows(const float *x, const float *p, const float *psum, float *g, d
             for (; v < V; v++) m = xr[v] > m ? xr[v] : m;
             for (v = 0; v < v8; v += 8)
                 for (int l = 0; l < 8; l++) {
-                    float d = xr[v + l] - m, e = exp_nonpositive(d);
+                    float d = xr[v + l] - m, e = exp_any(d);
                     gr[v + l] = e;
                     sm[l] += e;
                     pxs[l] = __builtin_fmaf(pr[v + l], d, pxs[l]);
@@ -324,7 +298,7 @@ void tspd_kl_rows(const float *x, const float *p, const float *psum, float *g, d
             float sum = 0.0f, px = 0.0f;
             for (int l = 0; l < 8; l++) { sum += sm[l]; px += pxs[l]; }
             for (; v < V; v++) {
-                float d = xr[v] - m, e = exp_nonpositive(d);
+                float d = xr[v] - m, e = exp_any(d);
                 gr[v] = e;
                 sum += e;
                 px = __builtin_fmaf(pr[v], d, px);
