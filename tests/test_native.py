@@ -253,3 +253,31 @@ def test_kl_loop_backward_twice_on_one_graph_says_why():
     v.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="ran twice"):
         v.backward()
+
+
+@needs_cc
+def test_ci_chain_loop_edge_cases_as_torch():
+    """Review cases: a tiny eps whose eps^p would sit at the loop's exp floor runs the compiled chain
+    instead (the minimality gradient at z = 0 stays 0); inf and NaN logits give inf/NaN as torch;
+    no rows give a nan mean, not an error; the self-checks hold under a float64 default dtype."""
+    import math
+
+    from tspd.losses import _CIAndMinimality
+
+    assert native.ci_min(torch.tensor([0.0, 0.5]), 0.01, 1e-37, 2.0) is None  # p log eps < -87
+    z = torch.tensor([0.0, 0.5, 1e-25, 0.3], requires_grad=True)
+    lower, total = _CIAndMinimality.apply(z, 0.01, 1e-37, torch.tensor(2.0))
+    total.backward()
+    assert float(z.grad[0]) == 0.0 and float(z.grad[2]) == 0.0
+    lower, total, q = native.ci_min(torch.tensor([math.inf, math.nan, 0.5]), 0.05, 1e-12, 0.9)
+    assert math.isnan(total) and math.isnan(float(lower[1])) and float(lower[0]) == 1.0 and math.isnan(float(q[0]))
+    lower, total = _CIAndMinimality.apply(torch.zeros(0, 5), 0.01, 1e-12, torch.tensor(0.9))
+    assert lower.shape == (0, 5) and math.isnan(float(total))
+    before = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        native.clear()
+        assert native.ci_min_library() is not None and native.kl_library() is not None
+    finally:
+        torch.set_default_dtype(before)
+        native.clear()

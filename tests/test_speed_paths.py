@@ -503,6 +503,11 @@ def test_bench_phases_time_the_step_and_leave_it_unchanged():
                             "optimizer", "other"]
     assert all(v >= 0 for k, v in phases.items() if k != "other") and phases["backward"] > 0 and phases["masked passes"] > 0
     assert "run_target" not in timed_dec.__dict__ and "step" not in timed_opt.__dict__  # the wrappers are gone
+    # A divergence inside adversarial_recon counts to 'adversarial' only (no phase counted twice).
+    cfg_adv = cfg.with_overrides(["losses.adversarial_recon=1", "losses.stochastic_recon=0", "losses.stochastic_recon_layerwise=0"])
+    dec = tspd.Decomposition(target, cfg_adv)
+    adv = bench.time_phases(dec, make_optimizer(dec), batch, steps=2, first_step=0)
+    assert adv["adversarial"] > 0 and "divergences" not in adv
     assert L.recon_passes.__name__ == "recon_passes" and L.Reference.divergences.__name__ == "divergences"
 
 

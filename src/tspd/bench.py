@@ -316,20 +316,26 @@ PHASES = ("target run", "CI", "faithfulness", "masks", "masked passes", "diverge
 def _phase_timers(dec: Decomposition, opt: torch.optim.Optimizer, device: str) -> Iterator[dict[str, float]]:
     """Accumulate, into the yielded dict, the seconds spent in each of PHASES but 'backward' (the
     caller times it): the calls compute_losses makes are wrapped for the duration, a clock read
-    around each (with a CUDA sync on a GPU), nothing else changed."""
+    around each outermost one (with a CUDA sync on a GPU; the divergences inside adversarial_recon
+    count to 'adversarial'), nothing else changed."""
     from tspd import losses as L
 
     acc: dict[str, float] = {}
+    inside: list[str] = []  # the phase being timed: a call within it counts to it alone
 
     def timed(fn: Callable, phase: str) -> Callable:
         def wrapper(*args, **kwargs):
+            if inside:
+                return fn(*args, **kwargs)
             _sync(device)
+            inside.append(phase)
             t = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 _sync(device)
                 acc[phase] = acc.get(phase, 0.0) + time.perf_counter() - t
+                inside.pop()
 
         return wrapper
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -287,7 +288,8 @@ class _CIAndMinimality(torch.autograd.Function):
         got = ci_min(z, leak, eps, float(p)) if z.device.type == "cpu" else None
         if got is not None:  # tspd.native's loop: its own log and exp, ~1e-7 relative
             lower, s, q = got
-            total = torch.tensor(s / (z.numel() // z.shape[-1]), dtype=torch.float32)
+            rows = z.numel() // z.shape[-1]
+            total = torch.tensor(s / rows if rows else math.nan, dtype=torch.float32)  # no rows: nan, as the compiled chain
         else:
             lower, total, q = _compiled_ci_min()[0](z, leak, eps, p)
         ctx.save_for_backward(z, q)

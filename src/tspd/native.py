@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import hashlib
 import os
 import platform
@@ -77,7 +78,6 @@ SOURCE = r"""
 #ifdef _OPENMP
 #include <omp.h>
 #else
-static int omp_get_max_threads(void) { return 1; }
 static int omp_get_thread_num(void) { return 0; }
 static int omp_get_num_threads(void) { return 1; }
 #endif
@@ -218,12 +218,17 @@ static inline float log_normal(float x) {
 }
 
 /* One CI logit z: writes lower = clamp(z, 0, 1) and q = p base^p / base, returns base^p, where
-   base = lower + leak max(z - 1, 0) + eps. */
+   base = lower + leak max(z - 1, 0) + eps (NaN and inf as powf gives them; the caller keeps
+   p log eps > -87, so no small base^p is held at exp_any's floor). */
 static inline float ci_one(float zi, float leak, float eps, float p, float *lower, float *q) {
     float lw = zi < 0.0f ? 0.0f : (zi > 1.0f ? 1.0f : zi);
     float above = zi - 1.0f > 0.0f ? zi - 1.0f : 0.0f;
     float base = (lw + above * leak) + eps;
-    float pw = exp_any(p * log_normal(base));
+    float y = p * log_normal(base);
+    float pw = exp_any(y);
+    pw = y > 88.0f ? INFINITY : pw;                              /* overflows, as powf would */
+    pw = base == INFINITY ? (p > 0.0f ? INFINITY : 1.0f) : pw;   /* inf^p */
+    pw = base != base ? base : pw;                               /* NaN stays NaN */
     *lower = lw;
     *q = p * pw / base;
     return pw;
@@ -232,10 +237,10 @@ static inline float ci_one(float zi, float leak, float eps, float p, float *lowe
 /* One site's CI chain forward (tspd.losses._CIAndMinimality): lower = clamp(z, 0, 1); base = lower
    + leak max(z - 1, 0) + eps; powered = base^p = exp(p log base); q = p powered / base; and the sum
    of powered (per thread in blocks of 1024 summed in fp32 lanes, then in fp64, threads in order). */
-void tspd_ci_min(const float *z, float *lower, float *q, double *total, int64_t n, float leak, float eps, float p) {
-    int nt = omp_get_max_threads();
+void tspd_ci_min(const float *z, float *lower, float *q, double *total, int64_t n, float leak, float eps, float p,
+                 int nt) {
     double part[64];
-    if (nt > 64) nt = 64;
+    nt = nt < 1 ? 1 : (nt > 64 ? 64 : nt);
     memset(part, 0, sizeof(part));
     #pragma omp parallel num_threads(nt)
     {
@@ -264,10 +269,9 @@ void tspd_ci_min(const float *z, float *lower, float *q, double *total, int64_t 
    exp per value: e = exp(x - max) is kept in g, then scaled in place. Rows are split over the
    OpenMP threads in fixed blocks, each thread's per-pass partial totals added in thread order. */
 void tspd_kl_rows(const float *x, const float *p, const float *psum, float *g, double *totals,
-                  int64_t n, int64_t rows, int64_t V) {
-    int nt = omp_get_max_threads();
+                  int64_t n, int64_t rows, int64_t V, int nt) {
     double part[64 * 64];
-    if (nt > 64) nt = 64;
+    nt = nt < 1 ? 1 : (nt > 64 ? 64 : nt);
     int64_t all = n * rows;
     memset(part, 0, sizeof(part));
     #pragma omp parallel num_threads(nt)
@@ -445,10 +449,10 @@ def library() -> ctypes.CDLL | None:
         lib.tspd_words_to_uniform.restype = None
         lib.tspd_words_to_uniform.argtypes = [P, I, P, I]
         lib.tspd_kl_rows.restype = None
-        lib.tspd_kl_rows.argtypes = [P, P, P, P, P, I, I, I]
+        lib.tspd_kl_rows.argtypes = [P, P, P, P, P, I, I, I, ctypes.c_int]
         F = ctypes.c_float
         lib.tspd_ci_min.restype = None
-        lib.tspd_ci_min.argtypes = [P, P, P, P, I, F, F, F]
+        lib.tspd_ci_min.argtypes = [P, P, P, P, I, F, F, F, ctypes.c_int]
         return lib
     return None
 
@@ -475,8 +479,8 @@ def _kl_matches(lib: ctypes.CDLL) -> bool:
     loop's exp is its own, ~1e-7 relative, so agreement, not equality, is checked)."""
     gen = torch.Generator().manual_seed(0)
     for rows, V, n, scale in ((5, 3, 2, 1.0), (37, 130, 3, 4.0), (8, 1024, 2, 30.0)):
-        target = torch.randn(rows, V, generator=gen).mul(scale).log_softmax(-1).exp()
-        x = torch.randn(n * rows, V, generator=gen).mul(scale)
+        target = torch.randn(rows, V, generator=gen, dtype=torch.float32).mul(scale).log_softmax(-1).exp()
+        x = torch.randn(n * rows, V, generator=gen, dtype=torch.float32).mul(scale)
         x[0, 0] = -200.0  # an exp that underflows
         got = _kl_rows(lib, x, target, target.sum(-1), n)
         if got is None:
@@ -493,12 +497,17 @@ def _kl_matches(lib: ctypes.CDLL) -> bool:
     return True
 
 
+def _threads() -> int:
+    """The loops' thread count: torch's, passed in (whatever OpenMP runtime the library loaded)."""
+    return max(1, torch.get_num_threads())
+
+
 def _kl_rows(lib: ctypes.CDLL, x: torch.Tensor, p: torch.Tensor, psum: torch.Tensor, n: int):
     if n > 64:
         return None
     g = torch.empty_like(x)
     totals = torch.empty(n, dtype=torch.float64)
-    lib.tspd_kl_rows(_ptr(x), _ptr(p), _ptr(psum), _ptr(g), _ptr(totals), n, p.shape[0], p.shape[1])
+    lib.tspd_kl_rows(_ptr(x), _ptr(p), _ptr(psum), _ptr(g), _ptr(totals), n, p.shape[0], p.shape[1], _threads())
     return totals, g
 
 
@@ -536,26 +545,29 @@ def _ci_min_reference(z: torch.Tensor, leak: float, eps: float, p: float) -> tup
 
 def _ci_min_matches(lib: ctypes.CDLL) -> bool:
     """The library's CI chain agrees with fp64 torch to fp32 rounding on values across the
-    sigmoid's pieces (below 0, inside, above 1, the boundaries) and a few p, leak and eps."""
+    sigmoid's pieces (below 0, inside, above 1, the boundaries) and a few p, leak and eps, and
+    gives NaN and inf where torch does (elementwise, and in the sum)."""
     gen = torch.Generator().manual_seed(0)
-    z = torch.cat([torch.randn(5000, generator=gen) * 3, torch.tensor([0.0, 1.0, -0.0, 1e-30, 1e-7, 300.0, -1e4])])
-    for leak, eps, p in ((0.01, 1e-12, 0.9), (0.0, 1e-6, 0.1), (0.05, 1e-3, 2.0), (0.01, 1e-12, 1.0)):
-        got = _ci_min(lib, z, leak, eps, p)
-        if got is None:
-            return False
-        lower, total, q = got
-        w_lower, w_total, w_q = _ci_min_reference(z, leak, eps, p)
-        if not torch.equal(lower.double(), w_lower) or abs(total - w_total) > 1e-6 * abs(w_total) + 1e-6:
-            return False
-        if not torch.allclose(q.double(), w_q, rtol=2e-6, atol=0.0):
-            return False
+    finite = torch.cat([torch.randn(5000, generator=gen, dtype=torch.float32) * 3,
+                        torch.tensor([0.0, 1.0, -0.0, 1e-30, 1e-7, 300.0, -1e4], dtype=torch.float32)])
+    for z in (finite, torch.tensor([math.inf, -math.inf, math.nan, 0.5], dtype=torch.float32)):
+        for leak, eps, p in ((0.01, 1e-12, 0.9), (0.0, 1e-6, 0.1), (0.05, 1e-3, 2.0), (0.01, 1e-12, 1.0)):
+            lower, total, q = _ci_min(lib, z, leak, eps, p)
+            w_lower, w_total, w_q = _ci_min_reference(z, leak, eps, p)
+            same_total = (math.isnan(total) and math.isnan(w_total)) or total == w_total or (
+                math.isfinite(w_total) and abs(total - w_total) <= 1e-6 * abs(w_total) + 1e-6
+            )
+            if not same_total or not torch.allclose(lower.double(), w_lower, rtol=0.0, atol=0.0, equal_nan=True):
+                return False
+            if not torch.allclose(q.double(), w_q, rtol=2e-6, atol=0.0, equal_nan=True):
+                return False
     return True
 
 
 def _ci_min(lib: ctypes.CDLL, z: torch.Tensor, leak: float, eps: float, p: float):
     lower, q = torch.empty_like(z), torch.empty_like(z)
     total = torch.zeros(1, dtype=torch.float64)
-    lib.tspd_ci_min(_ptr(z), _ptr(lower), _ptr(q), _ptr(total), z.numel(), leak, eps, p)
+    lib.tspd_ci_min(_ptr(z), _ptr(lower), _ptr(q), _ptr(total), z.numel(), leak, eps, p, _threads())
     return lower, float(total), q
 
 
@@ -573,6 +585,7 @@ def ci_min(z: torch.Tensor, leak: float, eps: float, p: float) -> tuple[torch.Te
     ok = (
         z.device.type == "cpu" and z.dtype == torch.float32 and z.is_contiguous()
         and eps >= 1.2e-38 and 0.0 <= p <= 8.0 and 0.0 <= leak < 1.0
+        and p * math.log(eps) > -87.0  # base^p >= eps^p stays above exp's floor (else exactly as torch: the compiled chain)
     )
     lib = ci_min_library() if ok else None
     return _ci_min(lib, z, leak, eps, p) if lib is not None else None
