@@ -59,9 +59,16 @@ class Reference:
         out = out if selected else select_positions(out, self.positions)
         if self.kind == "mse":
             return (out.float() - self.target).pow(2).mean()
-        if self.compiled:
-            return _compiled_kl()(out, self.p, self.neg_entropy)
+        if self.compiled:  # the reconstruction terms' route (divergences), for one output
+            return self.divergences(out, 1, selected=True)[0]
         return _kl(out, self.p, self.neg_entropy)
+
+    def _flat_target(self) -> tuple[Tensor, Tensor]:
+        """The target distribution as (rows x V) and its row sums, made once."""
+        if self._flat is None:
+            p = self.p.reshape(-1, self.p.shape[-1])
+            self._flat = (p, p.sum(-1))
+        return self._flat
 
     def divergences(self, out: Tensor, n: int, selected: bool = False) -> Tensor:
         """D(target, each of n outputs stacked along dim 0 of `out`): a vector of n values, each
@@ -74,10 +81,7 @@ class Reference:
         if self.kind == "mse":
             return (out.float().view(n, *ref.shape) - self.target).pow(2).flatten(1).mean(-1)
         if self.compiled:
-            if self._flat is None:
-                p = self.p.reshape(-1, self.p.shape[-1])
-                self._flat = (p, p.sum(-1))
-            vals = _KLRows.apply(out, *self._flat, self.neg_entropy, n)
+            vals = _KLRows.apply(out, *self._flat_target(), self.neg_entropy, n)
             return vals if vals is not None else _compiled_kl_stacked()(out, self.p, self.neg_entropy, n)
         return _kl_stacked(out, self.p, self.neg_entropy, n)
 
@@ -100,10 +104,7 @@ class Reference:
         if self.kind == "mse":
             raise ValueError("divergence_through_head computes a KL; use divergence for mse")
         h = select_positions(h, self.positions)
-        if self._flat is None:
-            p = self.p.reshape(-1, self.p.shape[-1])
-            self._flat = (p, p.sum(-1))
-        p, psum = self._flat
+        p, psum = self._flat_target()
         h2 = h.reshape(-1, h.shape[-1])
         if h2.shape[0] != p.shape[0]:
             raise ValueError(f"{h2.shape[0]} head-input rows for a target output of {p.shape[0]}")
@@ -173,12 +174,6 @@ class _HeadKL(torch.autograd.Function):
 
 def _kl(out: Tensor, p: Tensor, neg_entropy: Tensor) -> Tensor:
     return neg_entropy - (p * out.float().log_softmax(-1)).sum(-1).mean()
-
-
-@functools.cache
-def _compiled_kl() -> Callable:
-    """_kl fused by torch.compile (forward and backward one loop each instead of five ATen ops)."""
-    return torch.compile(_kl, dynamic=False)
 
 
 class _KLRows(torch.autograd.Function):

@@ -535,12 +535,11 @@ def kl_rows(x: torch.Tensor, p: torch.Tensor, psum: torch.Tensor, n: int) -> tup
 
 
 def _ci_min_reference(z: torch.Tensor, leak: float, eps: float, p: float) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """The CI chain's forward in fp64 torch ops (what `ci_min` approximates in fp32)."""
-    z64 = z.double()
-    lower = z64.clamp(0.0, 1.0)
-    base = lower + (z64 - 1.0).clamp(min=0.0) * leak + eps
-    powered = base.pow(p)
-    return lower, float(powered.sum()), p * powered / base
+    """The chain's torch form (`tspd.losses._ci_min_forward`) in fp64 on a 1-D z: (lower, sum, q)."""
+    from tspd.losses import _ci_min_forward
+
+    lower, total, q = _ci_min_forward(z.double(), leak, eps, torch.tensor(p, dtype=torch.float64))
+    return lower, float(total), q
 
 
 def _ci_min_matches(lib: ctypes.CDLL) -> bool:
