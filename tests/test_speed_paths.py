@@ -598,6 +598,46 @@ def test_bench_repeats_report_the_median_run():
         run_all(["tms-5-2"], steps=1, warmup=1, threads=1, out=None, repeats=0)
 
 
+def test_bench_acceptance_judges_issue_6s_bars(monkeypatch):
+    from tspd import bench
+    from tspd.bench import REFERENCE_MACHINE, acceptance, format_acceptance
+
+    def row(case, ms, rss=0.5, **kw):
+        shown = {"target_fwd_bwd_ms": 1.0, "overhead_factor": 1.0, "forward_passes": 1, "gflop_per_step": 1.0,
+                 "achieved_gflop_per_s": 1.0, "flop_ratio": 1.0}  # what _format_row prints
+        return {**shown, "case": case, "ms_per_step": ms, "peak_rss_gb": rss, **kw}
+
+    results = [
+        row("induction-shared-64", 46.0),  # 92 / 46 = 2.00x: met
+        row("induction-shared-256", 184.0),  # 367 / 184 = 1.99x: not met
+        row("induction-vector-64", 100.0, rss=1.7),  # 2.71x but more memory than the reference's 1.6 GB
+        {"case": "induction-qkvo-256", "error": "boom"},  # failed: not run
+        row("tiny-gpt2-fp32", 80.0, overhead_factor=3.6, forward_passes=6),  # overhead exactly at the bar
+        row("smollm2-layer", 100.0), row("smollm2-layer-naive", 290.0),  # 2.9x: not met
+    ]
+    acc = acceptance(results, {"cpu_flags": list(REFERENCE_MACHINE["cpu_flags"])})
+    met = {ln["check"].split(" ")[0]: ln["met"] for ln in acc["lines"]}
+    assert met["induction-shared-64"] is True and met["induction-shared-256"] is False
+    assert met["induction-vector-64"] is False and met["induction-qkvo-256"] is None and met["tiny-gpt2-bf16"] is None
+    assert met["smollm2-layer"] is False
+    overhead = [ln for ln in acc["lines"] if "overhead" in ln["check"]]
+    assert overhead[0]["met"] is True and "bar 3.60" in overhead[0]["measured"]
+    assert acc["reference_cpu_flags"] is True
+    assert not acceptance(results, {"cpu_flags": ["avx2"]})["reference_cpu_flags"]
+    text = format_acceptance(acc)
+    assert "[met]     induction-shared-64 >= 2x" in text and "[not run] induction-qkvo-256" in text
+    assert "[not run]" not in format_acceptance(acc, not_run=False)
+    # run_all adds it to the report (and prints it) when a case it judges ran
+    monkeypatch.setattr(bench, "_run_one", lambda name, *a, **k: next((r for r in results if r["case"] == name), row(name, 1.0)))
+    monkeypatch.setattr(bench, "host_probe", lambda: {"matmul_gflop_per_s": 1.0, "stream_gb_per_s": 1.0})
+    lines = []
+    report = bench.run_all(["induction-shared-64"], steps=1, warmup=0, threads=1, out=None, progress=lines.append)
+    assert report["acceptance"]["lines"][0]["met"] is True
+    assert any(line.startswith("acceptance (issue 6)") for line in lines)
+    assert "not run" not in "\n".join(lines)
+    assert "acceptance" not in bench.run_all(["tms-5-2"], steps=1, warmup=0, threads=1, out=None, progress=lines.append)
+
+
 def test_count_gflop_counts_a_known_matmul():
     from tspd.bench import count_gflop
 

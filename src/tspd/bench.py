@@ -586,11 +586,70 @@ def run_all(
     if device == "cpu" and missing and any(r.get("reference_ms") for r in results):
         progress(f"note: the reference times were measured on a {REFERENCE_MACHINE['cpu']}; this CPU "
                  f"({report['machine']['cpu_model']}) lacks {', '.join(missing)}, so the speedups also compare machines")
+    if device == "cpu" and any(r["case"] in ACCEPTANCE_CASES for r in results):
+        report["acceptance"] = acceptance(results, report["machine"])
+        progress(format_acceptance(report["acceptance"], not_run=set(ACCEPTANCE_CASES) <= set(names)))
     if out is not None:
         from tspd.decomposition import atomic_write_bytes
 
         atomic_write_bytes(out, lambda p: Path(p).write_text(json.dumps(report, indent=2)))
     return report
+
+
+# Issue 6's bars: every reference row >= 2x faster than the reference at no more peak RSS;
+# smollm2-layer >= 3x its naive form; tiny-gpt2-fp32's overhead factor <= 0.6 x its forward passes.
+SPEEDUP_BAR, SMOLLM2_BAR, OVERHEAD_PER_PASS = 2.0, 3.0, 0.6
+ACCEPTANCE_CASES = [n for n, c in CASES.items() if c.reference_ms is not None] + ["smollm2-layer", "smollm2-layer-naive"]
+
+
+def acceptance(results: list[dict], machine: dict) -> dict:
+    """Issue 6's acceptance lines judged from harness rows (`run_all`'s results): `lines`, each
+    {"check", "measured", "met"} with met True / False, or None where a case needed was not run,
+    failed or was skipped; `reference_cpu_flags` says whether this CPU has the reference machine's
+    CPU flags (without them the x figures also compare machines)."""
+    rows = {r["case"]: r for r in results if "ms_per_step" in r}
+    lines = []
+    for name, case in CASES.items():
+        if case.reference_ms is None:
+            continue
+        check = f"{name} >= {SPEEDUP_BAR:g}x the reference ({case.reference_ms:g} ms) at <= its peak RSS ({case.reference_rss_gb:g} GB)"
+        r = rows.get(name)
+        if r is None:
+            lines.append({"check": check, "measured": "not run", "met": None})
+            continue
+        x = case.reference_ms / r["ms_per_step"]
+        lines.append({
+            "check": check,
+            "measured": f"{r['ms_per_step']:.1f} ms = {x:.2f}x, peak RSS {r['peak_rss_gb']:.2f} GB",
+            "met": x >= SPEEDUP_BAR and r["peak_rss_gb"] <= case.reference_rss_gb,
+        })
+    fast, naive = rows.get("smollm2-layer"), rows.get("smollm2-layer-naive")
+    check = f"smollm2-layer >= {SMOLLM2_BAR:g}x smollm2-layer-naive"
+    if fast and naive:
+        x = naive["ms_per_step"] / fast["ms_per_step"]
+        lines.append({"check": check, "measured": f"{fast['ms_per_step']:.1f} vs {naive['ms_per_step']:.1f} ms = {x:.2f}x",
+                      "met": x >= SMOLLM2_BAR})
+    else:
+        lines.append({"check": check, "measured": "not run", "met": None})
+    r = rows.get("tiny-gpt2-fp32")
+    check = f"tiny-gpt2-fp32 overhead factor <= {OVERHEAD_PER_PASS:g} x its forward passes"
+    if r:
+        bar = OVERHEAD_PER_PASS * r["forward_passes"]
+        lines.append({"check": check, "measured": f"{r['overhead_factor']:.2f} (bar {bar:.2f}: {r['forward_passes']} passes)",
+                      "met": r["overhead_factor"] <= bar + 1e-9})  # 0.6 * 6 is 3.5999999999999996 in floats
+    else:
+        lines.append({"check": check, "measured": "not run", "met": None})
+    have = set(machine.get("cpu_flags") or [])
+    return {"reference_cpu_flags": all(f in have for f in REFERENCE_MACHINE["cpu_flags"]), "lines": lines}
+
+
+def format_acceptance(acc: dict, not_run: bool = True) -> str:
+    """`acceptance`'s lines as text, one per line; `not_run`: also the lines whose cases did not run."""
+    head = "acceptance (issue 6)" + ("" if acc["reference_cpu_flags"] else
+                                     ": not the reference's CPU flags, so the x figures also compare machines")
+    tag = {True: "[met]    ", False: "[not met]", None: "[not run]"}
+    shown = [ln for ln in acc["lines"] if not_run or ln["met"] is not None]
+    return "\n".join([head] + [f"  {tag[ln['met']]} {ln['check']}: {ln['measured']}" for ln in shown])
 
 
 def _format_row(r: dict) -> str:
@@ -616,7 +675,9 @@ def _format_row(r: dict) -> str:
 
 def main(argv: list[str] | None = None, default_out: Path | None = None) -> None:
     ap = argparse.ArgumentParser(prog="tspd bench", description="time SPD steps on the standard cases")
-    ap.add_argument("--cases", default="all", help="comma-separated case names, or 'all' (" + ", ".join(CASES) + ")")
+    ap.add_argument("--cases", default="all",
+                    help="comma-separated case names, 'all' (" + ", ".join(CASES) + "), or 'acceptance' (issue 6's: "
+                         "the reference rows and the SmolLM2 pair)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per case (median reported)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -636,7 +697,8 @@ def main(argv: list[str] | None = None, default_out: Path | None = None) -> None
     if args.one:
         print(json.dumps(run_case(args.one, args.steps, args.warmup, args.threads, args.device, args.phases)))
         return
-    names = list(CASES) if args.cases == "all" else [c.strip() for c in args.cases.split(",") if c.strip()]
+    named = {"all": list(CASES), "acceptance": ACCEPTANCE_CASES}
+    names = named.get(args.cases) or [c.strip() for c in args.cases.split(",") if c.strip()]
     if args.repeats < 1:
         ap.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.steps < 1 or args.warmup < 0 or args.threads < 1:
