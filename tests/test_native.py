@@ -281,3 +281,35 @@ def test_ci_chain_loop_edge_cases_as_torch():
     finally:
         torch.set_default_dtype(before)
         native.clear()
+
+
+def test_build_tries_the_flags_best_first_without_repeats(monkeypatch):
+    monkeypatch.setattr(native, "_cpu_identity", lambda: "flags : avx2")
+    sets = native._build_flag_sets()
+    assert sets[0] == native.FLAGS  # -march=native and OpenMP
+    assert ["-march=native" in f for f in sets] == [True, False, True, False]
+    assert ["-fopenmp" in f for f in sets] == [True, True, False, False]
+    monkeypatch.setattr(native, "_cpu_identity", lambda: None)  # no CPU to key a native build on
+    sets = native._build_flag_sets()
+    assert len(sets) == 2 and not any("-march=native" in f for f in sets) and "-fopenmp" in sets[0]
+
+
+@needs_cc
+def test_library_built_without_openmp_passes_its_checks(tmp_path, monkeypatch):
+    # A compiler without OpenMP: the build falls back to flags without -fopenmp and the loops run on one thread.
+    import subprocess
+
+    real = subprocess.run
+
+    def no_openmp(cmd, *a, **k):
+        if "-fopenmp" in cmd:
+            return subprocess.CompletedProcess(cmd, 1, b"", b"no omp.h")
+        return real(cmd, *a, **k)
+
+    monkeypatch.setattr(native.subprocess, "run", no_openmp)
+    path = native._build(tmp_path)
+    assert path is not None and path.is_file()
+    import ctypes
+
+    lib = native._declare(ctypes.CDLL(str(path)))
+    assert native._kl_matches(lib) and native._ci_min_matches(lib) and native._rng_matches(lib)

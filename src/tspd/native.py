@@ -348,6 +348,15 @@ def _flags() -> list[str]:
     return FLAGS if _cpu_identity() is not None else [f for f in FLAGS if f != "-march=native"]
 
 
+def _build_flag_sets() -> list[list[str]]:
+    """The flags to try, best first: as `_flags()`, then without -march=native, then without
+    OpenMP (a compiler with no omp.h or libgomp; the loops then run on one thread) with and without
+    -march=native."""
+    sets = [_flags(), [f for f in FLAGS if f != "-march=native"], [f for f in _flags() if f != "-fopenmp"],
+            [f for f in FLAGS if f not in ("-march=native", "-fopenmp")]]
+    return [f for i, f in enumerate(sets) if f not in sets[:i]]
+
+
 def _machine_key() -> str:
     """What the compiled library depends on: the source, the flags and (for -march=native) the CPU."""
     parts = [SOURCE, " ".join(_flags()), platform.machine(), _cpu_identity() or "", sys.platform]
@@ -372,7 +381,7 @@ def _build(folder: Path) -> Path | None:
         with building(entry) as tmp:
             src = tmp / "mt19937.c"
             src.write_text(SOURCE)
-            for flags in (_flags(), [f for f in FLAGS if f != "-march=native"], [f for f in FLAGS if f not in ("-march=native", "-fopenmp")]):
+            for flags in _build_flag_sets():
                 r = subprocess.run([cc, *flags, "-o", str(tmp / "mt19937.so"), str(src)], capture_output=True, timeout=120)
                 if r.returncode == 0:
                     break
@@ -443,18 +452,22 @@ def library() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(str(path))
         except (OSError, subprocess.SubprocessError):
             continue
-        P, I = ctypes.c_void_p, ctypes.c_int64
-        lib.tspd_uniform16.restype = ctypes.c_int
-        lib.tspd_uniform16.argtypes = [P, P, I]
-        lib.tspd_words_to_uniform.restype = None
-        lib.tspd_words_to_uniform.argtypes = [P, I, P, I]
-        lib.tspd_kl_rows.restype = None
-        lib.tspd_kl_rows.argtypes = [P, P, P, P, P, I, I, I, ctypes.c_int]
-        F = ctypes.c_float
-        lib.tspd_ci_min.restype = None
-        lib.tspd_ci_min.argtypes = [P, P, P, P, I, F, F, F, ctypes.c_int]
-        return lib
+        return _declare(lib)
     return None
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """`lib` with its functions' argument and result types set."""
+    P, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    lib.tspd_uniform16.restype = ctypes.c_int
+    lib.tspd_uniform16.argtypes = [P, P, I]
+    lib.tspd_words_to_uniform.restype = None
+    lib.tspd_words_to_uniform.argtypes = [P, I, P, I]
+    lib.tspd_kl_rows.restype = None
+    lib.tspd_kl_rows.argtypes = [P, P, P, P, P, I, I, I, ctypes.c_int]
+    lib.tspd_ci_min.restype = None
+    lib.tspd_ci_min.argtypes = [P, P, P, P, I, F, F, F, ctypes.c_int]
+    return lib
 
 
 def _checked(part: str, check) -> ctypes.CDLL | None:
