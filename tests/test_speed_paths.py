@@ -626,6 +626,10 @@ def test_bench_acceptance_judges_issue_6s_bars(monkeypatch):
     assert not acceptance(results, {"cpu_flags": ["avx2"]})["reference_cpu_flags"]
     text = format_acceptance(acc)
     assert "[met]     induction-shared-64 >= 2x" in text and "[not run] induction-qkvo-256" in text
+    assert "failed: boom" in text  # why a case did not run is kept
+    skipped = acceptance([{"case": "tiny-gpt2-bf16", "skipped": "no fast bf16"}], {})
+    assert [ln["measured"] for ln in skipped["lines"] if ln["check"].startswith("tiny-gpt2-bf16")] == [
+        "tiny-gpt2-bf16 skipped: no fast bf16"]
     assert "[not run]" not in format_acceptance(acc, not_run=False)
     # run_all adds it to the report (and prints it) when a case it judges ran
     monkeypatch.setattr(bench, "_run_one", lambda name, *a, **k: next((r for r in results if r["case"] == name), row(name, 1.0)))
