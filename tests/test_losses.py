@@ -154,6 +154,38 @@ def test_gradients_only_to_components_and_ci_tms(delta):
     assert target.training  # train/eval mode restored
 
 
+def test_installation_is_reentrant_and_restores_only_at_the_outermost_exit():
+    torch.manual_seed(0)
+    target = TwoLayer(6, 4, 6)
+    target.linear2.bias.requires_grad_(False)
+    target.train()
+    target.linear1.eval()  # mixed modes must survive too
+    flags = [p.requires_grad for p in target.parameters()]
+    modes = [m.training for m in target.modules()]
+    dec = tspd.Decomposition(target, make_cfg([("linear*", 5)]))
+    original = target.linear1
+    with dec._installed():
+        assert target.linear1 is not original and not any(p.requires_grad for p in target.parameters())
+        with dec._installed():
+            dec._stand_ins["linear1"].recorded = torch.ones(1)
+        # the inner exit reset the stand-ins' states but left the target installed
+        assert dec._stand_ins["linear1"].recorded is None
+        assert target.linear1 is not original and not target.training
+        with pytest.raises(RuntimeError, match="boom"):
+            with dec._installed():
+                raise RuntimeError("boom")
+        assert target.linear1 is not original
+    assert target.linear1 is original
+    assert [p.requires_grad for p in target.parameters()] == flags
+    assert [m.training for m in target.modules()] == modes
+    with pytest.raises(RuntimeError, match="boom"):
+        with dec._installed():
+            raise RuntimeError("boom")
+    assert target.linear1 is original and [p.requires_grad for p in target.parameters()] == flags
+    with dec._installed():  # installs again after an error
+        assert target.linear1 is not original
+
+
 def test_gradients_only_to_components_and_ci_gpt2(tokens):
     model = make_gpt2(0)
     flags = [(n, p.requires_grad) for n, p in model.named_parameters()]

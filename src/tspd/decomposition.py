@@ -289,24 +289,46 @@ class Decomposition(nn.Module):
     # ---- the target, temporarily wired to the stand-ins ------------------------------------
     @contextlib.contextmanager
     def _installed(self) -> Iterator[None]:
+        """The target wired to the stand-ins (parameters frozen, eval mode, fast equivalents in
+        place), restored on exit. Re-entrant: inside an installation it only resets the stand-ins'
+        states on exit (as every exit does), so the stacked forwards of one step share one."""
+        if self.__dict__.get("_install_depth", 0):
+            self.__dict__["_install_depth"] += 1
+            try:
+                yield
+            finally:
+                self.__dict__["_install_depth"] -= 1
+                self._reset_stand_ins()
+            return
         target = self.target
-        flags = [(p, p.requires_grad) for p in target.parameters()]
+        # Only what changes is set and restored (nn.Module attribute writes are slow: this runs a
+        # few times per step, and a frozen target in eval mode, the usual case, needs neither).
+        thawed = [p for p in target.parameters() if p.requires_grad]
         modes = [(m, m.training) for m in target.modules()]
         swapped = []
         try:
-            for p, _ in flags:
+            for p in thawed:
                 p.requires_grad_(False)
-            target.eval()
+            if any(mode for _, mode in modes):
+                target.eval()
             swapped = swap_modules(target, list(self._stand_ins.items())) + swap_in_place(self._fused + self._fast)
+            self.__dict__["_install_depth"] = 1
             yield
         finally:
+            self.__dict__["_install_depth"] = 0
             restore_modules(swapped)
-            for p, flag in flags:
-                p.requires_grad_(flag)
+            for p in thawed:
+                p.requires_grad_(True)
             for m, mode in modes:
-                m.training = mode
-            for s in self._stand_ins.values():
-                s.state, s.recorded, s.record = SiteState(), None, None
+                if m.training != mode:
+                    m.training = mode
+            self._reset_stand_ins()
+
+    def _reset_stand_ins(self) -> None:
+        # Plain attributes of the stand-ins (no parameter, buffer or module by these names), written
+        # as nn.Module.__setattr__ would, without its checks (several times a step).
+        for s in self._stand_ins.values():
+            s.__dict__.update(state=SiteState(), recorded=None, record=None)
 
     def component(self, site: str) -> Components:
         if site not in self._stand_ins:
@@ -463,6 +485,10 @@ class Decomposition(nn.Module):
         return m if ours and untouched(head) else None
 
     def _run_groups(self, batch: Batch, passes: list[Pass], stack: bool, stop_at_head: bool) -> list[tuple[list[int], Tensor]]:
+        with self._installed():  # one installation for all the stacked forwards (see _installed)
+            return self._run_groups_installed(batch, passes, stack, stop_at_head)
+
+    def _run_groups_installed(self, batch: Batch, passes: list[Pass], stack: bool, stop_at_head: bool) -> list[tuple[list[int], Tensor]]:
         if not stack or (len(passes) == 1 and self._block_batch is not batch):
             return [([i], self._run_stacked(batch, [p], skip_blocks=0, stop_at_head=stop_at_head)) for i, p in enumerate(passes)]
         groups: dict[tuple[int, int], list[int]] = {}
