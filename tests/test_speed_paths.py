@@ -630,7 +630,7 @@ def test_bench_acceptance_judges_issue_6s_bars(monkeypatch):
     skipped = acceptance([{"case": "tiny-gpt2-bf16", "skipped": "no fast bf16"}], {})
     assert [ln["measured"] for ln in skipped["lines"] if ln["check"].startswith("tiny-gpt2-bf16")] == [
         "tiny-gpt2-bf16 skipped: no fast bf16"]
-    assert "[not run]" not in format_acceptance(acc, not_run=False)
+    assert "[not run]" not in format_acceptance(acc, show_not_run=False)
     # run_all adds it to the report (and prints it) when a case it judges ran
     monkeypatch.setattr(bench, "_run_one", lambda name, *a, **k: next((r for r in results if r["case"] == name), row(name, 1.0)))
     monkeypatch.setattr(bench, "host_probe", lambda: {"matmul_gflop_per_s": 1.0, "stream_gb_per_s": 1.0})

@@ -588,7 +588,7 @@ def run_all(
                  f"({report['machine']['cpu_model']}) lacks {', '.join(missing)}, so the speedups also compare machines")
     if device == "cpu" and any(r["case"] in ACCEPTANCE_CASES for r in results):
         report["acceptance"] = acceptance(results, report["machine"])
-        progress(format_acceptance(report["acceptance"], not_run=set(ACCEPTANCE_CASES) <= set(names)))
+        progress(format_acceptance(report["acceptance"], show_not_run=set(ACCEPTANCE_CASES) <= set(names)))
     if out is not None:
         from tspd.decomposition import atomic_write_bytes
 
@@ -599,7 +599,8 @@ def run_all(
 # Issue 6's bars: every reference row >= 2x faster than the reference at no more peak RSS;
 # smollm2-layer >= 3x its naive form; tiny-gpt2-fp32's overhead factor <= 0.6 x its forward passes.
 SPEEDUP_BAR, SMOLLM2_BAR, OVERHEAD_PER_PASS = 2.0, 3.0, 0.6
-ACCEPTANCE_CASES = [n for n, c in CASES.items() if c.reference_ms is not None] + ["smollm2-layer", "smollm2-layer-naive"]
+REFERENCE_CASES = [n for n, c in CASES.items() if c.reference_ms is not None]
+ACCEPTANCE_CASES = REFERENCE_CASES + ["smollm2-layer", "smollm2-layer-naive"]
 
 
 def acceptance(results: list[dict], machine: dict) -> dict:
@@ -615,9 +616,8 @@ def acceptance(results: list[dict], machine: dict) -> dict:
         return "; ".join(f"{n} {why[n]}" for n in names if n in why) or "not run"
 
     lines = []
-    for name, case in CASES.items():
-        if case.reference_ms is None:
-            continue
+    for name in REFERENCE_CASES:
+        case = CASES[name]
         check = f"{name} >= {SPEEDUP_BAR:g}x the reference ({case.reference_ms:g} ms) at <= its peak RSS ({case.reference_rss_gb:g} GB)"
         r = rows.get(name)
         if r is None:
@@ -649,12 +649,12 @@ def acceptance(results: list[dict], machine: dict) -> dict:
     return {"reference_cpu_flags": all(f in have for f in REFERENCE_MACHINE["cpu_flags"]), "lines": lines}
 
 
-def format_acceptance(acc: dict, not_run: bool = True) -> str:
-    """`acceptance`'s lines as text, one per line; `not_run`: also the lines whose cases did not run."""
+def format_acceptance(acc: dict, show_not_run: bool = True) -> str:
+    """`acceptance`'s lines as text, one per line; `show_not_run`: also the lines whose cases did not run."""
     head = "acceptance (issue 6)" + ("" if acc["reference_cpu_flags"] else
                                      ": not the reference's CPU flags, so the x figures also compare machines")
     tag = {True: "[met]    ", False: "[not met]", None: "[not run]"}
-    shown = [ln for ln in acc["lines"] if not_run or ln["met"] is not None]
+    shown = [ln for ln in acc["lines"] if show_not_run or ln["met"] is not None]
     return "\n".join([head] + [f"  {tag[ln['met']]} {ln['check']}: {ln['measured']}" for ln in shown])
 
 

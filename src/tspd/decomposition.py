@@ -292,12 +292,10 @@ class Decomposition(nn.Module):
         """The target wired to the stand-ins (parameters frozen, eval mode, fast equivalents in
         place), restored on exit. Re-entrant: inside an installation it only resets the stand-ins'
         states on exit (as every exit does), so the stacked forwards of one step share one."""
-        if self.__dict__.get("_install_depth", 0):
-            self.__dict__["_install_depth"] += 1
+        if self.__dict__.get("_installed_now"):
             try:
                 yield
             finally:
-                self.__dict__["_install_depth"] -= 1
                 self._reset_stand_ins()
             return
         target = self.target
@@ -312,10 +310,10 @@ class Decomposition(nn.Module):
             if any(mode for _, mode in modes):
                 target.eval()
             swapped = swap_modules(target, list(self._stand_ins.items())) + swap_in_place(self._fused + self._fast)
-            self.__dict__["_install_depth"] = 1
+            self.__dict__["_installed_now"] = True
             yield
         finally:
-            self.__dict__["_install_depth"] = 0
+            self.__dict__["_installed_now"] = False
             restore_modules(swapped)
             for p in thawed:
                 p.requires_grad_(True)
@@ -486,9 +484,9 @@ class Decomposition(nn.Module):
 
     def _run_groups(self, batch: Batch, passes: list[Pass], stack: bool, stop_at_head: bool) -> list[tuple[list[int], Tensor]]:
         with self._installed():  # one installation for all the stacked forwards (see _installed)
-            return self._run_groups_installed(batch, passes, stack, stop_at_head)
+            return self._group_outputs(batch, passes, stack, stop_at_head)
 
-    def _run_groups_installed(self, batch: Batch, passes: list[Pass], stack: bool, stop_at_head: bool) -> list[tuple[list[int], Tensor]]:
+    def _group_outputs(self, batch: Batch, passes: list[Pass], stack: bool, stop_at_head: bool) -> list[tuple[list[int], Tensor]]:
         if not stack or (len(passes) == 1 and self._block_batch is not batch):
             return [([i], self._run_stacked(batch, [p], skip_blocks=0, stop_at_head=stop_at_head)) for i, p in enumerate(passes)]
         groups: dict[tuple[int, int], list[int]] = {}
