@@ -183,11 +183,29 @@ def test_kl_rows_values_and_gradient_match_log_softmax(rows, V, n, scale):
 
 
 @needs_cc
+@pytest.mark.parametrize("rows,V,n", [(1, 1, 1), (7, 9, 3), (64, 1030, 2)])
+def test_kl_rows_on_bf16_logits_match_log_softmax_of_their_fp32_values(rows, V, n):
+    """bf16 logits (the output head under autocast) are read as x.float(): the same values and an
+    fp32 gradient as for the widened fp32 tensor, bit for bit (one arithmetic for both)."""
+    gen = torch.Generator().manual_seed(rows + V)
+    p = torch.randn(rows, V, generator=gen).mul(4).log_softmax(-1).exp()
+    x = torch.randn(n * rows, V, generator=gen).mul(8).bfloat16()
+    got, want = native.kl_rows(x, p, p.sum(-1), n), native.kl_rows(x.float(), p, p.sum(-1), n)
+    assert got is not None and want is not None
+    assert got[1].dtype == torch.float32
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    lsm = x.double().view(n, rows, V).log_softmax(-1)
+    torch.testing.assert_close(got[0], (p.double() * lsm).sum((-1, -2)), rtol=1e-5, atol=1e-5)
+
+
+@needs_cc
 def test_kl_rows_declines_what_it_does_not_handle():
     p = torch.rand(4, 6).softmax(-1)
     x = torch.randn(8, 6)
     assert native.kl_rows(x, p, p.sum(-1), 2) is not None
-    assert native.kl_rows(x.double(), p.double(), p.sum(-1).double(), 2) is None  # fp32 only
+    assert native.kl_rows(x.double(), p.double(), p.sum(-1).double(), 2) is None  # fp32 or bf16 logits only
+    assert native.kl_rows(x.half(), p, p.sum(-1), 2) is None
+    assert native.kl_rows(x.bfloat16(), p.bfloat16(), p.sum(-1), 2) is None  # the target in fp32
     assert native.kl_rows(torch.randn(6, 8).t(), p, p.sum(-1), 2) is None  # not contiguous
     assert native.kl_rows(x, p, p.sum(-1), 3) is None  # rows are not n x the target's
     assert native.kl_rows(torch.randn(65 * 4, 6), p, p.sum(-1), 65) is None  # more than 64 passes
@@ -215,6 +233,31 @@ def test_compiled_divergences_through_the_kl_loop_match_eager(monkeypatch):
     for v, g in results[1:]:
         torch.testing.assert_close(v, results[0][0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(g, results[0][1], rtol=1e-5, atol=1e-7)
+
+
+@needs_cc
+def test_compiled_divergences_of_bf16_logits_through_the_kl_loop(monkeypatch):
+    """bf16 logits (autocast) take the loop too: values as the compiled KL's to fp32 rounding, the
+    gradient in bf16 (out's dtype), within one bf16 rounding of the compiled KL's."""
+    from tspd.losses import Reference
+
+    torch.manual_seed(1)
+    target = torch.randn(4, 6, 37)
+    out = (target.repeat(2, 1, 1) + torch.randn(8, 6, 37)).bfloat16().requires_grad_()
+    results = []
+    for env in ("1", "0"):
+        monkeypatch.setenv("TSPD_NATIVE", env)
+        native.clear()
+        assert (native.kl_rows(out.detach().reshape(-1, 37), target.reshape(-1, 37).softmax(-1), torch.ones(24), 2) is None) == (env == "0")
+        out.grad = None
+        v = Reference(target, "kl", compiled=True).divergences(out, 2)
+        (v * torch.tensor([1.0, 3.0])).sum().backward()
+        assert out.grad.dtype == torch.bfloat16
+        results.append((v.detach(), out.grad.clone()))
+    native.clear()
+    (v1, g1), (v0, g0) = results
+    torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g1.float(), g0.float(), rtol=2 ** -7, atol=1e-9)
 
 
 @needs_cc

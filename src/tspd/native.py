@@ -74,6 +74,7 @@ STATE_BYTES = 5056
 SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -265,58 +266,87 @@ void tspd_ci_min(const float *z, float *lower, float *q, double *total, int64_t 
 
 /* The KL of the target distribution p (rows x V, row sums psum) to softmax(x) for n passes stacked
    in x ((n rows) x V), as sum_v p log_softmax(x) per pass (totals[k], summed in double), and the
-   gradient of -sum_v p log_softmax(x) with respect to x, psum softmax(x) - p, into g (like x). One
-   exp per value: e = exp(x - max) is kept in g, then scaled in place. Rows are split over the
-   OpenMP threads in fixed blocks, each thread's per-pass partial totals added in thread order. */
-void tspd_kl_rows(const float *x, const float *p, const float *psum, float *g, double *totals,
-                  int64_t n, int64_t rows, int64_t V, int nt) {
+   gradient of -sum_v p log_softmax(x) with respect to x, psum softmax(x) - p, into g (fp32, x's
+   shape). One exp per value: e = exp(x - max) is kept in g, then scaled in place. Rows are split
+   over the OpenMP threads in fixed blocks, each thread's per-pass partial totals added in thread
+   order. For fp32 x (tspd_kl_rows) and bf16 x (tspd_kl_rows_bf16: each row widened exactly to fp32
+   first, then the same arithmetic, as on x.float()). */
+static double kl_row(const float *restrict xr, const float *restrict pr, float psr, float *restrict gr, int64_t V) {
+    /* eight running lanes for the max and the sums (vectorised without reassociating a single
+       sum), lanes combined in a fixed order */
+    float mx[8], sm[8], pxs[8];
+    for (int l = 0; l < 8; l++) { mx[l] = -INFINITY; sm[l] = 0.0f; pxs[l] = 0.0f; }
+    int64_t v8 = V - V % 8, v;
+    for (v = 0; v < v8; v += 8)
+        for (int l = 0; l < 8; l++) mx[l] = xr[v + l] > mx[l] ? xr[v + l] : mx[l];
+    float m = mx[0];
+    for (int l = 1; l < 8; l++) m = mx[l] > m ? mx[l] : m;
+    for (; v < V; v++) m = xr[v] > m ? xr[v] : m;
+    for (v = 0; v < v8; v += 8)
+        for (int l = 0; l < 8; l++) {
+            float d = xr[v + l] - m, e = exp_any(d);
+            gr[v + l] = e;
+            sm[l] += e;
+            pxs[l] = __builtin_fmaf(pr[v + l], d, pxs[l]);
+        }
+    float sum = 0.0f, px = 0.0f;
+    for (int l = 0; l < 8; l++) { sum += sm[l]; px += pxs[l]; }
+    for (; v < V; v++) {
+        float d = xr[v] - m, e = exp_any(d);
+        gr[v] = e;
+        sum += e;
+        px = __builtin_fmaf(pr[v], d, px);
+    }
+    float ls = logf(sum), c = psr / sum;
+    for (v = 0; v < V; v++) gr[v] = __builtin_fmaf(gr[v], c, -pr[v]);
+    return (double)px - (double)ls * (double)psr;
+}
+
+/* bf16 = x (fp32 in, nt threads): 1 on success, 0 when a thread's row buffer could not be had. */
+static int kl_rows_any(const float *x32, const uint16_t *x16, const float *p, const float *psum, float *g,
+                       double *totals, int64_t n, int64_t rows, int64_t V, int nt) {
     double part[64 * 64];
+    int failed = 0;
     nt = nt < 1 ? 1 : (nt > 64 ? 64 : nt);
     int64_t all = n * rows;
     memset(part, 0, sizeof(part));
-    #pragma omp parallel num_threads(nt)
+    #pragma omp parallel num_threads(nt) reduction(|:failed)
     {
         int tid = omp_get_thread_num(), used = omp_get_num_threads();
         int64_t lo = all * tid / used, hi = all * (tid + 1) / used;
-        for (int64_t i = lo; i < hi; i++) {
-            int64_t k = i / rows, r = i % rows;
-            const float *restrict xr = x + i * V, *restrict pr = p + r * V;
-            float *restrict gr = g + i * V;
-            /* eight running lanes for the max and the sums (vectorised without reassociating a
-               single sum), lanes combined in a fixed order */
-            float mx[8], sm[8], pxs[8];
-            for (int l = 0; l < 8; l++) { mx[l] = -INFINITY; sm[l] = 0.0f; pxs[l] = 0.0f; }
-            int64_t v8 = V - V % 8, v;
-            for (v = 0; v < v8; v += 8)
-                for (int l = 0; l < 8; l++) mx[l] = xr[v + l] > mx[l] ? xr[v + l] : mx[l];
-            float m = mx[0];
-            for (int l = 1; l < 8; l++) m = mx[l] > m ? mx[l] : m;
-            for (; v < V; v++) m = xr[v] > m ? xr[v] : m;
-            for (v = 0; v < v8; v += 8)
-                for (int l = 0; l < 8; l++) {
-                    float d = xr[v + l] - m, e = exp_any(d);
-                    gr[v + l] = e;
-                    sm[l] += e;
-                    pxs[l] = __builtin_fmaf(pr[v + l], d, pxs[l]);
+        float *buf = x16 != NULL && hi > lo ? (float *)malloc(sizeof(float) * (size_t)V) : NULL;
+        if (x16 != NULL && hi > lo && buf == NULL) failed = 1;
+        else
+            for (int64_t i = lo; i < hi; i++) {
+                int64_t k = i / rows, r = i % rows;
+                const float *xr = x32 + i * V;
+                if (x16 != NULL) {
+                    const uint16_t *restrict src = x16 + i * V;
+                    uint32_t *restrict dst = (uint32_t *)buf;
+                    for (int64_t v = 0; v < V; v++) dst[v] = (uint32_t)src[v] << 16;
+                    xr = buf;
                 }
-            float sum = 0.0f, px = 0.0f;
-            for (int l = 0; l < 8; l++) { sum += sm[l]; px += pxs[l]; }
-            for (; v < V; v++) {
-                float d = xr[v] - m, e = exp_any(d);
-                gr[v] = e;
-                sum += e;
-                px = __builtin_fmaf(pr[v], d, px);
+                double t = kl_row(xr, p + r * V, psum[r], g + i * V, V);
+                if (k < 64) part[tid * 64 + k] += t;
             }
-            float ls = logf(sum), c = psum[r] / sum;
-            for (v = 0; v < V; v++) gr[v] = __builtin_fmaf(gr[v], c, -pr[v]);
-            if (k < 64) part[tid * 64 + k] += (double)px - (double)ls * (double)psum[r];
-        }
+        free(buf);
     }
     for (int64_t k = 0; k < n && k < 64; k++) {
         double t = 0.0;
         for (int j = 0; j < nt; j++) t += part[j * 64 + k];
         totals[k] = t;
     }
+    return !failed;
+}
+
+void tspd_kl_rows(const float *x, const float *p, const float *psum, float *g, double *totals,
+                  int64_t n, int64_t rows, int64_t V, int nt) {
+    kl_rows_any(x, NULL, p, psum, g, totals, n, rows, V, nt);
+}
+
+int tspd_kl_rows_bf16(const uint16_t *x, const float *p, const float *psum, float *g, double *totals,
+                      int64_t n, int64_t rows, int64_t V, int nt) {
+    return kl_rows_any(NULL, x, p, psum, g, totals, n, rows, V, nt);
 }
 """
 
@@ -465,6 +495,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.tspd_words_to_uniform.argtypes = [P, I, P, I]
     lib.tspd_kl_rows.restype = None
     lib.tspd_kl_rows.argtypes = [P, P, P, P, P, I, I, I, ctypes.c_int]
+    lib.tspd_kl_rows_bf16.restype = ctypes.c_int
+    lib.tspd_kl_rows_bf16.argtypes = [P, P, P, P, P, I, I, I, ctypes.c_int]
     lib.tspd_ci_min.restype = None
     lib.tspd_ci_min.argtypes = [P, P, P, P, I, F, F, F, ctypes.c_int]
     return lib
@@ -489,11 +521,13 @@ def rng_library() -> ctypes.CDLL | None:
 
 def _kl_matches(lib: ctypes.CDLL) -> bool:
     """The library's KL values and gradients agree with torch's log_softmax to fp32 rounding (the
-    loop's exp is its own, ~1e-7 relative, so agreement, not equality, is checked)."""
+    loop's exp is its own, ~1e-7 relative, so agreement, not equality, is checked), for fp32 and
+    bf16 logits (the latter against torch on the same values widened to fp64)."""
     gen = torch.Generator().manual_seed(0)
-    for rows, V, n, scale in ((5, 3, 2, 1.0), (37, 130, 3, 4.0), (8, 1024, 2, 30.0)):
+    for rows, V, n, scale, dtype in ((5, 3, 2, 1.0, torch.float32), (37, 130, 3, 4.0, torch.float32),
+                                     (8, 1024, 2, 30.0, torch.float32), (37, 130, 3, 4.0, torch.bfloat16)):
         target = torch.randn(rows, V, generator=gen, dtype=torch.float32).mul(scale).log_softmax(-1).exp()
-        x = torch.randn(n * rows, V, generator=gen, dtype=torch.float32).mul(scale)
+        x = torch.randn(n * rows, V, generator=gen, dtype=torch.float32).mul(scale).to(dtype)
         x[0, 0] = -200.0  # an exp that underflows
         got = _kl_rows(lib, x, target, target.sum(-1), n)
         if got is None:
@@ -518,9 +552,12 @@ def _threads() -> int:
 def _kl_rows(lib: ctypes.CDLL, x: torch.Tensor, p: torch.Tensor, psum: torch.Tensor, n: int):
     if n > 64:
         return None
-    g = torch.empty_like(x)
+    g = torch.empty(x.shape, dtype=torch.float32)
     totals = torch.empty(n, dtype=torch.float64)
-    lib.tspd_kl_rows(_ptr(x), _ptr(p), _ptr(psum), _ptr(g), _ptr(totals), n, p.shape[0], p.shape[1], _threads())
+    args = (_ptr(x), _ptr(p), _ptr(psum), _ptr(g), _ptr(totals), n, p.shape[0], p.shape[1], _threads())
+    if x.dtype == torch.bfloat16:
+        return (totals, g) if lib.tspd_kl_rows_bf16(*args) == 1 else None  # 0: no memory for a row buffer
+    lib.tspd_kl_rows(*args)
     return totals, g
 
 
@@ -533,13 +570,14 @@ def kl_library() -> ctypes.CDLL | None:
 def kl_rows(x: torch.Tensor, p: torch.Tensor, psum: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """For logits `x` ((n rows) x V) of n passes stacked and target probabilities `p` (rows x V, row
     sums `psum`): (totals, g) with totals[k] = sum over pass k's rows of sum_v p log_softmax(x) (fp64)
-    and g = psum softmax(x) - p, the gradient of -sum p log_softmax(x) with respect to x; one exp per
-    value. None where the loop does not apply (not contiguous fp32 CPU tensors of these shapes, more
-    than 64 passes) or is unavailable."""
+    and g = psum softmax(x) - p (fp32), the gradient of -sum p log_softmax(x) with respect to x.float();
+    one exp per value. x may be fp32 or bf16 (the logits under bf16 autocast; read as x.float()),
+    p and psum fp32. None where the loop does not apply (not contiguous CPU tensors of these shapes
+    and dtypes, more than 64 passes) or is unavailable."""
     lib = kl_library() if x.device.type == "cpu" else None
     ok = (
         lib is not None
-        and x.dtype == p.dtype == psum.dtype == torch.float32
+        and x.dtype in (torch.float32, torch.bfloat16) and p.dtype == psum.dtype == torch.float32
         and x.dim() == p.dim() == 2 and psum.dim() == 1
         and all(t.is_contiguous() and t.device.type == "cpu" for t in (x, p, psum))
         and x.shape == (n * p.shape[0], p.shape[1]) and psum.shape[0] == p.shape[0] and p.shape[1] > 0
