@@ -238,6 +238,34 @@ def test_cli_errors(tmp_path, capsys):
         cli.main(["frobnicate"])
 
 
+def test_cli_bad_input_is_named_before_any_work(tmp_path, capsys, monkeypatch):
+    """Input errors found by review: each is exit 2 with a message naming the problem, and nothing is
+    trained or written first."""
+    out = tmp_path / "z"
+    # data of another kind than the target's: named by the config check, before the target is trained
+    assert cli.main(["decompose", "tms-5-2", "--out", str(out), "--set", "data={kind: induction}"]) == 2
+    err = capsys.readouterr().err
+    assert "data.kind 'induction' does not suit target.kind 'tms'" in err and "Traceback" not in err
+    assert not out.exists()
+    # YAML that does not parse, in a file or a --set value
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sites: [\n")
+    assert cli.main(["decompose", str(bad), "--out", str(out)]) == 2
+    assert f"{bad} is not valid YAML" in capsys.readouterr().err
+    assert cli.main(["decompose", "tms-5-2", "--out", str(out), "--set", "train.steps=[1"]) == 2
+    assert "'train.steps=[1': the value '[1' is not valid YAML" in capsys.readouterr().err
+    # a whole-config check names its keys and does not print the config
+    assert cli.main(["decompose", "tms-5-2", "--out", str(out), "--set", "minimality.anneal_start_frac=0.8",
+                     "--set", "minimality.anneal_end_frac=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "minimality.anneal_end_frac must be >= minimality.anneal_start_frac" in err and "'sites'" not in err
+    assert not out.exists()
+    # a folder named like a recipe (a run's --out) does not hide the recipe
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tms-5-2").mkdir()
+    assert cli._recipe("tms-5-2") == cli.CONFIGS_DIR / "tms-5-2.yaml"
+
+
 def test_cli_decompose_then_resume_and_train_target(tmp_path, capsys):
     out = tmp_path / "dec"
     sets = ["--set", "train.steps=4", "--set", "target.train_steps=10", "--set", "train.batch_size=64",
@@ -259,6 +287,11 @@ def test_cli_decompose_then_resume_and_train_target(tmp_path, capsys):
 
     saved = yaml.safe_load((tdir / "target.yaml").read_text())
     assert saved["seed"] == 3 and saved["train_steps"] == 10
+    # the target.-prefixed form (what an error's suggestion names) is taken too; errors use it
+    assert cli.main(["train-target", "tms-5-2", "--out", str(tdir), "--set", "target.train_steps=12"]) == 0
+    assert yaml.safe_load((tdir / "target.yaml").read_text())["train_steps"] == 12
+    assert cli.main(["train-target", "tms-5-2", "--out", str(tdir), "--set", "train_step=2"]) == 2
+    assert "unknown key 'target.train_step'" in capsys.readouterr().err
 
 
 def test_fresh_run_remakes_a_target_made_with_other_settings(tmp_path, capsys):

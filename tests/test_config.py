@@ -55,6 +55,11 @@ def test_unknown_key_in_yaml_file(tmp_path):
         {**MINIMAL, "masks": {"subset_granularity": "per_token"}},
         {**MINIMAL, "minimality": {"anneal_start_frac": 0.8, "anneal_end_frac": 0.2}},
         {**MINIMAL, "losses": {"faithfulness": -1}},
+        {**MINIMAL, "ci": {"hidden": [0]}},
+        {**MINIMAL, "ci": {"hidden": [16, -3]}},
+        {**MINIMAL, "train": {"weight_decay": 0.1}},  # adam: the decay would be ignored
+        {**MINIMAL, "target": {"kind": "tms"}, "data": {"kind": "induction"}},
+        {**MINIMAL, "target": {"kind": "induction"}, "data": {"kind": "tms"}},
     ],
 )
 def test_invalid_values_raise_config_error(raw):

@@ -428,3 +428,14 @@ def test_forward_passes_counts_the_target_calls_of_a_step(terms):
     finally:
         handle.remove()
     assert len(calls) == forward_passes(dec)
+
+
+def test_output_positions_out_of_range_or_on_2d_outputs_are_named():
+    from tspd.losses import Reference
+
+    out = torch.randn(2, 6, 5)
+    with pytest.raises(ValueError, match=r"output.positions \[100\] out of range for outputs with 6 positions"):
+        Reference(out, "kl", [100])
+    Reference(out, "kl", [-6, 5])  # both ends in range
+    with pytest.raises(ValueError, match="output.positions is set but the target's output is 2-D"):
+        Reference(torch.randn(4, 5), "mse", [-1])

@@ -136,6 +136,20 @@ def test_resume_errors(tmp_path):
         tspd.decompose(_tms_target(), data, other, run_dir=tmp_path / "r", progress=False, resume=True)
 
 
+def test_resume_past_a_damaged_metrics_line(tmp_path):
+    """A metrics line cut short (a kill mid-write, a full disk) is dropped with a warning naming
+    the file; the resume goes on, and the run's records are whole again."""
+    cfg = _resume_cfg(steps=6)
+    data = TMSData(5, 0.2, 32)
+    tspd.decompose(_tms_target(), data, cfg, run_dir=tmp_path, progress=False, stop_after=5)
+    with open(tmp_path / METRICS, "a") as f:
+        f.write('{"step": 5, "lr": 0.00')
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: dropped 1 line"):
+        tspd.decompose(_tms_target(), data, cfg, run_dir=tmp_path, progress=False, resume=True)
+    steps = [r["step"] for r in _metric_lines(tmp_path) if "loss" in r or "total" in r]
+    assert steps and steps == sorted(set(steps)) and steps[-1] == 5
+
+
 def test_fresh_run_in_a_used_folder_drops_the_earlier_checkpoint(tmp_path):
     """A fresh run killed before its first checkpoint must not leave the earlier run's checkpoint
     for a later --resume to pick up."""

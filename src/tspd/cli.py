@@ -18,7 +18,7 @@ CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 def _recipe(name_or_path: str) -> Path:
     p = Path(name_or_path)
-    if p.exists():
+    if p.is_file():  # a folder named like a recipe (e.g. a run's --out) does not hide the recipe
         return p
     candidate = CONFIGS_DIR / f"{name_or_path}.yaml"
     if candidate.exists():

@@ -48,6 +48,14 @@ class CIConfig(Strict):
     attention: AttentionCIConfig = Field(default_factory=AttentionCIConfig, description="settings of the attention kind")
 
 
+    @field_validator("hidden")
+    @classmethod
+    def _widths_positive(cls, v: list[int]) -> list[int]:
+        if any(w <= 0 for w in v):
+            raise ValueError("every hidden width must be > 0, e.g. ci.hidden=[16]")
+        return v
+
+
 class MaskConfig(Strict):
     kind: Literal["continuous", "binomial"] = Field("continuous", description="r ~ U(0,1) or Bernoulli(0.5) in m = g + (1-g) r")
     n_samples: int = Field(1, gt=0, description="mask samples per stochastic loss term per step")
@@ -258,6 +266,10 @@ TargetConfig = Annotated[
 DataConfig = Annotated[Union[TMSDataConfig, InductionDataConfig, TextDataConfig], Field(discriminator="kind")]
 
 
+# The data kind each target kind trains on (the CLI builds batches with the target's settings).
+DATA_FOR_TARGET = {"tms": "tms", "induction": "induction", "huggingface": "text"}
+
+
 class RunConfig(Strict):
     seed: int = Field(0, description="seed of init, masks and data order")
     target: TargetConfig | None = Field(None, description="how the CLI builds the target (None when using the Python API)")
@@ -280,6 +292,16 @@ class RunConfig(Strict):
         m = self.minimality
         if m.anneal_end_frac < m.anneal_start_frac:
             raise ValueError("minimality.anneal_end_frac must be >= minimality.anneal_start_frac")
+        if self.train.weight_decay > 0 and self.train.optimizer != "adamw":
+            raise ValueError(f"train.weight_decay ({self.train.weight_decay}) is used by train.optimizer: adamw only; "
+                             "set train.optimizer=adamw, or drop train.weight_decay")
+        if self.target is not None and self.data is not None:
+            want = DATA_FOR_TARGET[self.target.kind]
+            if self.data.kind != want:
+                raise ValueError(
+                    f"data.kind {self.data.kind!r} does not suit target.kind {self.target.kind!r}: "
+                    f"a {self.target.kind} target takes data of kind {want!r} (e.g. --set 'data={{kind: {want}}}')"
+                )
         return self
 
     # ---- YAML in and out -------------------------------------------------------------------
@@ -288,7 +310,10 @@ class RunConfig(Strict):
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {_one_line(err)}; fix the file's syntax") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
         return cls.from_dict(raw, overrides, source=str(path))
@@ -317,12 +342,21 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, value = item.split("=", 1)
         try:
             _set_path(out, key, value)
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"override {item!r}: the value {value!r} is not valid YAML ({_one_line(err)}); quote it, "
+                "e.g. --set 'train.steps=100' or --set 'sites.0.pattern=\"h.*\"'"
+            ) from None
         except (TypeError, IndexError, ValueError, AttributeError) as err:
             raise ConfigError(
                 f"override {item!r}: cannot set {key!r} ({err}); keys are dotted paths such as train.steps "
                 "or sites.0.C (see `tspd config-keys`)"
             ) from None
     return out
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
 
 
 def _set_path(out: dict[str, Any], key: str, value: str) -> None:
@@ -382,8 +416,10 @@ def _explain(err: ValidationError, source: str, overrides: list[str] = ()) -> st
             close = difflib.get_close_matches(pattern, _all_keys(), n=2, cutoff=0.75)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             lines.append(f"  unknown key '{loc}'{origin}: remove it or fix its spelling{hint} (`tspd config-keys` lists every key)")
+        elif not loc:  # a check of the whole config (RunConfig._check): its message names the keys
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"  {loc}{origin}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  {loc}{origin}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
     return "\n".join(lines)
 
 

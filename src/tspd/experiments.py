@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from tspd import distributed
 from tspd.components import resolve_sites
-from tspd.config import ConfigError, RunConfig, apply_overrides
+from tspd.config import ConfigError, RunConfig
 from tspd.decomposition import Decomposition, atomic_write_bytes, load, save_state, write_json
 from tspd.targets import build_data, build_target, saved_with_run
 from tspd.train import DataStream, decompose, require_checkpoint
@@ -91,12 +91,12 @@ def decompose_from_config(
     # Bad input fails before any slow work (training a toy target takes minutes) and before writes.
     if resume:
         require_checkpoint(out)
+    if cfg.data is None:
+        raise ValueError("the config has no `data` section; the CLI needs one (the Python API takes a data source)")
     if cfg.target is not None and cfg.target.kind in ("tms", "induction"):
         resolve_sites(build_target(cfg.target, train=False), [(s.pattern, s.C) for s in cfg.sites])  # untrained: instant
     out.mkdir(parents=True, exist_ok=True)
     target = _target_for(cfg, out, resume).to(distributed.device_for(cfg.train.device))
-    if cfg.data is None:
-        raise ValueError("the config has no `data` section; the CLI needs one (the Python API takes a data source)")
     data = build_data(cfg.data, cfg.target, cfg.train.batch_size, cfg.seed)
     return decompose(target, data, cfg, run_dir=out, resume=resume, progress=progress, stop_after=stop_after)
 
@@ -106,11 +106,17 @@ def train_target(recipe: str | Path, out: str | Path, seed: int | None = None, o
     from tspd.cli import _recipe
 
     raw = yaml.safe_load(Path(_recipe(str(recipe))).read_text())
-    target_raw = apply_overrides(raw["target"], overrides or [])
+    raw["target"].pop("path", None)
+    # --set keys are the target's (train_steps=2000); target.train_steps=2000 is taken too, and errors
+    # name every key in that full form.
+    full = []
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        full.append(f"{key if key.startswith('target.') else 'target.' + key}{sep}{value}" if sep else item)
     if seed is not None:
-        target_raw["seed"] = seed
-    target_raw.pop("path", None)
-    cfg = RunConfig.from_dict({**raw, "target": target_raw})
+        full.append(f"target.seed={seed}")
+    cfg = RunConfig.from_dict(raw, full, source=str(recipe))
     out = Path(out)
     if cfg.target.kind == "induction":
         target = _train_induction_target(cfg.target, out)

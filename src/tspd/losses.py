@@ -33,6 +33,11 @@ RECON_TERMS = (
 def select_positions(t: Tensor, positions: list[int] | None) -> Tensor:
     if positions is None or t.dim() < 3:
         return t
+    n = t.shape[1]
+    bad = [q for q in positions if not -n <= q < n]
+    if bad:
+        raise ValueError(f"output.positions {bad} out of range for outputs with {n} positions (dim 1); "
+                         f"use positions in [-{n}, {n - 1}], e.g. [-1] for the last")
     return t[:, positions]
 
 
@@ -45,6 +50,9 @@ class Reference:
 
     def __init__(self, target_out: Tensor, kind: str, positions: list[int] | None = None, compiled: bool = False):
         self.kind, self.positions, self.compiled = kind, positions, compiled
+        if positions is not None and target_out.dim() < 3:
+            raise ValueError(f"output.positions is set but the target's output is {target_out.dim()}-D {tuple(target_out.shape)}, "
+                             "with no positions dim (batch, positions, ...): remove output.positions")
         t = select_positions(target_out, positions).float()
         if kind == "mse":
             self.target = t

@@ -18,6 +18,7 @@ import itertools
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -212,7 +213,9 @@ def _save_checkpoint(run_dir: Path, dec: Decomposition, opt: torch.optim.Optimiz
 
 
 def _load_checkpoint(run_dir: Path, dec: Decomposition, opt: torch.optim.Optimizer) -> int:
-    state = torch.load(run_dir / CHECKPOINT, weights_only=False)
+    # Onto the CPU: load_state_dict copies each tensor to its parameter's device (a run may resume on
+    # another device, and under DDP every rank would otherwise load onto the saving rank's GPU).
+    state = torch.load(run_dir / CHECKPOINT, weights_only=False, map_location="cpu")
     saved = RunConfig.model_validate(state["config"])
     diff = _first_difference(saved.model_dump(exclude={"train"}), dec.config.model_dump(exclude={"train"}))
     if diff is not None:
@@ -250,10 +253,25 @@ def require_checkpoint(run_dir: Path) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines from steps a resumed run will redo."""
+    """Drop metric lines from steps a resumed run will redo, and lines that are not JSON (a run killed
+    mid-write, a full disk), with a warning naming the file."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) < step]
+    keep, damaged = [], 0
+    for ln in path.read_text().splitlines():
+        if not ln:
+            continue
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError:
+            damaged += 1
+            continue
+        if not isinstance(row, dict):
+            damaged += 1
+        elif row.get("step", 0) < step:
+            keep.append(ln)
+    if damaged:
+        warnings.warn(f"{path}: dropped {damaged} line(s) that are not JSON records (a write cut short?)", stacklevel=2)
     atomic_write_bytes(path, lambda p: Path(p).write_text("".join(k + "\n" for k in keep)))
 
 
