@@ -260,6 +260,12 @@ def test_cli_bad_input_is_named_before_any_work(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "minimality.anneal_end_frac must be >= minimality.anneal_start_frac" in err and "'sites'" not in err
     assert not out.exists()
+    # under torchrun, a batch that does not split over the ranks (WORLD_SIZE read before joining)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert cli.main(["decompose", "tms-5-2", "--out", str(out), "--set", "train.batch_size=64"]) == 2
+    assert "train.batch_size 64 does not split evenly over 3 processes" in capsys.readouterr().err
+    assert not out.exists()
+    monkeypatch.delenv("WORLD_SIZE")
     # a folder named like a recipe (a run's --out) does not hide the recipe
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tms-5-2").mkdir()

@@ -144,10 +144,15 @@ def test_resume_past_a_damaged_metrics_line(tmp_path):
     tspd.decompose(_tms_target(), data, cfg, run_dir=tmp_path, progress=False, stop_after=5)
     with open(tmp_path / METRICS, "a") as f:
         f.write('{"step": 5, "lr": 0.00')
+    stale = tmp_path / f".{CHECKPOINT}.abc123.tmp"  # a checkpoint write a kill cut off
+    stale.write_bytes(b"half")
     with pytest.warns(UserWarning, match=r"metrics.jsonl: dropped 1 line"):
         tspd.decompose(_tms_target(), data, cfg, run_dir=tmp_path, progress=False, resume=True)
     steps = [r["step"] for r in _metric_lines(tmp_path) if "loss" in r or "total" in r]
     assert steps and steps == sorted(set(steps)) and steps[-1] == 5
+    assert not stale.exists()
+    with pytest.raises(ValueError, match=r"at step 6, past train.steps=4: resume with train.steps >= 6"):
+        tspd.decompose(_tms_target(), data, cfg.with_overrides(["train.steps=4"]), run_dir=tmp_path, progress=False, resume=True)
 
 
 def test_fresh_run_in_a_used_folder_drops_the_earlier_checkpoint(tmp_path):

@@ -149,13 +149,16 @@ _FILE_MODE = 0o666 & ~_umask()
 
 
 def atomic_write_bytes(path: Path, write) -> None:
-    """Write via a temporary file in the same folder and rename, so a kill never leaves half a file."""
+    """Write via a temporary file in the same folder, flushed to disk, and rename, so neither a kill
+    nor a machine's crash leaves half a file under `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, _FILE_MODE)
+        with open(tmp, "rb") as f:  # the data on disk before the rename makes it visible
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

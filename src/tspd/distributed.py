@@ -106,16 +106,21 @@ def leave(wait: bool = False) -> None:
         dist.destroy_process_group()
 
 
+def check_split(n: int, w: World) -> None:
+    """Raise the error for a global batch of n that does not split evenly over the ranks."""
+    if w.parallel and n % w.size:
+        raise ValueError(
+            f"train.batch_size {n} does not split evenly over {w.size} processes; "
+            f"use a multiple of {w.size} (the global batch is divided among the ranks)"
+        )
+
+
 def shard(batch: Batch, w: World) -> Batch:
     """Rank `w.rank`'s contiguous slice of a global batch (the whole batch outside torchrun)."""
     if not w.parallel:
         return batch
     n = batch_size(batch)
-    if n % w.size:
-        raise ValueError(
-            f"train.batch_size {n} does not split evenly over {w.size} processes; "
-            f"use a multiple of {w.size} (the global batch is divided among the ranks)"
-        )
+    check_split(n, w)
     per = n // w.size
     lo = w.rank * per
     if isinstance(batch, Tensor):

@@ -93,6 +93,7 @@ def decompose_from_config(
         require_checkpoint(out)
     if cfg.data is None:
         raise ValueError("the config has no `data` section; the CLI needs one (the Python API takes a data source)")
+    distributed.check_split(cfg.train.batch_size, distributed.world())  # under torchrun
     if cfg.target is not None and cfg.target.kind in ("tms", "induction"):
         resolve_sites(build_target(cfg.target, train=False), [(s.pattern, s.C) for s in cfg.sites])  # untrained: instant
     out.mkdir(parents=True, exist_ok=True)

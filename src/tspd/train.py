@@ -308,6 +308,9 @@ def decompose(
     if run_path is not None:
         if resume and (run_path / CHECKPOINT).exists():
             start = _load_checkpoint(run_path, dec, opt)
+            if start > config.train.steps:
+                raise ValueError(f"{run_path / CHECKPOINT} is at step {start}, past train.steps={config.train.steps}: "
+                                 f"resume with train.steps >= {start}, or start a new run folder")
         elif resume:
             require_checkpoint(run_path)
         elif w.main and (run_path / CHECKPOINT).exists():
@@ -317,6 +320,8 @@ def decompose(
             (run_path / CHECKPOINT).unlink()
     if writes:
         run_path.mkdir(parents=True, exist_ok=True)
+        for stale in run_path.glob(f".{CHECKPOINT}.*.tmp"):  # a checkpoint write cut off by a kill
+            stale.unlink(missing_ok=True)
         atomic_write_bytes(run_path / "config.yaml", lambda p: Path(p).write_text(config.to_yaml()))
         _truncate_metrics(run_path / METRICS, start)
     if start == 0:
