@@ -413,3 +413,45 @@ def test_written_files_follow_the_umask(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert _FILE_MODE == 0o666 & ~mask and _FILE_MODE & 0o044 == 0o044 & ~mask  # group/other read unless umasked
+
+
+def test_a_model_the_config_target_does_not_describe(tmp_path):
+    """Python API: a config `target` that describes another model than the one given is refused
+    before training (toy kinds: the saved run could not be loaded); a Hugging Face target, rebuilt
+    from the config on load, is checked against the decomposed model's fingerprint."""
+    from tspd.data.tms import TMSData
+    from tspd.targets.huggingface import load_lm
+    from tspd.targets.tms import TMSModel
+
+    cfg = tspd.RunConfig.from_yaml(cli._recipe("tms-5-2"), ["train.steps=2", "train.faithfulness_warmup_steps=1"])
+    with pytest.raises(ValueError, match=r"does not describe the model given \(linear1.weight: \(2, 6\) in the model, \(2, 5\)"):
+        tspd.decompose(TMSModel(6, 2), TMSData(6, 0.1, 16), cfg, run_dir=tmp_path / "tms", progress=False)
+    assert not (tmp_path / "tms").exists()
+
+    model, _ = load_lm("tiny-gpt2", 0)
+    raw = {"target": {"kind": "huggingface", "model": "tiny-gpt2"}, "seed": 0,
+           "sites": [{"pattern": "transformer.h.0.mlp.c_fc", "C": 4}],
+           "train": {"steps": 1, "batch_size": 2, "faithfulness_warmup_steps": 1, "eval_batches": 1}}
+    cfg = tspd.RunConfig.from_dict(raw)
+    batch = torch.randint(0, model.config.vocab_size, (2, 8))
+    tspd.decompose(model, lambda step: batch, cfg, run_dir=tmp_path / "same", progress=False)
+    assert tspd.load(tmp_path / "same").site_names == ["transformer.h.0.mlp.c_fc"]  # the same model: loads
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_proj.weight.mul_(1.5)  # "my fine-tuned model"
+    tspd.decompose(model, lambda step: batch, cfg, run_dir=tmp_path / "tuned", progress=False)
+    with pytest.raises(ValueError, match="not the model this decomposition was trained on"):
+        tspd.load(tmp_path / "tuned")
+    dec = tspd.load(tmp_path / "tuned", target=model)
+    assert dec.target is model
+
+
+def test_readme_subpackage_paths_work_after_a_bare_import():
+    """`tspd.app.serve(...)` and `tspd.analysis.metrics.evaluate(...)` as the README writes them."""
+    import subprocess
+    import sys
+
+    code = "import tspd; print(callable(tspd.app.serve), callable(tspd.app.harvest), callable(tspd.analysis.metrics.evaluate))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", "True", "True"], out.stderr
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        tspd.nope  # noqa: B018

@@ -225,6 +225,24 @@ def test_causal_lm_adapter_serves_a_tiny_gpt2(tmp_path):
     assert adapter.encode(s.sample_prompt(4)["prompt"])[0].tolist() == example.tolist()
 
 
+class BOSCharTokenizer(CharTokenizer):
+    """Like Llama's: encode() puts BOS (id 27, '.') first unless add_special_tokens=False."""
+
+    bos_token_id, add_bos_token = 27, True
+
+    def encode(self, text, add_special_tokens=True):
+        return ([self.bos_token_id] if add_special_tokens else []) + super().encode(text)
+
+
+def test_causal_lm_adapter_puts_one_bos_with_a_tokenizer_that_adds_its_own():
+    from tspd.targets.huggingface import tiny_gpt2
+
+    model = tiny_gpt2(n_layer=1, n_head=2, n_embd=16, vocab_size=28, n_positions=16)
+    adapter = CausalLMAdapter(model, BOSCharTokenizer(), ["ab cd " * 10, "ef gh " * 10], window=12, bos_id=27)
+    assert adapter.encode("ab")[0].tolist() == [27, 0, 1]
+    assert 27 not in adapter.sample(8, 0).flatten().tolist()  # no BOS at document starts (as training chunks)
+
+
 # ---- the HTTP API -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def api(dashboard_root, induction_run, tms_run, tmp_path_factory):
@@ -234,6 +252,8 @@ def api(dashboard_root, induction_run, tms_run, tmp_path_factory):
     shutil.copytree(tms_run, root / "tms")
     shutil.copytree(tms_run, root / "broken")
     (root / "broken" / "config.yaml").write_text("sites: []\n")
+    shutil.copytree(tms_run, root / "corrupt")
+    (root / "corrupt" / "decomposition.safetensors").write_bytes(b"not a safetensors file")
     server = make_server(root, port=0)
     server.start_background()
     yield server.url.rstrip("/")
@@ -260,7 +280,7 @@ def test_api_serves_the_page_and_every_endpoint(api):
         assert status == 200 and set(re.findall(rb"https?://[^\s\"'`)]+", page + text)) <= {b"http://www.w3.org/2000/svg"}
     assert call(api, "/static/../session.py")[0] == 404 and call(api, "/static/.hidden")[0] == 404
     runs = json.loads(call(api, "/api/runs")[2])["runs"]
-    assert sorted(runs) == ["broken", "induction", "tms"]
+    assert sorted(runs) == ["broken", "corrupt", "induction", "tms"]
     info = json.loads(call(api, "/api/run?run=induction")[2])
     assert info["input_kind"] == "tokens" and info["context_length"] == 8 and info["harvest"]["n_examples"] == 100
     assert "census" in info["tables"] and not info["harvest"]["stale"]
@@ -273,6 +293,8 @@ def test_api_serves_the_page_and_every_endpoint(api):
     assert headers["Server-Timing"].startswith("app;dur=")
     items = json.loads(call(api, "/api/subcomponents?run=induction&site=blocks.0.attn.k_proj")[2])["items"]
     assert len(items) == 4 and [i["frequency"] for i in items] == sorted((i["frequency"] for i in items), reverse=True)
+    status, _, body = call(api, "/api/prompt?run=induction&top_k=3", {"prompt": "1 S"})  # top_k in the query string
+    assert status == 200, body
     body = {"run": "tms", "prompt": "1", "ablations": [{"site": "linear2", "idx": 0}], "base": "ci"}
     assert json.loads(call(api, "/api/ablate", body)[2])["base"] == "ci"
 
@@ -281,6 +303,10 @@ def test_api_serves_the_page_and_every_endpoint(api):
     ("/api/run?run=nope", None, 404, "no run folder 'nope'"),
     ("/api/run?run=../induction", None, 404, "no run folder"),
     ("/api/run?run=broken", None, 422, "could not be loaded"),
+    ("/api/run?run=corrupt", None, 422, "could not be loaded"),
+    ("/api/prompt?run=tms", {"prompt": "0:1e40"}, 400, "not a finite fp32 number"),
+    ("/api/prompt?run=tms", {"prompt": "3:nan"}, 400, "not a finite fp32 number"),
+    ("/api/prompt?run=induction&top_k=0", {"prompt": "1"}, 400, "top_k"),
     ("/api/run", None, 400, "give the run"),
     ("/api/prompt?run=induction", {"prompt": "1 " * 8}, 400, "context is 8"),
     ("/api/prompt?run=induction", {"prompt": "1 2 99"}, 400, "not in the vocabulary"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -664,6 +665,8 @@ class Decomposition(nn.Module):
         if self.config.target is not None:
             if saved_with_run(self.config.target):
                 save_state(self.target, directory / "target.safetensors")
+            else:  # rebuilt from the config on load: what it must equal
+                write_json(directory / TARGET_FINGERPRINT, {"sha256": target_fingerprint(self.target)})
         else:
             atomic_write_bytes(directory / "target_module.pt", lambda p: torch.save(self.target, p))
         return directory
@@ -829,6 +832,37 @@ def _versions(tensors: list[Tensor]) -> list[int] | None:
     return [t._version for t in tensors]
 
 
+TARGET_FINGERPRINT = "target_fingerprint.json"
+
+
+def target_fingerprint(target: nn.Module) -> str:
+    """sha256 over the target's state (names, dtypes, shapes and bytes, in order): a Hugging Face
+    target is not saved with a run but rebuilt from the config on load, and must be the same model."""
+    h = hashlib.sha256()
+    for k, v in target.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_target_matches_config(target: nn.Module, config: RunConfig) -> None:
+    """For a config whose `target` describes a toy model (saved with the run, rebuilt from the config
+    on load): the given module must have the state names and shapes that config builds, else the
+    saved run could not be loaded. Raises ValueError naming the first difference."""
+    from tspd.targets import build_target, saved_with_run
+
+    if config.target is None or not saved_with_run(config.target):
+        return
+    want = {k: tuple(v.shape) for k, v in build_target(config.target, train=False).state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+    if want != have:
+        diff = next((f"{k}: {have.get(k)} in the model, {want.get(k)} by the config"
+                     for k in list(want) + list(have) if want.get(k) != have.get(k)))
+        raise ValueError(f"config.target ({config.target.kind}) does not describe the model given ({diff}): "
+                         "drop `target` from the config (the model is then saved with the run), or make it match")
+
+
 def load(directory: str | Path, target: nn.Module | None = None) -> Decomposition:
     """Load a saved Decomposition. `target` overrides the saved target (it must have the same sites).
 
@@ -847,6 +881,14 @@ def load(directory: str | Path, target: nn.Module | None = None) -> Decompositio
             target = build_target(config.target, train=False)
             if saved_with_run(config.target):
                 target.load_state_dict(load_file(directory / "target.safetensors"))
+            elif (directory / TARGET_FINGERPRINT).exists():
+                saved = json.loads((directory / TARGET_FINGERPRINT).read_text()).get("sha256")
+                if saved != target_fingerprint(target):
+                    raise ValueError(
+                        f"the target rebuilt from {directory / 'config.yaml'} (target.model {config.target.model!r}) is "
+                        "not the model this decomposition was trained on (their weights differ): pass that model, "
+                        "tspd.load(directory, target=model)"
+                    )
         elif (directory / "target_module.pt").exists():
             target = torch.load(directory / "target_module.pt", weights_only=False)
         else:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from tspd import distributed
 from tspd.analysis.metrics import evaluate
 from tspd.config import RunConfig
-from tspd.decomposition import Batch, Decomposition, _key, atomic_write_bytes
+from tspd.decomposition import Batch, Decomposition, _key, atomic_write_bytes, check_target_matches_config
 from tspd.losses import annealed_p, compute_losses, l0, model_device, pin_fast_bf16, resolve_autocast
 from tspd.seeding import generator
 
@@ -292,6 +292,7 @@ def decompose(
     Under torchrun (several processes) it trains data-parallel: see tspd.distributed; rank 0
     writes every file and every rank returns the same Decomposition.
     """
+    check_target_matches_config(target, config)  # else the saved run could not be loaded
     device = model_device(target)
     w = distributed.init(device)
     if config.train.threads:

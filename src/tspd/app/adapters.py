@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Callable
@@ -162,6 +163,8 @@ class FeatureAdapter(Adapter):
                 i, v = int(index), float(value) if value else 1.0
             except ValueError:
                 raise PromptError(f"{word!r} is not index:value; type {self.prompt_help}") from None
+            if not math.isfinite(v) or abs(v) > torch.finfo(torch.float32).max:
+                raise PromptError(f"feature value {value!r} in {word!r} is not a finite fp32 number; give e.g. {index}:0.5")
             if not 0 <= i < self.n_features:
                 raise PromptError(f"feature index {i} is out of range: the model has features 0..{self.n_features - 1}")
             x[0, i] = v
@@ -207,9 +210,17 @@ class CausalLMAdapter(Adapter):
         self.prompt_help = f"any text (at most {self.context_length} tokens)"
         self.harvest_examples = 512
 
+    def _ids(self, text: str) -> list[int]:
+        """The text's token ids without the tokenizer's own special tokens (as the training chunks are
+        cut, tspd.data.text.chunk): a tokenizer that adds BOS itself would otherwise give two."""
+        try:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        except TypeError:  # a tokenizer without the option
+            return list(self.tokenizer.encode(text))
+
     def encode(self, prompt: str) -> Tensor:
-        ids = list(self.tokenizer.encode(prompt))
-        if self.bos_id is not None:
+        ids = self._ids(prompt)
+        if self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids.insert(0, self.bos_id)
         if not ids:
             raise PromptError("the prompt is empty; type some text")
@@ -234,7 +245,7 @@ class CausalLMAdapter(Adapter):
     def sample(self, n: int, seed: int) -> Tensor:
         stream = []
         for text in self.texts:
-            stream += list(self.tokenizer.encode(text))
+            stream += self._ids(text)
         if len(stream) < self.window:
             raise ValueError(
                 f"the harvest corpus has {len(stream)} tokens, fewer than one window of {self.window}; pass more texts"

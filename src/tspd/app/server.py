@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 import torch
 
 from tspd.app.adapters import Adapter
-from tspd.app.session import AppError, RunRegistry
+from tspd.app.session import AppError, RunRegistry, _is_int_text
 from tspd.config import ConfigError
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -39,6 +39,8 @@ MAX_TOP_K = 50
 def _top_k(value) -> int:
     if value is None:
         return 8
+    if isinstance(value, str) and _is_int_text(value):  # from the query string, like seed and idx
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOP_K:
         raise AppError(f"'top_k' must be an integer in 1..{MAX_TOP_K}, got {value!r}")
     return value

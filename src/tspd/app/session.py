@@ -373,6 +373,6 @@ class RunRegistry:
             if name not in self._sessions:
                 try:
                     self._sessions[name] = RunSession(self.runs[name], self.adapter, name)
-                except (OSError, ValueError, KeyError, RuntimeError) as err:
-                    raise AppError(f"run folder {name!r} could not be loaded: {err}", 422) from None
+                except Exception as err:  # noqa: BLE001 -- whatever a damaged folder raises (e.g. SafetensorError): a 422, not a 500
+                    raise AppError(f"run folder {name!r} could not be loaded: {type(err).__name__}: {err}", 422) from None
             return self._sessions[name]
