@@ -382,3 +382,31 @@ def test_final_consolidation_switches_quiet_pieces_off_for_good(final):
     else:
         assert off == [] and float(bias[5]) == b5
     torch.testing.assert_close(dec.causal_importance(unseen)["linear1"][:, :4], others)
+
+
+@pytest.mark.parametrize("final", [False, True])
+def test_final_merges_must_hold_with_the_ci_function_as_it_is(monkeypatch, final):
+    """A linear site factored exactly; inputs a, 2a, 10a along pieces 0 and 1's input directions.
+    Piece 0 is on at a and 2a, piece 1 at 2a and 10a. Merged to rank 1, the kept piece (0) must be
+    on at all three: judged against that union the merge is free, and between rounds training can
+    make the kept piece fire there. In the final round nothing follows, so the merge is judged with
+    the CI function as it is (the kept piece off at 10a, where piece 1's output was kept): too
+    costly, undone."""
+    torch.manual_seed(0)
+    cfg = make_cfg([("0", 6)], ci={"kind": "vector_mlp", "hidden": [4]}, output={"divergence": "mse"})
+    dec = tspd.Decomposition(torch.nn.Sequential(torch.nn.Linear(6, 4)), cfg)
+    set_exact_factors(dec, "0")
+    comp = dec.component("0")
+    a = (comp.V[:, 0] / comp.V[:, 0].norm() + comp.V[:, 1] / comp.V[:, 1].norm()).detach()[None]
+    ci = torch.zeros(3, 6)
+    ci[:2, 0], ci[1:, 1] = 1.0, 1.0
+    real = dec.ci_from_logits
+    monkeypatch.setattr(dec, "ci_from_logits", lambda z: ({"0": ci.clone()}, real(z)[1]))
+    w0, V0 = comp.weight().clone(), comp.V.clone()
+    merges = [m for m in consolidate(dec, [torch.cat([a, 2 * a, 10 * a])], overlap=0.5, max_increase=1e-9, final=final)
+              if isinstance(m, Merge)]
+    if final:
+        assert merges == [] and torch.equal(comp.V, V0)
+    else:
+        assert len(merges) == 1 and merges[0].rank == 1 and sorted(merges[0].slots) == [0, 1]
+    torch.testing.assert_close(comp.weight(), w0, atol=1e-5, rtol=1e-5)

@@ -220,6 +220,14 @@ def _merged_ci(g: Tensor, slots: list[int], r: int) -> Tensor:
     return g
 
 
+def _ci_as_is(dec: Decomposition, inputs: dict[str, Tensor], s: str, off: Tensor) -> Tensor:
+    """Site s's CI from its CI function now (fresh: the factors may have changed), with the `off`
+    slots at 0 (as `_switch_off` will leave them on these inputs)."""
+    g = dec.ci_from_logits(dec.ci_logits(inputs))[0][s].clone()
+    g[..., off] = 0.0
+    return g
+
+
 def _switch_off(dec: Decomposition, s: str, slots: Tensor, runs: list) -> None:
     """Lower the CI function's last bias of `slots` until their logits are below 0 (by 0.5) on every
     input of `runs` (the lower leaky sigmoid still lets training switch one back on if needed)."""
@@ -241,9 +249,10 @@ def consolidate(
     output divergence on `batches` by at most `max_increase` (nats for KL) over the larger of the
     current one and the group's members all on wherever any of them is (the CI the merged pieces
     need: switching members on together has a cost of its own that no rank removes).
-    With `final` (no training follows), every piece whose CI ends at 0 on every input of
-    `batches` is then switched off for good (see the module docstring, step 6)."""
-    changes, inputs = _consolidate(dec, batches, tol, overlap, max_increase, prune)
+    With `final` (no training follows), a merge must also hold with the CI function as it is (its
+    remainder off) within `max_increase` of the current divergence, and every piece whose CI ends at
+    0 on every input of `batches` is then switched off for good (see the module docstring, step 6)."""
+    changes, inputs = _consolidate(dec, batches, tol, overlap, max_increase, prune, final)
     if final:
         # A CI that reads x V (ci.kind mlp) sees new inner activations on a merged piece; keep the
         # merged pieces out of the final switch-off rather than trust its CI on them.
@@ -272,7 +281,8 @@ def _switch_off_for_good(dec: Decomposition, inputs: list[dict[str, Tensor]], ke
 
 
 def _consolidate(
-    dec: Decomposition, batches: list[Batch], tol: float, overlap: float, max_increase: float | None, prune: float | None
+    dec: Decomposition, batches: list[Batch], tol: float, overlap: float, max_increase: float | None, prune: float | None,
+    final: bool = False,
 ) -> tuple[list[Merge | Pruned], list[dict[str, Tensor]]]:
     """The merges and prunings (see `consolidate`), and each batch's recorded site inputs."""
     from tspd.losses import Reference, recon_passes
@@ -342,7 +352,15 @@ def _consolidate(
                         break
                     cis = merged(cand)
                     d = masked_divergence(s, cis)
-                    if d <= max(current, union) + max_increase:
+                    ok = d <= max(current, union) + max_increase
+                    if ok and final:
+                        # No training follows to make the merged pieces fire where the members did:
+                        # the merge must hold against the current divergence with the CI function as
+                        # it is (remainder off), not the union's.
+                        cis = [_ci_as_is(dec, run[3], s, idx[cand:]) for run in runs]
+                        d = masked_divergence(s, cis)
+                        ok = d <= current + max_increase
+                    if ok:
                         r, current = cand, d
                         for run, g_new in zip(runs, cis):  # later groups are judged with this merge in place
                             run[2][s] = g_new
