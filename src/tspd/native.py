@@ -14,7 +14,9 @@
   agrees with torch's log_softmax to fp32 rounding rather than bit for bit; rows are split over
   torch's OpenMP threads (the library links libgomp.so.1, already loaded by torch). Per (4 x 256 x
   64) x 130 group of logits in isolation: 5.5 ms for values and gradient against 7.1 ms for the
-  compiled forward alone (14.2 with its backward).
+  compiled forward alone (14.2 with its backward). bf16 logits (autocast) are widened row by row
+  into an fp32 buffer and take the same arithmetic: 4.0 vs 7.7 ms for the compiled KL per (5 x
+  1024) x 1024 logits.
 - `ci_min` (under `train.compile`, `tspd.losses._CIAndMinimality`): a site's CI chain forward, the
   lower CI, the minimality sum of (upper + eps)^p and the factor q its gradient needs, in one pass
   with its own log (2 atanh series) and exp; the lower CI exactly, the rest to fp32 rounding
