@@ -30,7 +30,7 @@ from tspd.analysis.metrics import evaluate
 from tspd.config import RunConfig
 from tspd.decomposition import Batch, Decomposition, _key, atomic_write_bytes, check_target_matches_config
 from tspd.losses import annealed_p, compute_losses, l0, model_device, pin_fast_bf16, resolve_autocast
-from tspd.seeding import generator
+from tspd.seeding import generator, legacy_streams, use_legacy_streams
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -208,6 +208,7 @@ def _save_checkpoint(run_dir: Path, dec: Decomposition, opt: torch.optim.Optimiz
         # Likewise what train.fp32_matmul resolved to (another summation order: resume stays exact).
         "fp32_matmul_onednn": dec.onednn,
         "head_onednn": dec.head_onednn,  # and the fused head's own choice
+        "legacy_streams": legacy_streams(),  # the random streams' mixer (tspd.seeding)
     }
     atomic_write_bytes(run_dir / CHECKPOINT, lambda p: torch.save(state, p))
 
@@ -223,6 +224,8 @@ def _load_checkpoint(run_dir: Path, dec: Decomposition, opt: torch.optim.Optimiz
             f"{run_dir / CHECKPOINT} was written with a different config ({diff}); resume with the run's own "
             f"config.yaml, or start a new run folder"
         )
+    # A checkpoint from before the streams' mixer was fixed (2026-12-03) drew from the legacy one.
+    use_legacy_streams(bool(state.get("legacy_streams", True)))
     if dec.config.train.autocast == "auto" and model_device(dec.target).type == "cpu" and "autocast" in state:
         pin_fast_bf16(state["autocast"] == "bf16")
     if dec.config.train.fp32_matmul == "auto" and "fp32_matmul_onednn" in state:
@@ -306,6 +309,7 @@ def decompose(
     run_path = Path(run_dir) if run_dir is not None else None
     writes = run_path is not None and w.main
     start = 0
+    use_legacy_streams(None)  # a fresh run: the environment's mixer (a resume takes its checkpoint's)
     if run_path is not None:
         if resume and (run_path / CHECKPOINT).exists():
             start = _load_checkpoint(run_path, dec, opt)
