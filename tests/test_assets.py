@@ -78,6 +78,10 @@ def test_split_is_by_text_hash_not_order():
     assert split_documents(PARAGRAPHS, 0.0) == (PARAGRAPHS, [])
     with pytest.raises(ValueError, match="heldout_fraction"):
         split_documents(PARAGRAPHS, 1.0)
+    # every copy of a repeated paragraph on one side (boilerplate in a user's text folder)
+    docs = PARAGRAPHS + [PARAGRAPHS[i] for i in range(0, 40, 3)]
+    train, heldout = split_documents(docs, 0.1)
+    assert not set(train) & set(heldout) and len(train) + len(heldout) == len(docs)
 
 
 def test_chunk_concatenates_with_blank_lines_and_drops_the_tail():
@@ -257,3 +261,29 @@ def test_failed_smollm2_conversion_leaves_no_half_cache(no_fetch, tmp_path, monk
     with pytest.raises(AssetError, match="needs the `gguf` package: pip install 'tspd\\[lm\\]'"):
         ensure_smollm2()
     assert [p.name for p in (tmp_path / "empty-cache").iterdir()] == ["pkgs"]
+
+
+def test_building_replaces_an_incomplete_entry_and_clears_stale_builds(tmp_path):
+    import os
+    import time
+
+    from tspd.cache import STALE_BUILD_SECONDS, building
+
+    final = tmp_path / "entry"
+    final.mkdir()
+    (final / "model.safetensors").write_text("partial copy, no config.json")
+    stale = tmp_path / ".entry.abc.tmp"
+    stale.mkdir()
+    old = time.time() - STALE_BUILD_SECONDS - 60
+    os.utime(stale, (old, old))
+    fresh = tmp_path / ".entry.def.tmp"  # another process's build in progress: left alone
+    fresh.mkdir()
+    with building(final, "config.json") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert (final / "config.json").is_file() and not (final / "model.safetensors").exists()
+    assert not stale.exists() and fresh.exists()
+    # a complete entry another process finished first is kept
+    with building(final, "config.json") as tmp:
+        (tmp / "config.json").write_text('{"ours": 1}')
+    assert (final / "config.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".entry.def.tmp", "entry"]

@@ -253,3 +253,38 @@ def test_component_unknown_site_raises():
     dec = tspd.Decomposition(OneLinear(), make_cfg([("linear1", 2)]))
     with pytest.raises(KeyError):
         dec.component("linear9")
+
+
+def test_a_site_whose_module_is_never_called_is_named():
+    """nn.MultiheadAttention uses out_proj's weight directly: decomposing it would do nothing, so the
+    first target run says so; a Linear subclass with a `bias` read by the forward still works."""
+    from tspd.components import SiteError
+
+    class UsesWeight(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.other = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(self.other(x), self.proj.weight)
+
+    dec = tspd.Decomposition(UsesWeight(), make_cfg([("proj", 3), ("other", 3)]))
+    with pytest.raises(SiteError, match="site.s. proj were never called"):
+        dec.run_target(torch.randn(2, 4))
+
+    # torch's TransformerEncoderLayer in eval mode takes its fused fast path, which reads the weights
+    class ReadsBias(torch.nn.Module):  # a forward that reads a site's bias itself, besides calling it
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.proj(x) - self.proj.bias
+
+    dec = tspd.Decomposition(ReadsBias(), make_cfg([("proj", 3)]))
+    out, inputs = dec.run_target(torch.randn(2, 4))
+    assert set(inputs) == {"proj"} and out.shape == (2, 4)
+    layer = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    dec = tspd.Decomposition(layer, make_cfg([("linear1", 4)]))
+    with pytest.raises(SiteError, match="linear1 were never called"):
+        dec.run_target(torch.randn(2, 5, 8))

@@ -396,3 +396,10 @@ def test_ablate_refuses_a_facts_file_whose_heldout_athletes_were_trained_on(gpt2
     with pytest.raises(ValueError, match="held-out athletes of the facts file .* had their facts in this run's"):
         facts_ablate(gpt2_run, k=1, n_random=1, n_text=2, progress=False, facts_file=own, out_dir=tmp_path / "x")
     assert not (tmp_path / "x" / "facts.json").exists()
+
+
+def test_seq_len_beyond_the_models_context_is_named(tmp_path, text_file, capsys):
+    sites = [{"pattern": "transformer.h.0.mlp.c_fc", "C": 4}]
+    cfg = lm_config(tmp_path, text_file, "tiny-gpt2", sites)
+    assert main(["decompose", cfg, "--out", str(tmp_path / "r"), "--set", "data.seq_len=200"]) == 2
+    assert "data.seq_len 200 is longer than the model's context (128 positions)" in capsys.readouterr().err

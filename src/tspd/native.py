@@ -410,7 +410,7 @@ def _build(folder: Path) -> Path | None:
     if cc is None:
         return None
     try:
-        with building(entry) as tmp:
+        with building(entry, "mt19937.so") as tmp:
             src = tmp / "mt19937.c"
             src.write_text(SOURCE)
             for flags in _build_flag_sets():

@@ -3,7 +3,9 @@
 A batch of `text` data is (batch, seq_len) token ids. With `facts_fraction` f > 0, round(f * batch)
 rows are chunks of "<template with a discovery athlete> <sport>." sentences and the rest are
 general text (SPEC §6.3: decomposing on facts alone leaves subcomponents unconstrained on other
-text). Held-out athletes never appear in training data.
+text). Held-out athletes never appear in the facts sentences of training; general text may name
+some (the shipped wiki source's training documents name 5 of the 104 held-out athletes under seed 0:
+Evert, Ashe, Messi, Cruyff and Gretzky, once each; counted 2026-12-03).
 
 Example:
     >>> from tspd.config import TextDataConfig, HuggingFaceTargetConfig

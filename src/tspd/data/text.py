@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,14 +80,15 @@ def _digest(text: str) -> str:
 
 
 def split_documents(docs: list[str], heldout_fraction: float = 0.1) -> tuple[list[str], list[str]]:
-    """(train, held-out): held out are the ceil(fraction * n) documents with the largest SHA-1 of their
-    text; each split keeps the input order."""
+    """(train, held-out): held out are the ceil(fraction * n) distinct texts with the largest SHA-1,
+    every copy of a text on the same side (a repeated paragraph is never in both); each split keeps
+    the input order."""
     if not 0 <= heldout_fraction < 1:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
-    n_heldout = math.ceil(heldout_fraction * len(docs))
-    by_digest = sorted(range(len(docs)), key=lambda i: _digest(docs[i]))
-    heldout = set(by_digest[len(docs) - n_heldout:])
-    return [d for i, d in enumerate(docs) if i not in heldout], [d for i, d in enumerate(docs) if i in heldout]
+    digests = sorted({_digest(d) for d in docs})
+    heldout = set(digests[len(digests) - math.ceil(heldout_fraction * len(digests)):])
+    out = [_digest(d) in heldout for d in docs]
+    return [d for d, h in zip(docs, out) if not h], [d for d, h in zip(docs, out) if h]
 
 
 def chunk(docs: list[str], tokenizer, length: int) -> Tensor:
@@ -136,7 +138,10 @@ def load_text(
     train_docs, heldout_docs = split_documents(docs, heldout_fraction)
     label = WIKI if str(source) == WIKI else Path(source).stem
     tok_name, tok_digest = _tokenizer_key(tokenizer)
-    key = _digest("\0".join([_digest("\0".join(docs)), tok_digest, str(length), repr(heldout_fraction)]))
+    # The split keeps a repeated text's copies together since 2026-12-03; it differs from the
+    # earlier split only where texts repeat, so only those keys change.
+    repeats = ["copies-together"] if len(set(docs)) < len(docs) else []
+    key = _digest("\0".join([_digest("\0".join(docs)), tok_digest, str(length), repr(heldout_fraction), *repeats]))
     path = cache_dir(cache) / "text" / f"{label}-{tok_name}-L{length}-{key[:12]}.safetensors"
     meta = {"source": str(source), "tokenizer": tok_name, "length": length,
             "n_documents": len(train_docs), "n_heldout_documents": len(heldout_docs)}
@@ -146,7 +151,11 @@ def load_text(
     chunks = TextChunks(chunk(train_docs, tokenizer, length), chunk(heldout_docs, tokenizer, length), **meta)
     # int32 on disk halves the file; every tokenizer in use has far fewer than 2^31 tokens.
     tensors = {"train": chunks.train.int(), "heldout": chunks.heldout.int()}
-    atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata={k: str(v) for k, v in meta.items()}))
+    try:
+        atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata={k: str(v) for k, v in meta.items()}))
+    except OSError as err:  # a read-only shared cache: the chunks are made, only not kept
+        warnings.warn(f"could not cache the tokenised text at {path} ({err}); it will be tokenised again next time "
+                      "(set TSPD_CACHE to a writable folder)", stacklevel=2)
     return chunks
 
 

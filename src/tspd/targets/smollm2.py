@@ -83,7 +83,7 @@ def ensure_smollm2(cache: str | Path | None = None) -> Path:
     except AssetError as err:
         raise AssetError(f"{err} Or set {LOCAL_ENV}=/path/to/hf-folder holding SmolLM2-135M-Instruct.") from None
     print(f"tspd: converting SmolLM2-135M-Instruct to fp32 safetensors in {folder} (once)", file=sys.stderr)
-    with building(folder) as tmp:
+    with building(folder, "config.json") as tmp:
         _convert(_gguf_file(package_dir), tmp)
     return folder
 
