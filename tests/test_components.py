@@ -247,6 +247,10 @@ def test_resolve_sites_globs_in_module_order():
         "transformer.h.1.mlp.c_proj",
     ]
     assert all(c == 3 for _, c in sites)
+    # overlapping patterns: the same C is fine, different Cs are named
+    assert resolve_sites(model, [("[02]", 4), ("2", 4)]) == [("0", 4), ("2", 4)]
+    with pytest.raises(SiteError, match="'2' is matched by two site patterns with different C .4 and 6"):
+        resolve_sites(model, [("[02]", 4), ("2", 6)])
 
 
 def test_component_unknown_site_raises():

@@ -65,6 +65,9 @@ def resolve_sites(model: nn.Module, patterns: list[tuple[str, int]]) -> list[tup
                 + "\n  ".join(supported[:60])
             )
         for n in hits:
+            if chosen.get(n, C) != C:
+                raise SiteError(f"module {n!r} is matched by two site patterns with different C ({chosen[n]} and {C}, "
+                                f"the second {pattern!r}); make the patterns disjoint or give them the same C")
             chosen[n] = C
     order = {n: i for i, n in enumerate(modules)}
     return sorted(chosen.items(), key=lambda kv: order[kv[0]])
