@@ -384,8 +384,9 @@ class Decomposition(nn.Module):
             never = [n for n, x in inputs.items() if x is None]
             if never:
                 raise SiteError(
-                    f"site(s) {', '.join(never)} were never called by the target's forward: their weight is used "
-                    "directly (e.g. nn.MultiheadAttention's out_proj, torch's fused fast path of nn.TransformerEncoderLayer in "
+                    f"site(s) {', '.join(never)} were never called by the target's forward on this batch: a module "
+                    "called only on some inputs (e.g. a mixture-of-experts expert no token reached) cannot be a site, "
+                    "nor one whose weight is used directly (e.g. nn.MultiheadAttention's out_proj, torch's fused fast path of nn.TransformerEncoderLayer in "
                     "eval mode, or F.linear(x, module.weight)), and tspd "
                     "decomposes a site by standing in for its module's call; choose modules the forward calls"
                 )
