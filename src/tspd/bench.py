@@ -685,7 +685,8 @@ def _format_row(r: dict) -> str:
     return line
 
 
-def main(argv: list[str] | None = None, default_out: Path | None = None) -> None:
+def main(argv: list[str] | None = None, results_dir: Path | None = None) -> None:
+    """The harness's command line; `results_dir`: where a run without --out writes <cpu|gpu>-<date>.json."""
     ap = argparse.ArgumentParser(prog="tspd bench", description="time SPD steps on the standard cases")
     ap.add_argument("--cases", default="all",
                     help="comma-separated case names, 'all' (" + ", ".join(CASES) + "), or 'acceptance' (issue 6's: "
@@ -695,7 +696,7 @@ def main(argv: list[str] | None = None, default_out: Path | None = None) -> None
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--repeats", type=int, default=1,
                     help="fresh-process runs per case, round-robin; the median run is reported (default 1)")
-    ap.add_argument("--out", type=Path, default=default_out, help="JSON file to write")
+    ap.add_argument("--out", type=Path, help="JSON file to write")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: where target, batch and decomposition live")
     ap.add_argument("--slow-bf16", action="store_true",
                     help="time bf16-autocast cases even on a CPU whose bf16 matmuls are not fast (skipped otherwise)")
@@ -704,6 +705,11 @@ def main(argv: list[str] | None = None, default_out: Path | None = None) -> None
                          "optimizer) over --steps more steps; printed under each case and kept as phases_ms")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.out is None and results_dir is not None:
+        import datetime
+
+        kind = "gpu" if args.device.startswith("cuda") else "cpu"
+        args.out = results_dir / f"{kind}-{datetime.date.today().isoformat()}.json"
     if args.slow_bf16:
         os.environ[SLOW_BF16_ENV] = "1"  # the case subprocesses inherit it
     if args.one:

@@ -416,10 +416,10 @@ def _explain(err: ValidationError, source: str, overrides: list[str] = ()) -> st
             close = difflib.get_close_matches(pattern, _all_keys(), n=2, cutoff=0.75)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             lines.append(f"  unknown key '{loc}'{origin}: remove it or fix its spelling{hint} (`tspd config-keys` lists every key)")
-        elif not loc:  # a check of the whole config (RunConfig._check): its message names the keys
-            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"  {loc}{origin}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
+            msg = e["msg"].removeprefix("Value error, ")  # pydantic's prefix to our validators' messages
+            # a check of the whole config (RunConfig._check) has no key: its message names the keys
+            lines.append(f"  {loc}{origin}: {msg} (got {e.get('input')!r})" if loc else f"  {msg}")
     return "\n".join(lines)
 
 

@@ -151,11 +151,23 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
+def _temp_affixes(path: Path) -> tuple[str, str]:
+    """The prefix and suffix of `atomic_write_bytes`' temporary files for `path`."""
+    return f".{path.name}.", ".tmp"
+
+
+def leftover_temps(path: Path) -> list[Path]:
+    """Temporary files of `atomic_write_bytes(path, ...)` calls that a kill cut off."""
+    prefix, suffix = _temp_affixes(path)
+    return list(path.parent.glob(f"{prefix}*{suffix}"))
+
+
 def atomic_write_bytes(path: Path, write) -> None:
     """Write via a temporary file in the same folder, flushed to disk, and rename, so neither a kill
     nor a machine's crash leaves half a file under `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    prefix, suffix = _temp_affixes(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
     os.close(fd)
     try:
         write(tmp)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from tspd import distributed
 from tspd.analysis.metrics import evaluate
 from tspd.config import RunConfig
-from tspd.decomposition import Batch, Decomposition, _key, atomic_write_bytes, check_target_matches_config
+from tspd.decomposition import Batch, Decomposition, _key, atomic_write_bytes, check_target_matches_config, leftover_temps
 from tspd.losses import annealed_p, compute_losses, l0, model_device, pin_fast_bf16, resolve_autocast
 from tspd.seeding import generator, legacy_streams, use_legacy_streams
 
@@ -255,24 +255,31 @@ def require_checkpoint(run_dir: Path) -> None:
         raise FileNotFoundError(f"--resume given but {run_dir / CHECKPOINT} does not exist; drop --resume to start")
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines from steps a resumed run will redo, and lines that are not JSON (a run killed
-    mid-write, a full disk), with a warning naming the file."""
-    if not path.exists():
-        return
-    keep, damaged = [], 0
-    for ln in path.read_text().splitlines():
+def metric_records(path: Path) -> tuple[list[tuple[str, dict]], int]:
+    """The (line, record) pairs of a metrics.jsonl (none if it is absent), and how many of its
+    non-empty lines are not JSON records (a write cut short, or being written by a running run)."""
+    records, damaged = [], 0
+    for ln in path.read_text().splitlines() if path.exists() else []:
         if not ln:
             continue
         try:
             row = json.loads(ln)
         except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            records.append((ln, row))
+        else:
             damaged += 1
-            continue
-        if not isinstance(row, dict):
-            damaged += 1
-        elif row.get("step", 0) < step:
-            keep.append(ln)
+    return records, damaged
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines from steps a resumed run will redo, and lines that are not JSON (a run killed
+    mid-write, a full disk), with a warning naming the file."""
+    if not path.exists():
+        return
+    records, damaged = metric_records(path)
+    keep = [ln for ln, row in records if row.get("step", 0) < step]
     if damaged:
         warnings.warn(f"{path}: dropped {damaged} line(s) that are not JSON records (a write cut short?)", stacklevel=2)
     atomic_write_bytes(path, lambda p: Path(p).write_text("".join(k + "\n" for k in keep)))
@@ -325,7 +332,7 @@ def decompose(
             (run_path / CHECKPOINT).unlink()
     if writes:
         run_path.mkdir(parents=True, exist_ok=True)
-        for stale in run_path.glob(f".{CHECKPOINT}.*.tmp"):  # a checkpoint write cut off by a kill
+        for stale in leftover_temps(run_path / CHECKPOINT):  # a checkpoint write cut off by a kill
             stale.unlink(missing_ok=True)
         atomic_write_bytes(run_path / "config.yaml", lambda p: Path(p).write_text(config.to_yaml()))
         _truncate_metrics(run_path / METRICS, start)

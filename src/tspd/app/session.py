@@ -24,7 +24,7 @@ from tspd.app.adapters import Adapter, PromptError, adapter_for
 from tspd.app.harvest import DB_NAME, fingerprint, per_position, prompt_ci
 from tspd.decomposition import load
 from tspd.masks import Pass
-from tspd.train import METRICS
+from tspd.train import METRICS, metric_records
 
 TABLE_FILES = ("census", "causal", "baseline", "facts", "results", "eval")
 NOT_SCALARS = {"step", "lr", "p", "l0", "eval"}
@@ -85,13 +85,7 @@ class RunSession:
         """Training curves from metrics.jsonl: scalar loss terms, L0 per site, and the evaluations."""
         train: dict = {"step": [], "lr": [], "p": [], "losses": {}, "l0": {}}
         evals: dict = {"step": [], "alive": {}, "l0": {}, "recon": {}}
-        path = self.run_dir / METRICS
-        lines = path.read_text().splitlines() if path.exists() else []
-        for line in lines:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line being written by a run still training
-                continue
+        for _, row in metric_records(self.run_dir / METRICS)[0]:  # skips a line a running run is writing
             if "consolidate" in row:  # a merge step's record, not a training row
                 continue
             if "eval" in row:

@@ -85,9 +85,10 @@ def split_documents(docs: list[str], heldout_fraction: float = 0.1) -> tuple[lis
     the input order."""
     if not 0 <= heldout_fraction < 1:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
-    digests = sorted({_digest(d) for d in docs})
-    heldout = set(digests[len(digests) - math.ceil(heldout_fraction * len(digests)):])
-    out = [_digest(d) in heldout for d in docs]
+    digest = [_digest(d) for d in docs]
+    distinct = sorted(set(digest))
+    heldout = set(distinct[len(distinct) - math.ceil(heldout_fraction * len(distinct)):])
+    out = [h in heldout for h in digest]
     return [d for d, h in zip(docs, out) if not h], [d for d, h in zip(docs, out) if h]
 
 
