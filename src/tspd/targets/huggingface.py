@@ -128,9 +128,27 @@ def load_tokenizer(model: str):
     from tspd.targets.gpt2 import TOKENIZER_FILES, load_gpt2_tokenizer
 
     path = _folder(model)
-    if any((path / name).is_file() for name in TOKENIZER_FILES + ("tokenizer_config.json",)):
+    if any((path / name).is_file() for name in TOKENIZER_FILES + ("tokenizer.model", "tokenizer_config.json")):
         return _transformers().AutoTokenizer.from_pretrained(str(path))
+    kind = _model_type(path)
+    if kind != "gpt2":
+        raise FileNotFoundError(
+            f"{path} holds no tokenizer files (tokenizer.json, vocab.json, tokenizer.model or tokenizer_config.json) "
+            f"and its config.json says model_type {kind!r}; only a GPT-2 folder falls back to the offline GPT-2 "
+            "tokenizer. Copy the model's own tokenizer files into that folder"
+        )
     return load_gpt2_tokenizer()
+
+
+def _model_type(path: Path) -> str | None:
+    """config.json's model_type (None when it is missing or the file is not a JSON object)."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("model_type") if isinstance(config, dict) else None
 
 
 def load_lm(model: str, seed: int = 0) -> tuple[nn.Module, object]:
