@@ -246,6 +246,18 @@ def test_text_effect_matches_forward_with_ablation(gpt2_run):
         a = dec.forward_with_ablation(ids, F.group(pieces))
     assert got["kl"] == pytest.approx(float(F.kl_per_token(t, a).mean()), rel=1e-4, abs=1e-7)
     assert got["kl"] > 0
+    # without the delta component the reference is the unablated decomposition, not the target:
+    # no pieces, no effect, although V U differs from W
+    dec.config.masks.delta_component = False
+    for stand_in in dec._stand_ins.values():
+        stand_in.use_delta = False
+    assert _text_effect(dec, ids, [], chunk=2) == {"kl": 0.0, "ce_change": 0.0}
+    with torch.no_grad():
+        ones = dec.forward_with_ablation(ids, {})
+        a = dec.forward_with_ablation(ids, F.group(pieces))
+    assert float(F.kl_per_token(t, ones).mean()) > 1e-6  # the decomposition's own error, left out
+    got = _text_effect(dec, ids, pieces, chunk=2)
+    assert got["kl"] == pytest.approx(float(F.kl_per_token(ones, a).mean()), rel=1e-4, abs=1e-7)
 
 
 def test_ablation_at_chosen_tokens_only(gpt2_run):

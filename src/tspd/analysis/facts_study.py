@@ -95,14 +95,23 @@ def _text_rows(dec: Decomposition, n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _text_effect(dec: Decomposition, ids: torch.Tensor, pieces, chunk: int = 16) -> dict:
-    """KL (target -> ablated) per token and CE change on general text, ablating `pieces` everywhere."""
+    """KL (reference -> ablated) per token and CE change on general text, ablating `pieces` everywhere.
+
+    The reference is the decomposition with every mask 1, as for the prompts' drops (`ablation_logprobs`
+    with no pieces): with the delta component that is the target itself; without it, comparing with
+    the target would count the decomposition's own error (V U against W) as the ablation's effect."""
     kl, ce_t, ce_a = [], [], []
+    own_reference = not dec.config.masks.delta_component
     for lo in range(0, ids.shape[0], chunk):
         x = ids[lo : lo + chunk]
         t, inputs = dec.run_target(x)  # also records the blocks the ablated pass replays
-        if pieces:
+        if pieces or own_reference:
             ci, _ = dec.ci_from_logits(dec.ci_logits(inputs))
-            a = dec.run_passes(x, [dec.ablation_pass(ci, F.group(pieces))])[0]
+            passes = [dec.ablation_pass(ci, F.group(pieces))]
+            if own_reference:
+                passes.insert(0, dec.ablation_pass(ci, {}))
+            outs = dec.run_passes(x, passes)
+            t, a = (outs[0], outs[1]) if own_reference else (t, outs[0])
         else:
             a = t
         kl.append(F.kl_per_token(t, a).flatten())
