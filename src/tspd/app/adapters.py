@@ -75,6 +75,10 @@ class Adapter:
         """The prompt text that encodes to `example` (for "random example" in the page)."""
         return " ".join(self.input_labels(example))
 
+    def example(self, seed: int) -> Tensor:
+        """One dataset example for the page's "random example", deterministic in `seed`."""
+        return self.sample(1, seed)[0]
+
     def check_length(self, n_tokens: int) -> None:
         if self.context_length is not None and n_tokens > self.context_length:
             raise PromptError(
@@ -185,6 +189,13 @@ class FeatureAdapter(Adapter):
 
     def sample(self, n: int, seed: int) -> Tensor:
         return self.sample_fn(n, generator(seed, 0, HARVEST_STREAM))
+
+    def example(self, seed: int) -> Tensor:
+        """The first example with some feature on among 256 drawn from `seed` (sparse data is mostly
+        all zero: 77 % of TMS 5-2's examples), else the first."""
+        batch = self.sample(256, seed)
+        on = batch.ne(0).any(-1).nonzero()
+        return batch[int(on[0]) if len(on) else 0]
 
 
 # Module names of projections that write into the residual stream in common Hugging Face causal LMs

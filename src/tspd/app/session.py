@@ -162,7 +162,7 @@ class RunSession:
         """A dataset example as prompt text (seed: any integer)."""
         if not (isinstance(seed, int) or (isinstance(seed, str) and _is_int_text(seed))) or isinstance(seed, bool):
             raise AppError(f"'seed' must be an integer, got {seed!r}")
-        example = self.adapter.sample(1, int(seed))[0]
+        example = self.adapter.example(int(seed))
         return {"prompt": self.adapter.prompt_of(example)}
 
     def _check_subcomponent(self, site, idx) -> int:
