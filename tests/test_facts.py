@@ -119,6 +119,13 @@ def test_prompt_name_positions(tiny_tok):
     for p in prompts:
         assert tiny_tok.decode([p.ids[i] for i in p.first]).strip() == "Kobe"
         assert tiny_tok.decode([p.ids[i] for i in p.last]).strip() == "Bryant"
+    # a doubled brace before {name} is one character of the prompt: the offsets follow the text
+    quiz = F.build_prompts(tiny_tok, [kobe], ["Quiz {{1}}: {name} plays"])[0]
+    assert tiny_tok.decode(quiz.ids) == "Quiz {1}: Kobe Bryant plays"
+    assert tiny_tok.decode([quiz.ids[i] for i in quiz.first]).strip() == "Kobe"
+    assert tiny_tok.decode([quiz.ids[i] for i in quiz.last]).strip() == "Bryant"
+    with pytest.raises(ValueError, match="braces other than {name}"):
+        F.build_prompts(tiny_tok, [kobe], ["{sport}: {name}"])
     b = F.batch_prompts(prompts, pad_id=0)
     assert b.ids.shape[0] == 2 and int(b.names["both"].sum()) == sum(len(p.first + p.last) for p in prompts)
     assert torch.equal(b.names["both"], b.names["first"] | b.names["last"])
@@ -395,6 +402,14 @@ def test_dashboard_adapter_for_language_model_runs(gpt2_run):
     assert adapter.prompt_of(ids[0]) == "Tiger Woods plays the sport of"
     sample = adapter.sample(3, seed=0)
     assert sample.shape == (3, 32) and adapter.readout("transformer.h.0.mlp.c_proj").shape[1] == len(load_tokenizer("tiny-gpt2"))
+
+
+def test_ablate_names_a_model_that_knows_no_fact(gpt2_run, tmp_path, monkeypatch):
+    from tspd.analysis import facts_study
+
+    monkeypatch.setattr(facts_study, "known_prompts", lambda prompts, scr, share: [])
+    with pytest.raises(ValueError, match="gets no discovery and no held-out prompt right"):
+        facts_study.facts_ablate(gpt2_run, k=1, n_random=1, n_text=2, progress=False, out_dir=tmp_path / "x")
 
 
 def test_ablate_refuses_a_facts_file_whose_heldout_athletes_were_trained_on(gpt2_run, tmp_path):

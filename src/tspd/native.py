@@ -176,11 +176,11 @@ int tspd_uniform16(uint8_t *st, float *out, int64_t n) {
     return 0;
 }
 
-/* exp(y): y clamped to [-87, 88] (results ~1.6e-38 and ~1.65e38 beyond), then 2^n e^r with
+/* exp(y): y clamped to [-87, 88.7228394] (the largest finite fp32 exp), then 2^n e^r with
    r = y - n ln 2 in [-ln2/2, ln2/2] (ln 2 in two parts) and e^r by its Taylor series to r^7
-   (relative error < 1e-8 before rounding). */
+   (relative error < 1e-8 before rounding); 2^n as two exact power-of-two factors (n reaches 128). */
 static inline float exp_any(float y) {
-    y = y < -87.0f ? -87.0f : (y > 88.0f ? 88.0f : y);
+    y = y < -87.0f ? -87.0f : (y > 88.7228394f ? 88.7228394f : y);
     float n = __builtin_rintf(y * 1.44269504088896341f);
     float r = __builtin_fmaf(-n, 0.693145751953125f, y);
     r = __builtin_fmaf(-n, 1.428606765330187045e-06f, r);
@@ -192,10 +192,12 @@ static inline float exp_any(float y) {
     q = __builtin_fmaf(q, r, 0.5f);
     q = __builtin_fmaf(q, r, 1.0f);
     q = __builtin_fmaf(q, r, 1.0f);
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, 4);
-    return q * scale;
+    int32_t ni = (int32_t)n, n1 = ni >> 1, n2 = ni - n1;
+    int32_t b1 = (n1 + 127) << 23, b2 = (n2 + 127) << 23;
+    float s1, s2;
+    memcpy(&s1, &b1, 4);
+    memcpy(&s2, &b2, 4);
+    return (q * s1) * s2;
 }
 
 /* log(x) for normal x > 0: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s) with
@@ -229,7 +231,7 @@ static inline float ci_one(float zi, float leak, float eps, float p, float *lowe
     float base = (lw + above * leak) + eps;
     float y = p * log_normal(base);
     float pw = exp_any(y);
-    pw = y > 88.0f ? INFINITY : pw;                              /* overflows, as powf would */
+    pw = y > 88.7228394f ? INFINITY : pw;                        /* overflows, as powf would */
     pw = base == INFINITY ? (p > 0.0f ? INFINITY : 1.0f) : pw;   /* inf^p */
     pw = base != base ? base : pw;                               /* NaN stays NaN */
     *lower = lw;
@@ -613,6 +615,16 @@ def _ci_min_matches(lib: ctypes.CDLL) -> bool:
                 return False
             if not torch.allclose(q.double(), w_q, rtol=2e-6, atol=0.0, equal_nan=True):
                 return False
+    # base^p just below fp32's largest finite value stays finite (exp(p log base) carries fp32's
+    # rounding of p log base ~ 88.7: ~5e-6 relative), one value per call so no lane sums two
+    for z, p in ((2.2e38, 1.0), (3.3e38, 1.0), (1.3e5, 8.0)):
+        zt = torch.tensor([z], dtype=torch.float32)
+        _, total, q = _ci_min(lib, zt, 1.0 if p == 1.0 else 0.5, 1e-3, p)
+        _, w_total, w_q = _ci_min_reference(zt, 1.0 if p == 1.0 else 0.5, 1e-3, p)
+        if not (math.isfinite(total) and abs(total - w_total) <= 2e-5 * w_total):
+            return False
+        if p == 1.0 and not torch.allclose(q.double(), w_q, rtol=2e-5, atol=0.0):  # (p=8: p base^p overflows, as in torch's fp32 form)
+            return False
     return True
 
 

@@ -89,8 +89,14 @@ def build_prompts(tokenizer, athletes: list[Athlete], templates: list[str]) -> l
         for tpl in templates:
             if "{name}" not in tpl:
                 raise ValueError(f"template {tpl!r} has no {{name}} placeholder")
-            text = tpl.format(name=a.name)
-            start = tpl.index("{name}")
+            before, _, after = tpl.partition("{name}")
+            try:  # offsets into the formatted text: a doubled brace before {name} is one character there
+                prefix, suffix = before.format(), after.format()
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"template {tpl!r} has braces other than {{name}} ({e}); write a literal brace "
+                                 "as {{ or }}") from None
+            text = prefix + a.name + suffix
+            start = len(prefix)
             n0 = len(_encode(tokenizer, text[:start].rstrip(" "))) if start else len(_encode(tokenizer, ""))
             n1 = len(_encode(tokenizer, text[: start + len(a.first)]))
             n2 = len(_encode(tokenizer, text[: start + len(a.name)]))

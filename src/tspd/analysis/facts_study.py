@@ -205,6 +205,11 @@ def facts_ablate(
 
     disc, held = (known_prompts(*screened_prompts(dec.target, tokenizer, facts, a), max_default_share)
                   for a in (discovery, heldout))
+    empty = [name for name, ps in (("discovery", disc), ("held-out", held)) if not ps]
+    if empty:
+        raise ValueError(f"{cfg.target.model} gets no {' and no '.join(empty)} prompt right (answers screened with "
+                         f"max_default_share {max_default_share}); the study needs facts the model knows: check "
+                         "`tspd facts screen`, use a facts file with facts it knows, or a larger model")
     if not name_at_start:
         disc, held = ([p for p in ps if min(p.first) > 0] for ps in (disc, held))
         if not disc or not held:
