@@ -64,6 +64,23 @@ def test_subset_routing_granularity_shapes():
         assert int(R.sum(-1).min()) >= 1
 
 
+def test_subset_routing_with_sites_of_different_leading_shapes():
+    """A pooled site (B,) next to token sites (B, T): per example, each example's subset is the
+    same at every site, along dim 0 (not broadcast along positions), with the same draws as one shape."""
+    leads = {"a": (4,), "b": (4, 4), "c": (4, 4)}
+    routed = subset_routing(["a", "b", "c"], leads, "per_example", torch.Generator().manual_seed(5))
+    same = subset_routing(["a", "b", "c"], (4, 4), "per_example", torch.Generator().manual_seed(5))
+    assert routed["a"].shape == (4,) and routed["b"].shape == (4, 4)
+    for s in "abc":
+        assert torch.equal(routed[s].reshape(4, -1)[:, 0], same[s][:, 0])
+    assert torch.equal(routed["b"], routed["b"][:, :1].expand(4, 4))  # constant along positions
+    with pytest.raises(ValueError, match="per_position needs every site's CI to have the same leading shape"):
+        subset_routing(["a", "b"], leads, "per_position", torch.Generator())
+    with pytest.raises(ValueError, match="per_example needs every site's CI to have the batch"):
+        subset_routing(["a", "b"], {"a": (3,), "b": (4, 4)}, "per_example", torch.Generator())
+    assert subset_routing(["a", "b"], {"a": (3,), "b": (4, 4)}, "per_batch", torch.Generator())["a"].shape == (3,)
+
+
 def test_subset_routing_reproducible_and_rejects_bad_granularity():
     a = subset_routing(SITES, (8, 3), "per_position", torch.Generator().manual_seed(3))
     b = subset_routing(SITES, (8, 3), "per_position", torch.Generator().manual_seed(3))

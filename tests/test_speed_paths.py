@@ -700,3 +700,106 @@ def test_bench_case_that_prints_no_result_is_a_failed_row(monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout="", stderr=""))
     row = bench._run_one("tms-5-2", steps=1, warmup=0, threads=1)
     assert row["case"] == "tms-5-2" and "no result line" in row["error"]
+
+
+# ---- models whose structure the fast paths must notice (a review's findings, 2026-12-03) ------------
+class _ResBlock(torch.nn.Module):
+    def __init__(self, d: int = 6):
+        super().__init__()
+        self.fc = torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + torch.tanh(self.fc(x))
+
+
+class _ScaledAfterEachBlock(torch.nn.Module):
+    """Changes each block's output in place after the block returned it."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_ResBlock() for _ in range(3)])
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+            x.mul_(0.5)
+        return x
+
+
+class _SideBranchLast(torch.nn.Module):
+    """Block 2 runs before block 1 and feeds it."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_ResBlock() for _ in range(3)])
+
+    def forward(self, x):
+        x = self.blocks[0](x)
+        return self.blocks[1](x + self.blocks[2](x))
+
+
+class _FlatTokens(torch.nn.Module):
+    """Flattens (B, T) tokens to (B*T, d) rows before its linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.a, self.b = torch.nn.Embedding(11, 6), torch.nn.Linear(6, 6), torch.nn.Linear(6, 11)
+
+    def forward(self, t):
+        B, T = t.shape
+        return self.b(torch.relu(self.a(self.emb(t).view(B * T, -1)))).view(B, T, -1)
+
+
+@pytest.mark.parametrize("model,sites,delta", [
+    (_ScaledAfterEachBlock, [("blocks.*.fc", 4)], True),
+    (_SideBranchLast, [("blocks.*.fc", 3)], False),
+    (_FlatTokens, [("a", 3), ("b", 3)], False),
+])
+def test_stacked_passes_match_single_passes_on_unusual_models(model, sites, delta):
+    torch.manual_seed(0)
+    dec = tspd.Decomposition(model(), make_cfg(sites, ci={"kind": "mlp", "hidden": [4]}, masks={"delta_component": delta}))
+    batch = torch.randint(0, 11, (2, 5)) if model is _FlatTokens else torch.randn(4, 6)
+    _stacked_vs_single(dec, batch, [])
+    if model is _ScaledAfterEachBlock:  # every mask 1 with the delta on is the target, stacked too
+        with torch.no_grad():
+            _, inputs = dec.run_target(batch)
+            ci, _ = dec.ci_from_logits(dec.ci_logits(inputs))
+            outs = dec.run_passes(batch, [dec.ones_pass({s: ci[s]}) for s in dec.site_names])
+            want = dec.target(batch.clone())
+        for out in outs:
+            torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+
+
+def test_sites_that_are_the_block_list_elements_run():
+    """A ModuleList of nn.Linear whose elements are the sites: no block replay, no error."""
+
+    class Deep(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(6, 6) for _ in range(3)])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = torch.relu(layer(x))
+            return x
+
+    torch.manual_seed(0)
+    dec = tspd.Decomposition(Deep(), make_cfg([("layers.*", 3)], ci={"kind": "mlp", "hidden": [4]}))
+    assert sorted(dec.causal_importance(torch.randn(4, 6))) == ["layers.0", "layers.1", "layers.2"]
+    _stacked_vs_single(dec, torch.randn(4, 6), [])
+
+
+def test_a_module_registered_under_two_paths_is_refused_as_a_site():
+    from tspd.components import SiteError
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = torch.nn.Linear(4, 4)
+            self.second = self.first
+
+        def forward(self, x):
+            return self.second(torch.relu(self.first(x)))
+
+    with pytest.raises(SiteError, match=r"'first' is registered under 2 paths \(first, second\)"):
+        tspd.Decomposition(Tied(), make_cfg([("first", 2)]))

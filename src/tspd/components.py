@@ -69,6 +69,15 @@ def resolve_sites(model: nn.Module, patterns: list[tuple[str, int]]) -> list[tup
                 raise SiteError(f"module {n!r} is matched by two site patterns with different C ({chosen[n]} and {C}, "
                                 f"the second {pattern!r}); make the patterns disjoint or give them the same C")
             chosen[n] = C
+    paths: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(n)
+    for n in chosen:
+        aliases = paths[id(modules[n])]
+        if len(aliases) > 1:
+            raise SiteError(f"module {n!r} is registered under {len(aliases)} paths ({', '.join(aliases)}): tspd stands in "
+                            "for a site at one path, so the other uses would keep the target weight; a module used "
+                            "twice cannot be a site unless it is registered once (call it twice instead)")
     order = {n: i for i, n in enumerate(modules)}
     return sorted(chosen.items(), key=lambda kv: order[kv[0]])
 
@@ -218,7 +227,13 @@ class SiteModule(StandIn):
         segs = st.segments
         if len(segs) == 1:
             return self._segment_out(x, segs[0], x)
-        parts = x.split([seg.rows for seg in segs])
+        sizes = [seg.rows for seg in segs]
+        if x.dim() == 0 or sum(sizes) != x.shape[0]:
+            raise RuntimeError(
+                f"stacked passes give this site {sum(sizes)} rows on dim 0 but its input has shape {tuple(x.shape)}: the "
+                "model moves the batch off dim 0 before the site (e.g. flattens tokens); run the target once "
+                "(run_target) on the batch first, so passes run one by one, or set train.stack_passes: false")
+        parts = x.split(sizes)
         return torch.cat([self._segment_out(xi, seg, x) for xi, seg in zip(parts, segs)])
 
     def _original(self, x: Tensor) -> Tensor:

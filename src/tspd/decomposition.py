@@ -237,6 +237,7 @@ class Decomposition(nn.Module):
         self.__dict__["_block_list"], self._block_of, self._branch_of = _find_block_list(target, self.site_names)
         self._block_outputs: list[Any] | None = None
         self._block_batch: Batch | None = None
+        self._stackable = True  # every site input has the batch on dim 0 (as `run_target` last saw)
         # Per block holding a site: its direct children's (call start, call end, output) in the
         # target run, for replaying the children a group of passes does not route through.
         self._child_calls: dict[int, dict[str, tuple[int, int, Any]]] = {}
@@ -372,8 +373,11 @@ class Decomposition(nn.Module):
         with torch.no_grad(), self._installed():
             for s in self._stand_ins.values():
                 s.state = SiteState(mode="record")
-            for i, r in enumerate(recorders):
-                r.on_call = lambda i=i: order.append(i)
+            # The call order of every block of the list (not only the recorded ones): a later block
+            # called before a recorded one may feed it.
+            order_hooks = [
+                b.register_forward_pre_hook(lambda *_, i=i: order.append(i)) for i, b in enumerate(self._block_list)
+            ] if recorders else []
             if reuse and not torch.is_inference_mode_enabled():  # inference tensors have no version counters
                 for j in sorted(set(self._block_of.values())):
                     calls.watch(j, self._block_list[j], {self._branch_of[s] for s, b in self._block_of.items() if b == j})
@@ -390,6 +394,8 @@ class Decomposition(nn.Module):
             finally:
                 restore_modules(swapped)
                 calls.unwatch()
+                for h in order_hooks:
+                    h.remove()
                 if handle is not None:
                     handle.remove()
             inputs = {n: s.recorded for n, s in self._stand_ins.items()}
@@ -408,11 +414,17 @@ class Decomposition(nn.Module):
         # call, nothing applied after it, not even in place): then the head's input determines the output.
         sound = len(head_out) == 1 and head_out[0][0] is out and head_out[0][1] == out._version
         self._head_batch = batch if sound else None
-        # Replay is sound only for blocks called once each, in order, before any later block.
-        if recorders and order == list(range(n_record)):
+        rows = batch_size(batch)
+        # Stacked passes concatenate along dim 0: every site must see the batch there (not, e.g.,
+        # tokens flattened to (B*T, d) or a sequence-first layout); otherwise passes run one by one.
+        self._stackable = all(x.dim() > 0 and x.shape[0] == rows for x in inputs.values())
+        # Replay is sound only for blocks called once each, in order (every block of the list, so
+        # none runs before a recorded one), whose recorded outputs are as the block returned them.
+        in_order = all(a < b for a, b in zip(order, order[1:])) and order[:n_record] == list(range(n_record))
+        if recorders and in_order and all(r.replayable(rows) for r in recorders):
             self._block_outputs, self._block_batch = [r.output for r in recorders], batch
         if reuse and (not recorders or self._block_outputs is not None):
-            self._child_calls, self._block_batch = calls.sound(batch_size(batch)), batch
+            self._child_calls, self._block_batch = calls.sound(rows), batch
         return out, inputs
 
     def ci_logits(self, site_inputs: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -514,7 +526,7 @@ class Decomposition(nn.Module):
             return self._group_outputs(batch, passes, stack, stop_at_head)
 
     def _group_outputs(self, batch: Batch, passes: list[Pass], stack: bool, stop_at_head: bool) -> list[tuple[list[int], Tensor]]:
-        if not stack or (len(passes) == 1 and self._block_batch is not batch):
+        if not stack or not self._stackable or (len(passes) == 1 and self._block_batch is not batch):
             return [([i], self._run_stacked(batch, [p], skip_blocks=0, stop_at_head=stop_at_head)) for i, p in enumerate(passes)]
         groups: dict[tuple[int, int], list[int]] = {}
         replayable = self._block_batch is batch  # block outputs were recorded for this very batch
@@ -717,17 +729,34 @@ def _output_head(target: nn.Module, sites: set[str]) -> tuple[nn.Module, str, nn
 
 
 class _Record(StandIn):
-    """Wraps a block during the target run and keeps its output."""
+    """Wraps a block during the target run and keeps its output, with what `replayable` needs to
+    judge it: whether the call modified its inputs in place, and its output's versions then."""
 
     def __init__(self, block: nn.Module):
         super().__init__(block)
         self.output: Any = None
-        self.on_call = lambda: None
+        self.clean = False
+        self.out_versions: list[int] | None = None
 
     def forward(self, *args, **kwargs):
-        self.on_call()
+        inputs = _flat_tensors((args, kwargs))
+        before = _versions(inputs)
         self.output = self.original(*args, **kwargs)
+        self.clean = before is not None and _versions(inputs) == before
+        self.out_versions = _versions(_flat_tensors(self.output))
         return self.output
+
+    def replayable(self, rows: int) -> bool:
+        """Whether the recorded output may stand in for the block: the call left its inputs as they
+        were, the output (a tensor or a flat tuple) has `rows` first and is unchanged since."""
+        out = self.output
+        flat = _flat_tensors(out)
+        return (
+            self.clean and self.out_versions is not None
+            and (isinstance(out, Tensor) or (isinstance(out, tuple) and not any(isinstance(o, (tuple, list, dict)) for o in out)))
+            and all(t.dim() > 0 and t.shape[0] == rows for t in flat)
+            and _versions(flat) == self.out_versions
+        )
 
 
 class _Replay(StandIn):
@@ -760,7 +789,7 @@ def _find_block_list(target: nn.Module, sites: list[str]) -> tuple[nn.ModuleList
         block_of, branch_of = {}, {}
         for s in sites:
             parts = s[len(prefix):].split(".") if s.startswith(prefix) else [""]
-            if parts[0].isdigit():
+            if parts[0].isdigit() and len(parts) > 1:  # inside a block (a site that is a block is not)
                 block_of[s] = int(parts[0])
                 branch_of[s] = parts[1] if len(parts) > 1 else ""
         if len(block_of) == len(sites):

@@ -353,9 +353,9 @@ def recon_passes(term: str, dec: Decomposition, ci: dict[str, Tensor], gen: torc
                 m = stochastic_masks({s: ci[s]}, cfg.masks.kind, gen)
                 passes.append(Pass(masks=m, delta=delta_masks({s: ci[s]}, gen) if use_delta else {}))
         elif term == "stochastic_recon_subset":
-            lead = tuple(next(iter(ci.values())).shape[:-1])
+            leads = {s: tuple(ci[s].shape[:-1]) for s in sites}
             device = next(iter(ci.values())).device
-            routed = {s: r.to(device) for s, r in subset_routing(sites, lead, cfg.masks.subset_granularity, gen).items()}
+            routed = {s: r.to(device) for s, r in subset_routing(sites, leads, cfg.masks.subset_granularity, gen).items()}
             masks = stochastic_masks(ci, cfg.masks.kind, gen)
             passes.append(Pass(masks=masks, routed=routed, delta=delta_masks(ci, gen) if use_delta else {}))
         else:

@@ -74,14 +74,28 @@ def delta_masks(ci: dict[str, Tensor], generator: torch.Generator) -> dict[str, 
 
 
 def subset_routing(
-    sites: list[str], lead_shape: tuple[int, ...], granularity: str, generator: torch.Generator
+    sites: list[str], lead_shape: tuple[int, ...] | dict[str, tuple[int, ...]], granularity: str, generator: torch.Generator
 ) -> dict[str, Tensor]:
     """Random subset of sites: k ~ U{1..n_sites}, then a uniform k-subset.
+
+    `lead_shape`: the sites' leading shape (their CI's shape without C), or one per site when they
+    differ (e.g. a pooled classifier head (B,) next to token sites (B, T)): then 'per_example' needs
+    every site's dim 0 to be the same B, and 'per_position' is refused.
 
     granularity 'per_batch' draws one subset for the pass, 'per_example' one per example (dim 0),
     'per_position' one per (example, position). Returns a bool tensor of `lead_shape` per site.
     """
     n = len(sites)
+    leads = {s: tuple(lead_shape[s]) for s in sites} if isinstance(lead_shape, dict) else {s: tuple(lead_shape) for s in sites}
+    lead_shape = leads[sites[0]] if sites else ()
+    if len(set(leads.values())) > 1:
+        shapes = ", ".join(f"{s} {leads[s]}" for s in sites)
+        if granularity == "per_position":
+            raise ValueError(f"masks.subset_granularity per_position needs every site's CI to have the same leading "
+                             f"shape; these differ ({shapes}): use per_example or per_batch")
+        if granularity == "per_example" and len({lead[:1] for lead in leads.values()}) > 1:
+            raise ValueError(f"masks.subset_granularity per_example needs every site's CI to have the batch as its "
+                             f"first dimension; these differ ({shapes}): use per_batch")
     if granularity == "per_batch":
         draw_shape: tuple[int, ...] = ()
     elif granularity == "per_example":
@@ -97,7 +111,7 @@ def subset_routing(
     out = {}
     for i, s in enumerate(sites):
         c = chosen[..., i]
-        while c.dim() < len(lead_shape):
+        while c.dim() < len(leads[s]):
             c = c.unsqueeze(-1)
-        out[s] = c.expand(lead_shape)
+        out[s] = c.expand(leads[s])
     return out
