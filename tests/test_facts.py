@@ -132,6 +132,24 @@ def test_prompt_name_positions(tiny_tok):
     assert [int(x) for x in b.last] == [len(p.ids) - 1 for p in prompts]
 
 
+def test_prompts_and_answers_of_a_tokenizer_that_appends_eos(tiny_tok):
+    """A tokenizer adding EOS (and BOS) to every text: the prompts end with their own last token,
+    the name positions and answer tokens are those of the plain tokenizer, shifted past the BOS."""
+
+    class BosEos:
+        def __call__(self, text):
+            return {"input_ids": [900] + list(tiny_tok(text)["input_ids"]) + [901]}
+
+    facts = load_facts()
+    athletes, templates = facts.athletes[:3], ["{name} plays the sport of", "The sport that {name} plays is"]
+    plain = F.build_prompts(tiny_tok, athletes, templates)
+    wrapped = F.build_prompts(BosEos(), athletes, templates)
+    for p, w in zip(plain, wrapped):
+        assert w.ids == [900] + p.ids
+        assert w.first == [i + 1 for i in p.first] and w.last == [i + 1 for i in p.last]
+    assert F.sport_tokens(BosEos(), facts.answers) == F.sport_tokens(tiny_tok, facts.answers)
+
+
 def test_select_for_sport_prefers_specific_subcomponents():
     ci = {"s": torch.tensor([[0.9, 0.9, 0.1, 0.6], [0.8, 0.9, 0.0, 0.7], [0.1, 0.9, 0.0, 0.0], [0.0, 0.8, 0.1, 0.1]])}
     is_sport = torch.tensor([True, True, False, False])
