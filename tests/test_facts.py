@@ -156,6 +156,8 @@ def test_select_for_sport_prefers_specific_subcomponents():
     # c0: on 0.85, off 0.05 -> chosen first; c3: on 0.65, off 0.05; c1 fires for every sport; c2 never.
     assert F.select_for_sport(ci, is_sport, k=4) == [("s", 0), ("s", 3)]
     assert F.select_for_sport(ci, is_sport, k=1) == [("s", 0)]
+    # prompts of one sport only: the gap is over 0
+    assert F.select_for_sport(ci, torch.ones(4, dtype=torch.bool), k=2, min_ci=0.5) == [("s", 1)]  # c1: 0.875; c0: 0.45
 
 
 def _ablated_forward(dec, pieces, where):

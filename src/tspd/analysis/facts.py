@@ -315,10 +315,12 @@ def select_for_sport(
     ci: dict[str, Tensor], is_sport: Tensor, k: int = 4, min_ci: float = 0.5, min_gap: float = 0.25
 ) -> list[tuple[str, int]]:
     """The sport's subcomponents: mean name-token CI on its prompts >= min_ci and at least min_gap
-    above the mean on other sports' prompts; the k with the largest gap, as (site, index)."""
+    above the mean on other sports' prompts (0 when there are none); the k with the largest gap, as
+    (site, index)."""
     scored = []
     for s, g in ci.items():
-        on, off = g[is_sport].mean(0), g[~is_sport].mean(0)
+        on = g[is_sport].mean(0)
+        off = g[~is_sport].mean(0) if bool((~is_sport).any()) else torch.zeros_like(on)
         for c in torch.nonzero((on >= min_ci) & (on - off >= min_gap)).flatten().tolist():
             scored.append((float(on[c] - off[c]), s, c))
     scored.sort(reverse=True)
