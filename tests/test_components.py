@@ -218,6 +218,25 @@ def test_gpt2_dict_batch(tokens):
     torch.testing.assert_close(dec.run_pass(batch, p), ref, rtol=0, atol=1e-4)
 
 
+def test_gpt2_dict_batch_with_broadcast_inputs_stacks(tokens):
+    """Keyword inputs that are not per example (a (1, T) position_ids, a flag) pass through stacking."""
+    from tspd.losses import recon_passes
+
+    model = make_gpt2(0)
+    batch = {"input_ids": tokens, "position_ids": torch.arange(tokens.shape[1])[None], "use_cache": False}
+    dec = tspd.Decomposition(model, make_cfg([("transformer.h.*.mlp.c_fc", 4)], masks={"delta_component": True}))
+    with torch.no_grad():
+        _, inputs = dec.run_target(batch)
+        ci, _ = dec.ci_from_logits(dec.ci_logits(inputs))
+        gen = torch.Generator().manual_seed(0)
+        passes = recon_passes("stochastic_recon_layerwise", dec, ci, gen) + recon_passes("stochastic_recon", dec, ci, gen)
+        stacked = dec.run_passes(batch, passes)  # the stochastic pass stacks with block 0's layerwise one
+        single = dec.run_passes(batch, passes, stack=False)
+    assert len(stacked) == 3
+    for a, b in zip(stacked, single):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 # ---- site resolution -----------------------------------------------------------------------
 def test_site_pattern_matching_nothing_lists_modules():
     target = TwoLayer()

@@ -123,17 +123,28 @@ def output_tensor(out: Any) -> Tensor:
 
 
 def batch_size(batch: Batch) -> int:
+    """Examples in a batch: a tensor's dim 0; for keyword inputs, that of `input_ids` if present,
+    else the largest dim 0 among its tensors (a (1, T) `position_ids` broadcasts over the batch)."""
     if isinstance(batch, Tensor):
         return batch.shape[0]
-    return next(iter(batch.values())).shape[0]
+    if isinstance(batch.get("input_ids"), Tensor) and batch["input_ids"].dim() > 0:
+        return batch["input_ids"].shape[0]
+    sizes = [v.shape[0] for v in batch.values() if isinstance(v, Tensor) and v.dim() > 0]
+    if not sizes:
+        raise ValueError(f"a batch of keyword inputs needs a tensor with the examples on dim 0; got keys {list(batch)}")
+    return max(sizes)
 
 
 def repeat_batch(batch: Batch, n: int) -> Batch:
+    """The batch n times along dim 0 (for n stacked passes); keyword inputs that are not tensors of
+    the batch's size on dim 0 (a broadcast (1, T) tensor, a flag) are passed as they are."""
     if n == 1:
         return batch
     if isinstance(batch, Tensor):
         return batch.repeat(n, *([1] * (batch.dim() - 1)))
-    return {k: repeat_batch(v, n) for k, v in batch.items()}
+    rows = batch_size(batch)
+    return {k: repeat_batch(v, n) if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == rows else v
+            for k, v in batch.items()}
 
 
 def call_target(model: nn.Module, batch: Batch) -> Tensor:
