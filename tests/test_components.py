@@ -311,3 +311,51 @@ def test_a_site_whose_module_is_never_called_is_named():
     dec = tspd.Decomposition(layer, make_cfg([("linear1", 4)]))
     with pytest.raises(SiteError, match="linear1 were never called"):
         dec.run_target(torch.randn(2, 5, 8))
+
+
+def test_a_linear_or_embedding_subclass_with_its_own_forward_is_refused():
+    """E.g. Gemma's embedding scaled by sqrt(d): a masked pass would compute the plain lookup."""
+    from tspd.components import SiteError
+
+    class Scaled(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 5.0
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.norm_emb, self.out = Scaled(10, 4), nn.Embedding(10, 4, max_norm=1.0), nn.Linear(4, 10)
+
+        def forward(self, ids):
+            return self.out(self.emb(ids) + self.norm_emb(ids))
+
+    with pytest.raises(SiteError, match=r"'emb' \(Scaled\), a subclass of nn.Embedding with its own forward"):
+        tspd.Decomposition(Net(), make_cfg([("emb", 2)]))
+    with pytest.raises(SiteError, match="max_norm"):
+        tspd.Decomposition(Net(), make_cfg([("norm_emb", 2)]))
+    assert tspd.Decomposition(Net(), make_cfg([("out", 2)])).site_names == ["out"]
+
+
+@pytest.mark.parametrize("sections", [{"train": {"fuse_head": True}}, {"output": {"positions": [-1]}}])
+def test_labels_in_a_keyword_batch_are_not_passed_to_the_model(tokens, sections):
+    """A batch from a language-model collator carries labels; the model's own loss is never used
+    (and on passes stopped before the head it would get hidden states)."""
+    from tspd.losses import compute_losses
+    from tspd.seeding import generator
+
+    dec = tspd.Decomposition(make_gpt2(0), make_cfg([("transformer.h.*.mlp.c_fc", 4)], **sections))
+    plain = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}
+    _, with_labels, _ = compute_losses(dec, {**plain, "labels": tokens}, 0, generator(0, 0, 202))
+    _, without, _ = compute_losses(dec, plain, 0, generator(0, 0, 202))
+    assert with_labels == without
+
+
+def test_padded_batches_are_warned_about(tokens):
+    from tspd.losses import compute_losses
+    from tspd.seeding import generator
+
+    dec = tspd.Decomposition(make_gpt2(0), make_cfg([("transformer.h.0.mlp.c_fc", 4)]))
+    mask = torch.ones_like(tokens)
+    mask[0, :3] = 0
+    with pytest.warns(UserWarning, match="attention_mask has padded positions"):
+        compute_losses(dec, {"input_ids": tokens, "attention_mask": mask}, 0, generator(0, 0, 202))

@@ -24,10 +24,14 @@ class SiteError(ValueError):
 
 
 def site_kind(module: nn.Module) -> SiteKind | None:
+    """The kind of site a module can be; None when tspd cannot stand in for it. A subclass that
+    brings its own forward (e.g. Gemma's embedding scaled by sqrt(d)) cannot: a masked pass would
+    compute the plain product without what that forward adds."""
     if isinstance(module, nn.Linear):
-        return "linear"
+        return "linear" if type(module).forward is nn.Linear.forward else None
     if isinstance(module, nn.Embedding):
-        return "embedding"
+        plain = type(module).forward is nn.Embedding.forward and module.max_norm is None
+        return "embedding" if plain else None
     # Hugging Face GPT-2 Conv1D, matched by name so transformers stays optional.
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight"):
         return "conv1d"
@@ -59,10 +63,17 @@ def resolve_sites(model: nn.Module, patterns: list[tuple[str, int]]) -> list[tup
             )
         bad = [n for n in hits if site_kind(modules[n]) is None]
         if bad:
+            m = modules[bad[0]]
+            if isinstance(m, nn.Embedding) and type(m).forward is nn.Embedding.forward:
+                why = "an nn.Embedding with max_norm (its lookups renormalise rows in place), which tspd cannot decompose"
+            elif isinstance(m, (nn.Linear, nn.Embedding)):
+                why = (f"a subclass of {'nn.Linear' if isinstance(m, nn.Linear) else 'nn.Embedding'} with its own forward "
+                       "(e.g. an embedding that scales its output), which a masked pass would replace by the plain product")
+            else:
+                why = "not nn.Linear, GPT-2 Conv1D or nn.Embedding"
             raise SiteError(
-                f"site pattern {pattern!r} matches {bad[0]!r} ({type(modules[bad[0]]).__name__}), which is not "
-                f"nn.Linear, GPT-2 Conv1D or nn.Embedding. Narrow the pattern; decomposable modules are:\n  "
-                + "\n  ".join(supported[:60])
+                f"site pattern {pattern!r} matches {bad[0]!r} ({type(m).__name__}), {why}. Narrow the pattern; "
+                f"decomposable modules are:\n  " + "\n  ".join(supported[:60])
             )
         for n in hits:
             if chosen.get(n, C) != C:

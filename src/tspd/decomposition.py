@@ -147,8 +147,15 @@ def repeat_batch(batch: Batch, n: int) -> Batch:
             for k, v in batch.items()}
 
 
+# Keyword inputs that only ask the model for its own loss: tspd never uses it, and a pass that stops
+# before the output head would hand that loss hidden states instead of logits.
+LOSS_ONLY_KEYS = ("labels",)
+
+
 def call_target(model: nn.Module, batch: Batch) -> Tensor:
-    return output_tensor(model(**batch) if isinstance(batch, dict) else model(batch))
+    if isinstance(batch, dict):
+        return output_tensor(model(**{k: v for k, v in batch.items() if k not in LOSS_ONLY_KEYS}))
+    return output_tensor(model(batch))
 
 
 def _umask() -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -385,6 +386,17 @@ def adversarial_recon(
     return divergence(target_out, dec.run_pass(batch, Pass(masks=masks, delta=delta)), kind, positions)
 
 
+def _warn_if_padded(batch: Batch) -> None:
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if isinstance(mask, Tensor) and not bool(mask.all()):
+        warnings.warn(
+            "the batch's attention_mask has padded positions: the losses (reconstruction divergences, importance "
+            "minimality) average over every position, padding included, so the CI also learns from pad tokens. "
+            "Pack texts into full-length chunks instead (as tspd's text data does), or pad only where it does not matter",
+            stacklevel=3,
+        )
+
+
 def compute_losses(
     dec: Decomposition, batch: Batch, step: int, gen: torch.Generator
 ) -> tuple[Tensor, dict[str, float], dict[str, Tensor]]:
@@ -392,6 +404,7 @@ def compute_losses(
     cfg = dec.config
     coeffs = cfg.losses
     minimality = coeffs.importance_minimality > 0
+    _warn_if_padded(batch)
     with autocast_for(cfg, dec.target):
         target_out, inputs = dec.run_target(batch)
         z = dec.ci_logits(inputs)
