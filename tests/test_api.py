@@ -285,6 +285,21 @@ def test_cli_decompose_then_resume_and_train_target(tmp_path, capsys):
     # decompose with neither a config nor --resume is a usage error
     assert cli.main(["decompose", "--out", str(tmp_path / "none")]) == 2
     assert "CONFIG" in capsys.readouterr().err
+    # a fresh run in the used folder moves the earlier run's outputs aside (nothing stale read as its
+    # own, nothing lost) and keeps the target, which the same settings reuse
+    (out / "results.json").write_text("{}")
+    (out / "census").mkdir()
+    before = sorted(p.name for p in out.iterdir() if not p.name.startswith("target"))
+    assert cli.main(["decompose", "tms-5-2", "--out", str(out), *sets]) == 0
+    aside = [p for p in out.iterdir() if p.name.startswith("previous-")]
+    assert len(aside) == 1 and "moved to" in capsys.readouterr().err
+    assert sorted(p.name for p in aside[0].iterdir()) == before
+    assert not (out / "results.json").exists() and (out / "target.safetensors").exists()
+    assert_same_state(first.state_dict(), tspd.load(out).state_dict())  # the same run again
+    # a command that fails before writing anything leaves no empty folder
+    assert cli.main(["decompose", "tms-5-2", "--out", str(tmp_path / "bad"), *sets, "--set", "train.device=cuda"]) == (2 if not torch.cuda.is_available() else 0)
+    if not torch.cuda.is_available():
+        assert not (tmp_path / "bad").exists()  # named before the target trains
 
     tdir = tmp_path / "target"
     assert cli.main(["train-target", "tms-5-2", "--out", str(tdir), "--seed", "3", "--set", "train_steps=10"]) == 0
@@ -298,6 +313,23 @@ def test_cli_decompose_then_resume_and_train_target(tmp_path, capsys):
     assert yaml.safe_load((tdir / "target.yaml").read_text())["train_steps"] == 12
     assert cli.main(["train-target", "tms-5-2", "--out", str(tdir), "--set", "train_step=2"]) == 2
     assert "unknown key 'target.train_step'" in capsys.readouterr().err
+
+
+def test_a_failed_run_leaves_no_empty_folder(tmp_path, monkeypatch):
+    from tspd import experiments
+
+    def fail(*a, **k):
+        raise ValueError("no such model")
+
+    monkeypatch.setattr(experiments, "_target_for", fail)
+    cfg = tspd.RunConfig.from_yaml(cli._recipe("tms-5-2"))
+    with pytest.raises(ValueError, match="no such model"):
+        experiments.decompose_from_config(cfg, tmp_path / "new" / "run")
+    assert not (tmp_path / "new" / "run").exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there before stays
+    with pytest.raises(ValueError):
+        experiments.decompose_from_config(cfg, tmp_path / "kept")
+    assert (tmp_path / "kept").is_dir()
 
 
 def test_fresh_run_remakes_a_target_made_with_other_settings(tmp_path, capsys):

@@ -96,16 +96,54 @@ def decompose_from_config(
     distributed.check_split(cfg.train.batch_size, distributed.world())  # under torchrun
     if cfg.target is not None and cfg.target.kind in ("tms", "induction"):
         resolve_sites(build_target(cfg.target, train=False), [(s.pattern, s.C) for s in cfg.sites])  # untrained: instant
+    device = distributed.device_for(cfg.train.device)  # no GPU for train.device=cuda: named before a target trains
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    target = _target_for(cfg, out, resume).to(distributed.device_for(cfg.train.device))
-    if cfg.data.kind == "text":
-        mc = getattr(target, "config", None)
-        ctx = getattr(mc, "n_positions", None) or getattr(mc, "max_position_embeddings", None)
-        if isinstance(ctx, int) and cfg.data.seq_len > ctx:
-            raise ValueError(f"data.seq_len {cfg.data.seq_len} is longer than the model's context ({ctx} positions); "
-                             f"set data.seq_len <= {ctx}")
-    data = build_data(cfg.data, cfg.target, cfg.train.batch_size, cfg.seed)
-    return decompose(target, data, cfg, run_dir=out, resume=resume, progress=progress, stop_after=stop_after)
+    try:
+        target = _target_for(cfg, out, resume).to(device)
+        if cfg.data.kind == "text":
+            mc = getattr(target, "config", None)
+            ctx = getattr(mc, "n_positions", None) or getattr(mc, "max_position_embeddings", None)
+            if isinstance(ctx, int) and cfg.data.seq_len > ctx:
+                raise ValueError(f"data.seq_len {cfg.data.seq_len} is longer than the model's context ({ctx} positions); "
+                                 f"set data.seq_len <= {ctx}")
+        data = build_data(cfg.data, cfg.target, cfg.train.batch_size, cfg.seed)
+        if not resume and distributed.world().main:
+            set_aside_earlier_outputs(out)
+        return decompose(target, data, cfg, run_dir=out, resume=resume, progress=progress, stop_after=stop_after)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that failed before writing anything leaves no empty folder
+        raise
+
+
+# What a fresh decomposition keeps of a folder's earlier contents: its target (reused when the
+# settings match, see _target_for) and earlier set-aside folders.
+KEPT_ON_FRESH_START = ("target.safetensors", "target.yaml", *TARGET_EXTRAS)
+PREVIOUS_PREFIX = "previous-"
+
+
+def set_aside_earlier_outputs(out: Path) -> Path | None:
+    """Before a fresh decomposition in a folder that holds an earlier run (its config.yaml or
+    checkpoint), move that run's outputs (results, figures, harvest, reports, subfolders) into
+    `out/previous-<UTC time>/`, so nothing stale is read as this run's and nothing is lost.
+    Returns the folder they went to (None: nothing to move)."""
+    if not ((out / "config.yaml").exists() or (out / "checkpoint.pt").exists()):
+        return None
+    moving = [p for p in out.iterdir() if p.name not in KEPT_ON_FRESH_START and not p.name.startswith(PREVIOUS_PREFIX)]
+    if not moving:
+        return None
+    aside = out / (PREVIOUS_PREFIX + time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = aside.with_name(f"{aside.name.split('.')[0]}.{n}")
+    aside.mkdir()
+    for p in moving:
+        p.rename(aside / p.name)
+    print(f"tspd: starting afresh in {out}; the earlier run's {len(moving)} files and folders moved to {aside}",
+          file=sys.stderr)
+    return aside
 
 
 def train_target(recipe: str | Path, out: str | Path, seed: int | None = None, overrides: list[str] | None = None) -> Path:
