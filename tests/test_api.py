@@ -315,6 +315,20 @@ def test_cli_decompose_then_resume_and_train_target(tmp_path, capsys):
     assert "unknown key 'target.train_step'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["census", "RUN", "--n-sequences", "0"], "argument --n-sequences: must be at least 1, got 0"),
+    (["circuit-check", "RUN", "--n-sequences", "-5"], "argument --n-sequences: must be at least 1, got -5"),
+    (["harvest", "RUN", "--top-k", "-1"], "argument --top-k: must be at least 1, got -1"),
+    (["serve", "RUN", "--port", "99999"], "argument --port: must be between 0 and 65535, got 99999"),
+    (["facts", "ablate", "RUN", "--k", "-1"], "argument --k: must be at least 1, got -1"),
+    (["facts", "ablate", "RUN", "--collateral-weight", "nan"], "argument --collateral-weight: must be at least 0, got nan"),
+])
+def test_numeric_options_out_of_range_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        cli.main(argv)
+    assert err.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_a_failed_run_leaves_no_empty_folder(tmp_path, monkeypatch):
     from tspd import experiments
 
@@ -487,3 +501,16 @@ def test_readme_subpackage_paths_work_after_a_bare_import():
     assert out.stdout.split() == ["True", "True", "True"], out.stderr
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         tspd.nope  # noqa: B018
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    from tspd import experiments
+
+    monkeypatch.setattr(experiments, "decompose_from_config", interrupted)
+    assert cli.main(["decompose", "tms-5-2", "--out", str(tmp_path / "r")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; continue from the last checkpoint with the same command and --resume" in err
+    assert "Traceback" not in err

@@ -359,6 +359,21 @@ def test_api_refuses_bodies_without_length_or_too_large_without_waiting(api, hea
     con.close()
 
 
+def test_api_refuses_a_body_shorter_than_its_length(api):
+    import socket
+
+    host, port = api.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        body = b'{"prompt": "1 S"}'
+        sock.sendall(b"POST /api/prompt?run=induction HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n" + body)
+        sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.0 400") or reply.startswith(b"HTTP/1.1 400"), reply[:80]
+    assert b"fewer than its Content-Length 500" in reply
+
+
 def test_cli_harvest_and_serve_errors(tms_run, tmp_path, capsys):
     from tspd.cli import main
 

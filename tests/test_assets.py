@@ -116,6 +116,15 @@ def test_load_text_splits_caches_and_keys_by_length(tmp_path, text_file, monkeyp
         load_text(text_file, None)
 
 
+def test_a_text_of_one_document_is_named(tmp_path):
+    from tspd.targets.huggingface import load_tokenizer
+
+    one = tmp_path / "one.txt"
+    one.write_text("a single short paragraph of text")
+    with pytest.raises(ValueError, match="holds 1 distinct document.*too few to hold out 0.1"):
+        load_text(one, load_tokenizer("tiny-gpt2"), length=4, cache=tmp_path / "cache")
+
+
 def test_text_data_epochs_cover_every_chunk_and_eval_reads_heldout():
     n = 30  # row i of train holds 10 i .. 10 i + 9, so a row's first token names it
     chunks = TextChunks(torch.arange(n * 10).view(n, 10), 1000 + torch.arange(50).view(5, 10), "test", "chars", 10, 3, 1)

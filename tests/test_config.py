@@ -199,3 +199,17 @@ def test_readme_key_table_is_what_config_keys_prints(capsys):
     assert len(rows) > 80 and any(r.startswith("| `data.facts_fraction (text)`") for r in rows)
     stale = [r for r in rows if r not in readme]
     assert not stale, f"README's key table differs from `tspd config-keys` at {stale[:3]}; regenerate it"
+
+
+def test_a_key_of_another_kind_is_named_as_such():
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_yaml(_recipe_path("tms-5-2"), ["target.kind=huggingface", "target.model=tiny-gpt2"])
+    msg = str(err.value)
+    assert "key 'target.d_hidden' belongs to target.kind tms, not the target.kind given" in msg
+    assert "did you mean 'target.d_hidden'" not in msg
+
+
+def _recipe_path(name: str) -> Path:
+    from tspd.cli import _recipe
+
+    return _recipe(name)

@@ -183,6 +183,35 @@ def cmd_facts(args: argparse.Namespace) -> None:
         print(f"facts.json, facts.html and figures in {out}")
 
 
+def _int_in(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high] (no upper bound when high is None)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < low or (high is not None and v > high):
+            raise argparse.ArgumentTypeError(
+                f"must be {'at least ' + str(low) if high is None else f'between {low} and {high}'}, got {v}")
+        return v
+
+    return parse
+
+
+def _float_at_least(low: float):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not v >= low:
+            raise argparse.ArgumentTypeError(f"must be at least {low:g}, got {text}")
+        return v
+
+    return parse
+
+
 def _asset_list(text: str) -> list[str]:
     from tspd.cache import ASSETS
 
@@ -262,13 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("circuit-check", help="induction targets: how much of each is the 2-step circuit (before decomposing)")
     p.add_argument("target_dirs", nargs="+", help="folders with target.safetensors + target.yaml (train-target output)")
-    p.add_argument("--n-sequences", type=int, default=2000, help="held-out sequences to evaluate")
+    p.add_argument("--n-sequences", type=_int_in(1), default=2000, help="held-out sequences to evaluate")
     p.add_argument("--write", action="store_true", help="also write circuit_check.json into each folder")
     p.set_defaults(func=cmd_circuit_check)
 
     p = sub.add_parser("census", help="induction runs: the circuit census (paper's Table 1) -> census.json")
     p.add_argument("run_dir")
-    p.add_argument("--n-sequences", type=int, default=2000, help="held-out sequences to evaluate")
+    p.add_argument("--n-sequences", type=_int_in(1), default=2000, help="held-out sequences to evaluate")
     p.set_defaults(func=cmd_census)
 
     p = sub.add_parser("causal", help="induction runs: ablate each site's active subcomponents -> causal.json")
@@ -286,14 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("harvest", help="dashboard: precompute subcomponent statistics into RUN_DIR/dashboard.sqlite")
     p.add_argument("run_dir")
     p.add_argument("--n-examples", type=int, default=None, help="dataset examples (default: per target kind)")
-    p.add_argument("--top-k", type=int, default=20, help="top-activating contexts kept per subcomponent")
+    p.add_argument("--top-k", type=_int_in(1), default=20, help="top-activating contexts kept per subcomponent")
     p.set_defaults(func=cmd_harvest)
 
     p = sub.add_parser("serve", help="dashboard: serve a run (or a folder of runs) at a local URL")
     p.add_argument("run_dir", help="a run folder, or a folder holding run folders")
-    p.add_argument("--port", type=int, default=8765, help="port (0: a free one)")
+    p.add_argument("--port", type=_int_in(0, 65535), default=8765, help="port (0: a free one)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default; raise for large models)")
+    p.add_argument("--threads", type=_int_in(0), default=1, help="torch CPU threads (0: torch's default; raise for large models)")
     p.set_defaults(func=cmd_serve)
 
     # Listed for --help only: main() hands `tspd bench ...` to the harness's parser (tspd.bench).
@@ -307,14 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--facts", default=None, metavar="FILE",
                    help="athletes and templates from this JSON instead of the shipped tspd/data/facts.json (same layout: "
                         "templates with {name} once, sports with an answer and athletes' full names)")
-    p.add_argument("--k", type=int, default=4, help="ablate: at most this many subcomponents per sport")
+    p.add_argument("--k", type=_int_in(1), default=4, help="ablate: at most this many subcomponents per sport")
     p.add_argument("--select", choices=["causal", "attribution", "ci"], default="causal",
                    help="ablate: causal = CI candidates ranked by ablating each on discovery prompts; attribution = "
                         "candidates by a gradient estimate of their effect (no CI gap needed; for dense "
                         "decompositions), then measured like causal; ci = CI only")
-    p.add_argument("--collateral-weight", type=float, default=1.0,
+    p.add_argument("--collateral-weight", type=_float_at_least(0.0), default=1.0,
                    help="ablate (causal, attribution): score = drop on the sport - W x |change on other sports| (default 1)")
-    p.add_argument("--candidates", type=int, default=24,
+    p.add_argument("--candidates", type=_int_in(1), default=24,
                    help="ablate (causal, attribution): at most this many candidates per sport are tested on discovery prompts (default 24)")
     p.add_argument("--min-ci", type=float, default=0.5,
                    help="ablate: name-token CI bar (ci: min_ci; causal candidates: min_ci / 2); default 0.5")
@@ -360,6 +389,14 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         return 0
+    except KeyboardInterrupt:
+        if os.environ.get("TSPD_TRACEBACK"):
+            raise
+        out = getattr(locals().get("args"), "out", None)
+        how = (f"; continue from the last checkpoint with the same command and --resume (run folder {out})"
+               if getattr(locals().get("args"), "func", None) in (cmd_decompose, cmd_run) and out else "")
+        print(f"\ntspd: interrupted{how}", file=sys.stderr)
+        return 130
     except (ConfigError, OSError, AssetError, ValueError, RuntimeError) as err:
         # The messages written for users (bad config, facts file, missing asset, a run that
         # diverged) name the problem and the fix; the traceback only on request.

@@ -413,7 +413,15 @@ def _explain(err: ValidationError, source: str, overrides: list[str] = ()) -> st
         origin = f" (from --set {given[loc]})" if loc in given else ""
         if e["type"] == "extra_forbidden":
             pattern = ".".join("N" if p.isdigit() else p for p in parts)
-            close = difflib.get_close_matches(pattern, _all_keys(), n=2, cutoff=0.75)
+            owners = [
+                kind_of(kind) for sec, kinds in KIND_CONFIGS if parts[0] == sec and len(parts) == 2
+                for kind in kinds if parts[1] in {k for k, _, _ in describe_keys(kind)}
+            ]
+            if owners:  # a key of another kind of this section (e.g. a TMS target key on a huggingface target)
+                lines.append(f"  key '{loc}'{origin} belongs to {parts[0]}.kind {' or '.join(owners)}, not the "
+                             f"{parts[0]}.kind given: remove it or change {parts[0]}.kind")
+                continue
+            close = [c for c in difflib.get_close_matches(pattern, _all_keys(), n=3, cutoff=0.75) if c != pattern][:2]
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             lines.append(f"  unknown key '{loc}'{origin}: remove it or fix its spelling{hint} (`tspd config-keys` lists every key)")
         else:

@@ -178,6 +178,8 @@ def facts_ablate(
     shipped tspd/data/facts.json (discovery and held-out athletes are split from it the same way)."""
     if select not in SELECT_MODES:
         raise ValueError(f"select must be one of {', '.join(SELECT_MODES)}, not {select!r}")
+    if k < 1:
+        raise ValueError(f"k (subcomponents per sport) must be at least 1, got {k}")
     from tspd.report.facts import facts_effect_figure, facts_parts_figure, facts_report
     from tspd.targets.huggingface import load_tokenizer
 

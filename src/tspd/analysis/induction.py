@@ -44,6 +44,8 @@ def task_of(dec: Decomposition) -> InductionTask:
 
 def eval_sequences(task: InductionTask, n: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
     """n held-out sequences (tokens, labels, first-S positions), from a stream training never uses."""
+    if n < 1:
+        raise ValueError(f"the number of held-out sequences must be at least 1, got {n}")
     return task.sample(n, generator(seed, 0, EVAL_STREAM))
 
 

@@ -117,6 +117,9 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the unread body must not be parsed as the next request
             raise AppError(f"the body has {length} bytes; the limit is {MAX_BODY}", 413)
         raw = self.rfile.read(int(length))
+        if len(raw) < int(length):  # the client closed its side early
+            self.close_connection = True
+            raise AppError(f"the body has {len(raw)} bytes, fewer than its Content-Length {length}")
         try:
             body = json.loads(raw or b"{}")
         except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -96,6 +96,8 @@ def chunk(docs: list[str], tokenizer, length: int) -> Tensor:
     """(n_chunks, length) token ids: the documents joined by blank lines, cut into full chunks."""
     if length < 1:
         raise ValueError(f"chunk length must be positive, got {length}")
+    if not docs:
+        return torch.zeros(0, length, dtype=torch.long)
     ids = [t for row in tokenizer([d + SEPARATOR for d in docs], add_special_tokens=False)["input_ids"] for t in row]
     n = len(ids) // length
     return torch.tensor(ids[: n * length], dtype=torch.long).view(n, length)
@@ -137,6 +139,12 @@ def load_text(
         raise ValueError("load_text needs a tokenizer, e.g. the second value of tspd.targets.smollm2.load_smollm2()")
     docs = documents(source, cache)
     train_docs, heldout_docs = split_documents(docs, heldout_fraction)
+    if not train_docs or (heldout_fraction > 0 and not heldout_docs):
+        raise ValueError(
+            f"{source} holds {len(set(docs))} distinct document(s) (paragraphs separated by blank lines): too few to "
+            f"hold out {heldout_fraction:g} of them and train on the rest; give a longer text, split it into paragraphs, "
+            "or set data.heldout_fraction"
+        )
     label = WIKI if str(source) == WIKI else Path(source).stem
     tok_name, tok_digest = _tokenizer_key(tokenizer)
     # The split keeps a repeated text's copies together since 2026-12-03; it differs from the
