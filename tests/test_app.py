@@ -53,6 +53,8 @@ def test_feature_adapter_parses_index_value_pairs():
         a.encode("4:1")
     with pytest.raises(PromptError, match="not index:value"):
         a.encode("a:b")
+    with pytest.raises(PromptError, match=r"feature 0 is given twice \('0:1' and '0:2'\)"):
+        a.encode("0:1 0:2")
     assert torch.equal(a.sample(3, seed=1), a.sample(3, seed=1))
 
 

@@ -161,6 +161,7 @@ class FeatureAdapter(Adapter):
 
     def encode(self, prompt: str) -> Tensor:
         x = torch.zeros(1, self.n_features)
+        seen: dict[int, str] = {}
         for word in (w for w in re.split(r"[\s,]+", prompt.strip()) if w):
             index, _, value = word.partition(":")
             try:
@@ -171,6 +172,9 @@ class FeatureAdapter(Adapter):
                 raise PromptError(f"feature value {value!r} in {word!r} is not a finite fp32 number; give e.g. {index}:0.5")
             if not 0 <= i < self.n_features:
                 raise PromptError(f"feature index {i} is out of range: the model has features 0..{self.n_features - 1}")
+            if i in seen:
+                raise PromptError(f"feature {i} is given twice ({seen[i]!r} and {word!r}); give each feature once")
+            seen[i] = word
             x[0, i] = v
         return x
 
