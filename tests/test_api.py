@@ -288,14 +288,16 @@ def test_cli_decompose_then_resume_and_train_target(tmp_path, capsys):
     # a fresh run in the used folder moves the earlier run's outputs aside (nothing stale read as its
     # own, nothing lost) and keeps the target, which the same settings reuse
     (out / "results.json").write_text("{}")
-    (out / "census").mkdir()
-    before = sorted(p.name for p in out.iterdir() if not p.name.startswith("target"))
-    assert cli.main(["decompose", "tms-5-2", "--out", str(out), *sets]) == 0
+    (out / "inside").mkdir()  # a subfolder (e.g. facts ablate --out RUN/inside) stays
+    before = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("target"))
+    assert cli.main(["decompose", "tms-5-2", "--out", str(out), *sets, "--set", "target.seed=7"]) == 0
     aside = [p for p in out.iterdir() if p.name.startswith("previous-")]
     assert len(aside) == 1 and "moved to" in capsys.readouterr().err
-    assert sorted(p.name for p in aside[0].iterdir()) == before
-    assert not (out / "results.json").exists() and (out / "target.safetensors").exists()
-    assert_same_state(first.state_dict(), tspd.load(out).state_dict())  # the same run again
+    assert sorted(p.name for p in aside[0].iterdir() if not p.name.startswith("target")) == before
+    assert not (out / "results.json").exists() and (out / "inside").is_dir()
+    # the earlier run still loads from there, with its own target (the new run made another)
+    assert_same_state(first.state_dict(), tspd.load(aside[0]).state_dict())
+    assert not torch.equal(tspd.load(aside[0]).target.linear1.weight, tspd.load(out).target.linear1.weight)
     # a command that fails before writing anything leaves no empty folder
     assert cli.main(["decompose", "tms-5-2", "--out", str(tmp_path / "bad"), *sets, "--set", "train.device=cuda"]) == (2 if not torch.cuda.is_available() else 0)
     if not torch.cuda.is_available():
@@ -512,5 +514,16 @@ def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(experiments, "decompose_from_config", interrupted)
     assert cli.main(["decompose", "tms-5-2", "--out", str(tmp_path / "r")]) == 130
     err = capsys.readouterr().err
+    assert err.strip() == "tspd: interrupted"  # no checkpoint yet: nothing to resume
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "checkpoint.pt").write_bytes(b"")
+    assert cli.main(["decompose", "tms-5-2", "--out", str(tmp_path / "r")]) == 130
+    err = capsys.readouterr().err
     assert "interrupted; continue from the last checkpoint with the same command and --resume" in err
     assert "Traceback" not in err
+    monkeypatch.setattr(experiments, "run_experiment", interrupted)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "tms-5-2").mkdir(parents=True)
+    (tmp_path / "runs" / "tms-5-2" / "checkpoint.pt").write_bytes(b"")
+    assert cli.main(["run", "tms-5-2"]) == 130  # the default run folder
+    assert "--resume (run folder runs/tms-5-2)" in capsys.readouterr().err

@@ -359,3 +359,14 @@ def test_padded_batches_are_warned_about(tokens):
     mask[0, :3] = 0
     with pytest.warns(UserWarning, match="attention_mask has padded positions"):
         compute_losses(dec, {"input_ids": tokens, "attention_mask": mask}, 0, generator(0, 0, 202))
+
+
+def test_keyword_batch_flags_reach_the_model_through_sharding_and_devices():
+    from tspd import distributed
+
+    ids = torch.arange(12).view(4, 3)
+    batch = {"input_ids": ids, "position_ids": torch.arange(3)[None], "use_cache": False}
+    moved = distributed.to_device(batch, torch.device("cpu"))
+    assert moved["use_cache"] is False and torch.equal(moved["input_ids"], ids)
+    part = distributed.shard(batch, distributed.World(rank=1, size=2))
+    assert torch.equal(part["input_ids"], ids[2:]) and part["position_ids"].shape == (1, 3) and part["use_cache"] is False

@@ -392,9 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if os.environ.get("TSPD_TRACEBACK"):
             raise
-        out = getattr(locals().get("args"), "out", None)
+        args_ = locals().get("args")
+        func = getattr(args_, "func", None)
+        out = getattr(args_, "out", None) or (f"runs/{Path(args_.experiment).stem}" if func is cmd_run else None)
         how = (f"; continue from the last checkpoint with the same command and --resume (run folder {out})"
-               if getattr(locals().get("args"), "func", None) in (cmd_decompose, cmd_run) and out else "")
+               if func in (cmd_decompose, cmd_run) and out and (Path(out) / "checkpoint.pt").exists() else "")
         print(f"\ntspd: interrupted{how}", file=sys.stderr)
         return 130
     except (ConfigError, OSError, AssetError, ValueError, RuntimeError) as err:

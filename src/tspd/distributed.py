@@ -125,13 +125,15 @@ def shard(batch: Batch, w: World) -> Batch:
     lo = w.rank * per
     if isinstance(batch, Tensor):
         return batch[lo : lo + per]
-    return {k: v[lo : lo + per] for k, v in batch.items()}
+    # only the per-example tensors (as repeat_batch stacks them); a (1, T) tensor or a flag as given
+    return {k: v[lo : lo + per] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v
+            for k, v in batch.items()}
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
     if isinstance(batch, Tensor):
         return batch.to(device, non_blocking=True)
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
 def mean_over_ranks(values: dict[str, float], w: World, device: torch.device) -> dict[str, float]:

@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -99,6 +100,8 @@ def decompose_from_config(
     device = distributed.device_for(cfg.train.device)  # no GPU for train.device=cuda: named before a target trains
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    if not resume and distributed.world().main:
+        set_aside_earlier_outputs(out, keep=_paths_in_config(cfg))
     try:
         target = _target_for(cfg, out, resume).to(device)
         if cfg.data.kind == "text":
@@ -108,13 +111,20 @@ def decompose_from_config(
                 raise ValueError(f"data.seq_len {cfg.data.seq_len} is longer than the model's context ({ctx} positions); "
                                  f"set data.seq_len <= {ctx}")
         data = build_data(cfg.data, cfg.target, cfg.train.batch_size, cfg.seed)
-        if not resume and distributed.world().main:
-            set_aside_earlier_outputs(out)
         return decompose(target, data, cfg, run_dir=out, resume=resume, progress=progress, stop_after=stop_after)
     except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # a run that failed before writing anything leaves no empty folder
+        if created and distributed.world().main and out.is_dir() and not any(out.iterdir()):
+            try:
+                out.rmdir()  # a run that failed before writing anything leaves no empty folder
+            except OSError:
+                pass
         raise
+
+
+def _paths_in_config(cfg: RunConfig) -> set[Path]:
+    """Files the config reads (a text source, a target path): never moved aside."""
+    paths = [getattr(cfg.data, "source", None), getattr(cfg.target, "path", None), getattr(cfg.target, "model", None)]
+    return {Path(p).resolve() for p in paths if isinstance(p, (str, Path)) and p}
 
 
 # What a fresh decomposition keeps of a folder's earlier contents: its target (reused when the
@@ -123,14 +133,16 @@ KEPT_ON_FRESH_START = ("target.safetensors", "target.yaml", *TARGET_EXTRAS)
 PREVIOUS_PREFIX = "previous-"
 
 
-def set_aside_earlier_outputs(out: Path) -> Path | None:
+def set_aside_earlier_outputs(out: Path, keep: set[Path] = frozenset()) -> Path | None:
     """Before a fresh decomposition in a folder that holds an earlier run (its config.yaml or
-    checkpoint), move that run's outputs (results, figures, harvest, reports, subfolders) into
-    `out/previous-<UTC time>/`, so nothing stale is read as this run's and nothing is lost.
-    Returns the folder they went to (None: nothing to move)."""
+    checkpoint), move that run's files (results, figures, harvest, reports, its decomposition) into
+    `out/previous-<UTC time>/`, with a copy of its target, so nothing stale is read as this run's,
+    nothing is lost, and the earlier run still loads from there. Subfolders and the files in `keep`
+    (what the new config reads) stay. Returns the folder they went to (None: nothing to move)."""
     if not ((out / "config.yaml").exists() or (out / "checkpoint.pt").exists()):
         return None
-    moving = [p for p in out.iterdir() if p.name not in KEPT_ON_FRESH_START and not p.name.startswith(PREVIOUS_PREFIX)]
+    moving = [p for p in out.iterdir()
+              if p.is_file() and p.name not in KEPT_ON_FRESH_START and p.resolve() not in keep]
     if not moving:
         return None
     aside = out / (PREVIOUS_PREFIX + time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
@@ -139,10 +151,12 @@ def set_aside_earlier_outputs(out: Path) -> Path | None:
         n += 1
         aside = aside.with_name(f"{aside.name.split('.')[0]}.{n}")
     aside.mkdir()
+    for name in KEPT_ON_FRESH_START:  # the earlier run's target, so that the set-aside run loads
+        if (out / name).is_file():
+            shutil.copy2(out / name, aside / name)
     for p in moving:
         p.rename(aside / p.name)
-    print(f"tspd: starting afresh in {out}; the earlier run's {len(moving)} files and folders moved to {aside}",
-          file=sys.stderr)
+    print(f"tspd: starting afresh in {out}; the earlier run's {len(moving)} files moved to {aside}", file=sys.stderr)
     return aside
 
 

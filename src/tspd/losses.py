@@ -386,8 +386,12 @@ def adversarial_recon(
     return divergence(target_out, dec.run_pass(batch, Pass(masks=masks, delta=delta)), kind, positions)
 
 
-def _warn_if_padded(batch: Batch) -> None:
+def _warn_if_padded(dec: Decomposition, batch: Batch) -> None:
+    """Warn once per Decomposition, looking at its first keyword batch only (no GPU sync each step)."""
     mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if mask is None or dec.__dict__.get("_padding_checked"):
+        return
+    dec.__dict__["_padding_checked"] = True
     if isinstance(mask, Tensor) and not bool(mask.all()):
         warnings.warn(
             "the batch's attention_mask has padded positions: the losses (reconstruction divergences, importance "
@@ -404,7 +408,7 @@ def compute_losses(
     cfg = dec.config
     coeffs = cfg.losses
     minimality = coeffs.importance_minimality > 0
-    _warn_if_padded(batch)
+    _warn_if_padded(dec, batch)
     with autocast_for(cfg, dec.target):
         target_out, inputs = dec.run_target(batch)
         z = dec.ci_logits(inputs)
