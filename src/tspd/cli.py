@@ -53,6 +53,13 @@ def cmd_train_target(args: argparse.Namespace) -> None:
     print(f"target written to {path}")
 
 
+def _run_folder(args: argparse.Namespace) -> str | None:
+    """The run folder of `tspd decompose` / `tspd run` (run's default: runs/<experiment>); None for other commands."""
+    if getattr(args, "func", None) is cmd_run:
+        return args.out or f"runs/{Path(args.experiment).stem}"
+    return args.out if getattr(args, "func", None) is cmd_decompose else None
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from tspd.experiments import run_experiment
 
@@ -61,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         overrides.append(f"seed={args.seed}")
         if Path(args.experiment).stem == "induction":
             overrides.append(f"target.seed={args.seed}")
-    out = args.out or f"runs/{Path(args.experiment).stem}"
+    out = _run_folder(args)
     t0 = time.time()
     result = run_experiment(_recipe(args.experiment), out, overrides, resume=args.resume)
     if not distributed.world().main:  # under torchrun, rank 0 reports
@@ -379,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tspd: error: {err.args[0]}", file=sys.stderr)
             return 2
         return 0
+    args = None
     try:
         args = build_parser().parse_args(argv)
         args.func(args)
@@ -392,11 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if os.environ.get("TSPD_TRACEBACK"):
             raise
-        args_ = locals().get("args")
-        func = getattr(args_, "func", None)
-        out = getattr(args_, "out", None) or (f"runs/{Path(args_.experiment).stem}" if func is cmd_run else None)
+        out = _run_folder(args) if args is not None else None
         how = (f"; continue from the last checkpoint with the same command and --resume (run folder {out})"
-               if func in (cmd_decompose, cmd_run) and out and (Path(out) / "checkpoint.pt").exists() else "")
+               if out and (Path(out) / "checkpoint.pt").exists() else "")
         print(f"\ntspd: interrupted{how}", file=sys.stderr)
         return 130
     except (ConfigError, OSError, AssetError, ValueError, RuntimeError) as err:

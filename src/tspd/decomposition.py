@@ -143,8 +143,13 @@ def repeat_batch(batch: Batch, n: int) -> Batch:
     if isinstance(batch, Tensor):
         return batch.repeat(n, *([1] * (batch.dim() - 1)))
     rows = batch_size(batch)
-    return {k: repeat_batch(v, n) if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == rows else v
-            for k, v in batch.items()}
+    return {k: repeat_batch(v, n) if per_example(v, rows) else v for k, v in batch.items()}
+
+
+def per_example(value: Any, rows: int) -> bool:
+    """Whether a keyword input holds one entry per example (a tensor with `rows` on dim 0): what
+    stacking repeats and torchrun shards; anything else (a (1, T) tensor, a flag) passes as given."""
+    return isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == rows
 
 
 # Keyword inputs that only ask the model for its own loss: tspd never uses it, and a pass that stops
@@ -435,7 +440,7 @@ class Decomposition(nn.Module):
         rows = batch_size(batch)
         # Stacked passes concatenate along dim 0: every site must see the batch there (not, e.g.,
         # tokens flattened to (B*T, d) or a sequence-first layout); otherwise passes run one by one.
-        self._stackable = all(x.dim() > 0 and x.shape[0] == rows for x in inputs.values())
+        self._stackable = all(per_example(x, rows) for x in inputs.values())
         # Replay is sound only for blocks called once each, in order (every block of the list, so
         # none runs before a recorded one), whose recorded outputs are as the block returned them.
         in_order = all(a < b for a, b in zip(order, order[1:])) and order[:n_record] == list(range(n_record))
@@ -766,15 +771,8 @@ class _Record(StandIn):
 
     def replayable(self, rows: int) -> bool:
         """Whether the recorded output may stand in for the block: the call left its inputs as they
-        were, the output (a tensor or a flat tuple) has `rows` first and is unchanged since."""
-        out = self.output
-        flat = _flat_tensors(out)
-        return (
-            self.clean and self.out_versions is not None
-            and (isinstance(out, Tensor) or (isinstance(out, tuple) and not any(isinstance(o, (tuple, list, dict)) for o in out)))
-            and all(t.dim() > 0 and t.shape[0] == rows for t in flat)
-            and _versions(flat) == self.out_versions
-        )
+        were and the output passes `_replayable_output`."""
+        return self.clean and _replayable_output(self.output, self.out_versions, rows)
 
 
 class _Replay(StandIn):
@@ -872,17 +870,23 @@ class _ChildCalls:
                 if e["count"] != 1 or "end" not in e:
                     continue
                 output = e["output"]
-                replayable = (
-                    e["clean"] and e["end"] < last
-                    and (isinstance(output, Tensor) or (isinstance(output, tuple) and not any(
-                        isinstance(o, (tuple, list, dict)) for o in output)))
-                    and all(t.dim() > 0 and t.shape[0] == rows for t in _flat_tensors(output))
-                    and _versions(_flat_tensors(output)) == e["out_versions"]
-                )
+                replayable = e["clean"] and e["end"] < last and _replayable_output(output, e["out_versions"], rows)
                 # (start, end, output); output None: the call times are known but it is never replayed.
                 keep[name] = (e["start"], e["end"], output if replayable else None)
             out[j] = keep
         return out
+
+
+def _replayable_output(output: Any, versions: list[int] | None, rows: int) -> bool:
+    """Whether a recorded block or child output may be replayed: a tensor or a flat tuple whose
+    tensors all have `rows` first, each unchanged since its `versions` were taken."""
+    flat = _flat_tensors(output)
+    return (
+        versions is not None
+        and (isinstance(output, Tensor) or (isinstance(output, tuple) and not any(isinstance(o, (tuple, list, dict)) for o in output)))
+        and all(t.dim() > 0 and t.shape[0] == rows for t in flat)
+        and _versions(flat) == versions
+    )
 
 
 def _flat_tensors(obj: Any) -> list[Tensor]:

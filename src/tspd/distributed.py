@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from tspd.decomposition import Batch, batch_size
+from tspd.decomposition import Batch, batch_size, per_example
 
 
 @dataclass(frozen=True)
@@ -125,9 +125,7 @@ def shard(batch: Batch, w: World) -> Batch:
     lo = w.rank * per
     if isinstance(batch, Tensor):
         return batch[lo : lo + per]
-    # only the per-example tensors (as repeat_batch stacks them); a (1, T) tensor or a flag as given
-    return {k: v[lo : lo + per] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v
-            for k, v in batch.items()}
+    return {k: v[lo : lo + per] if per_example(v, n) else v for k, v in batch.items()}
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

@@ -127,8 +127,8 @@ def _paths_in_config(cfg: RunConfig) -> set[Path]:
     return {Path(p).resolve() for p in paths if isinstance(p, (str, Path)) and p}
 
 
-# What a fresh decomposition keeps of a folder's earlier contents: its target (reused when the
-# settings match, see _target_for) and earlier set-aside folders.
+# The files a fresh decomposition leaves in place in a folder holding an earlier run: its target
+# (reused when the settings match, see _target_for; set_aside_earlier_outputs copies it along).
 KEPT_ON_FRESH_START = ("target.safetensors", "target.yaml", *TARGET_EXTRAS)
 PREVIOUS_PREFIX = "previous-"
 

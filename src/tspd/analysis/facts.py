@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Iterator
@@ -62,22 +63,19 @@ def _encode(tokenizer, text: str) -> list[int]:
     """`text`'s ids as the model reads them, without tokens the tokenizer appends to every text (an
     EOS some tokenizers add: the prompt must end with its own last token); a leading BOS is kept."""
     ids = list(tokenizer(text)["input_ids"])
-    trail = _appended(tokenizer)
-    return ids[: len(ids) - trail] if trail and ids[len(ids) - trail :] == _encoded_empty(tokenizer)[-trail:] else ids
+    tail = _appended(tokenizer)
+    return ids[: len(ids) - len(tail)] if tail and ids[len(ids) - len(tail) :] == tail else ids
 
 
-def _encoded_empty(tokenizer) -> list[int]:
-    return list(tokenizer("")["input_ids"])
-
-
-def _appended(tokenizer) -> int:
-    """How many tokens the tokenizer appends after every text: the empty text's tokens beyond those
-    it shares, in front, with a one-word text."""
-    empty, word = _encoded_empty(tokenizer), list(tokenizer("a")["input_ids"])
+@functools.lru_cache(maxsize=8)
+def _appended(tokenizer) -> list[int]:
+    """The tokens the tokenizer appends after every text (found once per tokenizer): the empty
+    text's tokens beyond those it shares, in front, with a one-word text."""
+    empty, word = list(tokenizer("")["input_ids"]), list(tokenizer("a")["input_ids"])
     lead = 0
     while lead < min(len(empty), len(word)) and empty[lead] == word[lead]:
         lead += 1
-    return len(empty) - lead
+    return empty[lead:]
 
 
 def sport_tokens(tokenizer, answers: dict[str, str]) -> dict[str, int]:
