@@ -350,15 +350,103 @@ def test_labels_in_a_keyword_batch_are_not_passed_to_the_model(tokens, sections)
     assert with_labels == without
 
 
-def test_padded_batches_are_warned_about(tokens):
+PADDING_CASES = [
+    {"ci": {"kind": "attention"}},
+    {"ci": {"kind": "shared_mlp"}, "train": {"compile": False}},
+    {"ci": {"kind": "attention"}, "train": {"fuse_head": True}},
+    {"ci": {"kind": "vector_mlp"}, "output": {"positions": [-1, -2]}},
+]
+
+
+@pytest.mark.parametrize("sections", PADDING_CASES)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_positions_are_left_out_of_every_loss(tokens, sections, side):
+    """What stands at padded positions changes no loss term, no gradient and no metric: the
+    divergences and minimality average over the real positions, the attention CI does not attend
+    to padding. (Before: every term averaged over the padding too, and the attention CI read it.)"""
+    from tspd.analysis.metrics import evaluate
+    from tspd.losses import compute_losses, l0
+    from tspd.seeding import generator
+
+    losses = {"faithfulness": 1.0, "stochastic_recon": 1.0, "stochastic_recon_layerwise": 1.0,
+              "stochastic_recon_subset": 1.0, "ci_masked_recon": 1.0, "adversarial_recon": 1.0,
+              "importance_minimality": 0.1}
+    dec = tspd.Decomposition(make_gpt2(0), make_cfg([("transformer.h.*.mlp.c_fc", 4), ("transformer.h.1.attn.c_attn", 3)],
+                                                    losses=losses, **sections))
+    mask = torch.ones_like(tokens)
+    pad = slice(0, 4) if side == "left" else slice(6, None)
+    mask[0, pad] = 0
+    mask[2, pad] = 0
+    other = tokens.clone()
+    other[0, pad], other[2, pad] = 7, 99  # different pad tokens
+
+    def step(ids):
+        dec.zero_grad()
+        total, terms, ci = compute_losses(dec, {"input_ids": ids, "attention_mask": mask}, 0, generator(0, 0, 202))
+        total.backward()
+        grads = {n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None}
+        return terms, grads, {s: float(l0(g, 0.1, mask.bool())) for s, g in ci.items()}
+
+    (terms_a, grads_a, l0_a), (terms_b, grads_b, l0_b) = step(tokens), step(other)
+    assert terms_a.keys() == set(losses)
+    for t in terms_a:
+        assert terms_a[t] == pytest.approx(terms_b[t], rel=1e-5, abs=1e-7), t
+    assert terms_a["importance_minimality"] > 0 and terms_a["stochastic_recon"] > 0
+    for n in grads_a:
+        torch.testing.assert_close(grads_a[n], grads_b[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert l0_a == pytest.approx(l0_b)
+    ev_a, ev_b = (evaluate(dec, [{"input_ids": ids, "attention_mask": mask}]) for ids in (tokens, other))
+    for k in ("l0_total", "ci_masked_recon", "stochastic_recon", "ones_recon", "alive_total"):
+        assert ev_a[k] == pytest.approx(ev_b[k], rel=1e-5, abs=1e-7), k
+
+
+def test_an_unpadded_attention_mask_changes_nothing(tokens):
+    """A batch whose attention_mask is all 1 takes the usual route: the same terms as the bare ids."""
     from tspd.losses import compute_losses
     from tspd.seeding import generator
 
-    dec = tspd.Decomposition(make_gpt2(0), make_cfg([("transformer.h.0.mlp.c_fc", 4)]))
-    mask = torch.ones_like(tokens)
-    mask[0, :3] = 0
-    with pytest.warns(UserWarning, match="attention_mask has padded positions"):
-        compute_losses(dec, {"input_ids": tokens, "attention_mask": mask}, 0, generator(0, 0, 202))
+    dec = tspd.Decomposition(make_gpt2(0), make_cfg([("transformer.h.*.mlp.c_fc", 4)], ci={"kind": "attention"}))
+    _, bare, _ = compute_losses(dec, tokens, 0, generator(0, 0, 202))
+    _, masked, _ = compute_losses(dec, {"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}, 0, generator(0, 0, 202))
+    assert bare == masked
+
+
+def test_padding_weights_average_over_the_real_positions():
+    """The weighted mean is the plain mean over the kept rows, for the KL and for the MSE."""
+    from tspd.losses import Reference
+
+    g = torch.Generator().manual_seed(0)
+    target, out = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    keep = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    kl = Reference(target, "kl", keep=keep).divergence(out)
+    per_row = (target.softmax(-1) * (target.log_softmax(-1) - out.log_softmax(-1))).sum(-1)
+    torch.testing.assert_close(kl, per_row[keep].mean())
+    mse = Reference(target, "mse", keep=keep).divergence(out)
+    torch.testing.assert_close(mse, (out - target).pow(2)[keep].mean())
+    last = Reference(target, "kl", positions=[0], keep=keep).divergence(out)
+    torch.testing.assert_close(last, per_row[1, 0])
+    with pytest.raises(ValueError, match="every position of the batch is padding"):
+        Reference(target, "kl", keep=torch.zeros_like(keep))
+
+
+def test_a_mask_that_does_not_fit_the_output_is_warned_about():
+    from tspd.losses import compute_losses
+    from tspd.seeding import generator
+
+    class Pooled(nn.Module):  # one output per example: padding cannot be weighted in the divergence
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = nn.Embedding(10, 4), nn.Linear(4, 10)
+
+        def forward(self, input_ids, attention_mask):
+            return self.out((self.emb(input_ids) * attention_mask[..., None]).sum(1))
+
+    dec = tspd.Decomposition(Pooled(), make_cfg([("out", 3)]))
+    ids = torch.randint(0, 10, (2, 4))
+    mask = torch.ones_like(ids)
+    mask[0, 2:] = 0
+    with pytest.warns(UserWarning, match="does not fit the output"):
+        compute_losses(dec, {"input_ids": ids, "attention_mask": mask}, 0, generator(0, 0, 202))
 
 
 def test_keyword_batch_flags_reach_the_model_through_sharding_and_devices():

@@ -152,6 +152,28 @@ def per_example(value: Any, rows: int) -> bool:
     return isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == rows
 
 
+def position_mask(batch: Batch) -> Tensor | None:
+    """The batch's real (not padded) positions: its `attention_mask` as a bool (batch, positions)
+    tensor when a keyword batch has one with some position padded, else None (nothing to leave out)."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        return None
+    keep = mask.bool()
+    return None if bool(keep.all()) else keep
+
+
+def row_weights(keep: Tensor | None, lead: tuple[int, ...] | torch.Size) -> Tensor | None:
+    """Per-row weights that turn a mean over the (batch, positions) rows `lead` into a mean over the
+    real positions only: keep / (fraction of positions kept), so that they average to 1. None when
+    there is no mask or it does not fit `lead` (outputs without positions, other lengths)."""
+    if keep is None or tuple(keep.shape) != tuple(lead):
+        return None
+    kept = int(keep.sum())
+    if kept == 0:
+        raise ValueError("every position of the batch is padding (its attention_mask is all 0): drop such batches")
+    return keep.float() * (keep.numel() / kept)
+
+
 # Keyword inputs that only ask the model for its own loss: tspd never uses it, and a pass that stops
 # before the output head would hand that loss hidden states instead of logits.
 LOSS_ONLY_KEYS = ("labels",)
@@ -450,8 +472,9 @@ class Decomposition(nn.Module):
             self._child_calls, self._block_batch = calls.sound(rows), batch
         return out, inputs
 
-    def ci_logits(self, site_inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Pre-sigmoid CI logits z (..., C) per site, from the target's site inputs."""
+    def ci_logits(self, site_inputs: dict[str, Tensor], keep: Tensor | None = None) -> dict[str, Tensor]:
+        """Pre-sigmoid CI logits z (..., C) per site, from the target's site inputs. `keep`: the
+        batch's real positions (`position_mask`), so that the attention CI does not attend to padding."""
         z = {}
         for name in self.site_names:
             x = site_inputs[name]
@@ -462,7 +485,7 @@ class Decomposition(nn.Module):
                 x = comps.inner(x)
                 if known is not None and known.x is site_inputs[name]:
                     known.set_inner(x, comps.V)  # the masked passes' clean segments reuse it (see PassStarts)
-            z[name] = fn(x).float()
+            z[name] = fn(x, keep).float()
         return z
 
     def ci_from_logits(self, z: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -476,7 +499,7 @@ class Decomposition(nn.Module):
     def causal_importance(self, batch: Batch) -> dict[str, Tensor]:
         """CI per site, shape (batch, positions, C) (or (batch, C) without positions), in [0, 1]."""
         _, inputs = self.run_target(batch)
-        lower, _ = self.ci_from_logits(self.ci_logits(inputs))
+        lower, _ = self.ci_from_logits(self.ci_logits(inputs, position_mask(batch)))
         return lower
 
     def run_pass(self, batch: Batch, p: Pass) -> Tensor:
@@ -665,7 +688,7 @@ class Decomposition(nn.Module):
             self.component(s)
         with torch.no_grad():
             _, inputs = self.run_target(batch)
-            ci, _ = self.ci_from_logits(self.ci_logits(inputs))
+            ci, _ = self.ci_from_logits(self.ci_logits(inputs, position_mask(batch)))
             return self.run_pass(batch, self.ablation_pass(ci, ablate, positions, base))
 
     def ablation_pass(

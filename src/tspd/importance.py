@@ -258,7 +258,9 @@ class AttentionCI(nn.Module):
         self.head = PerComponentMLP(d_head_in, C, hidden) if head == "vector_mlp" else SharedMLP(d_head_in, C, [hidden])
         self.onednn = False  # fp32 products through tspd.fastlinear (set by the Decomposition)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """`keep`: (batch, positions) bool, the real positions; padded ones are not attended to
+        (each position still attends to itself, so a padded query has something to attend to)."""
         if x.dim() != 3:
             raise ValueError(
                 f"the attention CI needs site inputs of shape (batch, positions, d); got {tuple(x.shape)}. "
@@ -273,6 +275,9 @@ class AttentionCI(nn.Module):
         offset = n[:, None] - n[None, :]
         bias = self.rel_bias[offset.clamp(min=0)].masked_fill(offset < 0, float("-inf"))
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.d_attn) + bias.to(q.dtype)
+        if keep is not None and tuple(keep.shape) == tuple(x.shape[:2]):
+            hide = ~keep[:, None, :] & (offset != 0)  # (batch, query, key): padded keys, but never the query itself
+            scores = scores.masked_fill(hide, float("-inf"))
         attended = scores.softmax(-1) @ v
         return self.head(torch.cat([attended, xp], dim=-1))
 
@@ -303,5 +308,6 @@ class CIFunction(nn.Module):
         net = self.net.head if isinstance(self.net, AttentionCI) else self.net
         return net.layers[-1].bias if isinstance(net, SharedMLP) else net.b2
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """`keep`: the batch's real positions, for the attention CI (the others are per position)."""
+        return self.net(x, keep) if isinstance(self.net, AttentionCI) else self.net(x)

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from tspd.config import RunConfig
-from tspd.decomposition import Batch, Decomposition
+from tspd.decomposition import Batch, Decomposition, position_mask, row_weights
 from tspd.fastlinear import applies, linear_pointwise
 from tspd.importance import lower_leaky_hard_sigmoid_grad, upper_leaky_hard_sigmoid_grad
 from tspd.masks import Pass, delta_masks, sample_sources, stochastic_masks, subset_routing
@@ -47,19 +47,31 @@ class Reference:
 
     KL(p || q) = sum p log p - sum p log q: the first term is the same for every pass, so each pass
     costs one log_softmax, one product and one sum.
+
+    `keep` (the batch's real positions, `position_mask`) leaves padded positions out of every mean:
+    each row's p (or squared error) is weighted by `row_weights`, so the KL routes (native loop,
+    fused head, compiled) all average over the real positions (their gradient psum * softmax - p
+    takes the row weight from the row sums of the weighted p).
     """
 
-    def __init__(self, target_out: Tensor, kind: str, positions: list[int] | None = None, compiled: bool = False):
+    def __init__(self, target_out: Tensor, kind: str, positions: list[int] | None = None, compiled: bool = False,
+                 keep: Tensor | None = None):
         self.kind, self.positions, self.compiled = kind, positions, compiled
         if positions is not None and target_out.dim() < 3:
             raise ValueError(f"output.positions is set but the target's output is {target_out.dim()}-D {tuple(target_out.shape)}, "
                              "with no positions dim (batch, positions, ...): remove output.positions")
         t = select_positions(target_out, positions).float()
+        fits = keep is not None and target_out.dim() >= 3 and tuple(keep.shape) == tuple(target_out.shape[:2])
+        w = row_weights(keep if positions is None or not fits else keep[:, positions], t.shape[:2]) if fits else None
+        self.weights = w  # (batch, positions) or None
         if kind == "mse":
             self.target = t
+            self._w = None if w is None else w.view(*w.shape, *[1] * (t.dim() - 2))
         else:
             log_p = t.log_softmax(-1)
             self.p = log_p.exp()
+            if w is not None:
+                self.p = self.p * w[..., None]
             self.neg_entropy = (self.p * log_p).sum(-1).mean()
             self._flat: tuple[Tensor, Tensor] | None = None
 
@@ -67,7 +79,8 @@ class Reference:
         """D(target, out); `selected`: `out` holds only the output positions already."""
         out = out if selected else select_positions(out, self.positions)
         if self.kind == "mse":
-            return (out.float() - self.target).pow(2).mean()
+            sq = (out.float() - self.target).pow(2)
+            return (sq if self._w is None else sq * self._w).mean()
         if self.compiled:  # the reconstruction terms' route (divergences), for one output
             return self.divergences(out, 1, selected=True)[0]
         return _kl(out, self.p, self.neg_entropy)
@@ -88,7 +101,8 @@ class Reference:
         if out.shape[0] != n * ref.shape[0]:
             raise ValueError(f"{out.shape[0]} output rows for {n} passes over a target output of {ref.shape[0]}")
         if self.kind == "mse":
-            return (out.float().view(n, *ref.shape) - self.target).pow(2).flatten(1).mean(-1)
+            sq = (out.float().view(n, *ref.shape) - self.target).pow(2)
+            return (sq if self._w is None else sq * self._w).flatten(1).mean(-1)
         if self.compiled:
             vals = _KLRows.apply(out, *self._flat_target(), self.neg_entropy, n)
             return vals if vals is not None else _compiled_kl_stacked()(out, self.p, self.neg_entropy, n)
@@ -230,10 +244,12 @@ def _compiled_kl_stacked() -> Callable:
     return torch.compile(_kl_stacked, dynamic=False)
 
 
-def divergence(target_out: Tensor, out: Tensor, kind: str, positions: list[int] | None = None) -> Tensor:
+def divergence(target_out: Tensor, out: Tensor, kind: str, positions: list[int] | None = None,
+               keep: Tensor | None = None) -> Tensor:
     """D(target, masked): KL(target || masked) summed over the last dim and averaged over the rest,
-    or the MSE averaged over every entry. `positions` restricts dim 1 first."""
-    return Reference(target_out, kind, positions).divergence(out)
+    or the MSE averaged over every entry. `positions` restricts dim 1 first; `keep` leaves padded
+    positions out of the mean (see Reference)."""
+    return Reference(target_out, kind, positions, keep=keep).divergence(out)
 
 
 class _PowerSum(torch.autograd.Function):
@@ -241,9 +257,11 @@ class _PowerSum(torch.autograd.Function):
     all (autograd's pow backward computes a second pow)."""
 
     @staticmethod
-    def forward(ctx, g: Tensor, p: float, eps: float, n: int) -> Tensor:
+    def forward(ctx, g: Tensor, p: float, eps: float, n: int, w: Tensor | None = None) -> Tensor:
         base = g + eps
         powered = base.pow(p)
+        if w is not None:  # row weights (padding left out): sum of w_row (g + eps)^p
+            powered = powered * w[..., None]
         ctx.save_for_backward(base, powered)
         ctx.p, ctx.n = p, n
         return powered.sum() / n
@@ -251,14 +269,15 @@ class _PowerSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         base, powered = ctx.saved_tensors
-        return powered.div(base).mul_(grad * ctx.p / ctx.n), None, None, None
+        return powered.div(base).mul_(grad * ctx.p / ctx.n), None, None, None, None
 
 
-def importance_minimality(ci_upper: dict[str, Tensor], p: float, eps: float) -> Tensor:
-    """sum over sites and subcomponents of mean over batch and positions of (g_upper + eps)^p."""
+def importance_minimality(ci_upper: dict[str, Tensor], p: float, eps: float, keep: Tensor | None = None) -> Tensor:
+    """sum over sites and subcomponents of mean over batch and positions of (g_upper + eps)^p
+    (over the real positions only, given the batch's `keep`)."""
     total = 0.0
     for g in ci_upper.values():
-        total = total + _PowerSum.apply(g, p, eps, g.numel() // g.shape[-1])
+        total = total + _PowerSum.apply(g, p, eps, g.numel() // g.shape[-1], row_weights(keep, g.shape[:-1]))
     return total
 
 
@@ -365,7 +384,8 @@ def recon_passes(term: str, dec: Decomposition, ci: dict[str, Tensor], gen: torc
 
 
 def adversarial_recon(
-    dec: Decomposition, batch: Batch, target_out: Tensor, ci: dict[str, Tensor], gen: torch.Generator
+    dec: Decomposition, batch: Batch, target_out: Tensor, ci: dict[str, Tensor], gen: torch.Generator,
+    keep: Tensor | None = None,
 ) -> Tensor:
     """D under masks g + (1 - g) a, with a in [0, 1] chosen by sign-gradient ascent on D
     (CI detached during the search; the returned loss has gradients to CI and components)."""
@@ -376,29 +396,29 @@ def adversarial_recon(
     for _ in range(cfg.adversarial.n_steps):
         srcs = {s: a.detach().requires_grad_(True) for s, a in sources.items()}
         masks = {s: ci[s].detach() + (1 - ci[s].detach()) * srcs[s] for s in ci}
-        loss = divergence(target_out, dec.run_pass(batch, Pass(masks=masks, delta=delta)), kind, positions)
+        loss = divergence(target_out, dec.run_pass(batch, Pass(masks=masks, delta=delta)), kind, positions, keep)
         grads = torch.autograd.grad(loss, list(srcs.values()), allow_unused=True)
         sources = {
             s: (a.detach() + cfg.adversarial.step_size * (g.sign() if g is not None else 0)).clamp(0, 1)
             for (s, a), g in zip(srcs.items(), grads)
         }
     masks = {s: ci[s] + (1 - ci[s]) * sources[s] for s in ci}
-    return divergence(target_out, dec.run_pass(batch, Pass(masks=masks, delta=delta)), kind, positions)
+    return divergence(target_out, dec.run_pass(batch, Pass(masks=masks, delta=delta)), kind, positions, keep)
 
 
-def _warn_if_padded(dec: Decomposition, batch: Batch) -> None:
-    """Warn once per Decomposition, looking at its first keyword batch only (no GPU sync each step)."""
-    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-    if mask is None or dec.__dict__.get("_padding_checked"):
+def _warn_if_unweighted(dec: Decomposition, keep: Tensor, target_out: Tensor) -> None:
+    """Warn once per Decomposition when a padded batch's attention_mask does not fit the output's
+    (batch, positions), so that the divergences cannot leave the padding out."""
+    if dec.__dict__.get("_padding_warned") or (target_out.dim() >= 3 and tuple(keep.shape) == tuple(target_out.shape[:2])):
         return
-    dec.__dict__["_padding_checked"] = True
-    if isinstance(mask, Tensor) and not bool(mask.all()):
-        warnings.warn(
-            "the batch's attention_mask has padded positions: the losses (reconstruction divergences, importance "
-            "minimality) average over every position, padding included, so the CI also learns from pad tokens. "
-            "Pack texts into full-length chunks instead (as tspd's text data does), or pad only where it does not matter",
-            stacklevel=3,
-        )
+    dec.__dict__["_padding_warned"] = True
+    warnings.warn(
+        f"the batch's attention_mask {tuple(keep.shape)} has padded positions but does not fit the output's "
+        f"(batch, positions) {tuple(target_out.shape[:2])}: the reconstruction divergences average over every "
+        "output position, padding included (importance minimality still leaves it out where the site's positions fit). "
+        "Pack texts into full-length chunks instead (as tspd's text data does)",
+        stacklevel=3,
+    )
 
 
 def compute_losses(
@@ -408,12 +428,14 @@ def compute_losses(
     cfg = dec.config
     coeffs = cfg.losses
     minimality = coeffs.importance_minimality > 0
-    _warn_if_padded(dec, batch)
+    keep = position_mask(batch)  # padded positions (None: none) are left out of every mean
     with autocast_for(cfg, dec.target):
         target_out, inputs = dec.run_target(batch)
-        z = dec.ci_logits(inputs)
+        if keep is not None:
+            _warn_if_unweighted(dec, keep, target_out)
+        z = dec.ci_logits(inputs, keep)
         min_term = None  # the minimality term, when the compiled chain below forms it with the CI
-        if cfg.train.compile and minimality:
+        if cfg.train.compile and minimality and keep is None:
             # Both sigmoids and the minimality sum of a site in one compiled chain (see _CIAndMinimality).
             p = {dev: torch.tensor(annealed_p(cfg, step), dtype=torch.float32, device=dev) for dev in {v.device for v in z.values()}}
             per_site = {s: _compiled_ci_and_minimality()(v, cfg.ci.leak, cfg.minimality.eps, p[v.device]) for s, v in z.items()}
@@ -431,7 +453,7 @@ def compute_losses(
         all_passes += ps
         owners += [t] * len(ps)
     if all_passes:
-        ref = Reference(target_out, cfg.output.divergence, cfg.output.positions, compiled=cfg.train.compile)
+        ref = Reference(target_out, cfg.output.divergence, cfg.output.positions, compiled=cfg.train.compile, keep=keep)
         fuse = head_fused(dec)
         # With output positions (the induction recipe: the last one), the head runs on those
         # positions only instead of on every position of every stacked pass.
@@ -456,10 +478,10 @@ def compute_losses(
         # Under the same autocast as the target output it is compared with: otherwise bf16 rounding
         # alone would give the term a floor (KL ~3e-6 for an all-ones pass on the induction model).
         with autocast_for(cfg, dec.target):
-            terms["adversarial_recon"] = adversarial_recon(dec, batch, target_out, ci_lower, gen)
+            terms["adversarial_recon"] = adversarial_recon(dec, batch, target_out, ci_lower, gen, keep)
     if minimality:
         if min_term is None:
-            min_term = importance_minimality(ci_upper, annealed_p(cfg, step), cfg.minimality.eps)
+            min_term = importance_minimality(ci_upper, annealed_p(cfg, step), cfg.minimality.eps, keep)
         terms["importance_minimality"] = min_term
     total = sum(getattr(coeffs, t) * v for t, v in terms.items())
     return total, {t: float(v.detach()) for t, v in terms.items()}, ci_lower
@@ -574,7 +596,10 @@ def autocast_for(cfg: RunConfig, model: torch.nn.Module):
     return stack
 
 
-def l0(ci: Tensor, threshold: float) -> Tensor:
-    """Mean number of subcomponents with CI > threshold per token."""
-    return (ci > threshold).float().sum(-1).mean()
+def l0(ci: Tensor, threshold: float, keep: Tensor | None = None) -> Tensor:
+    """Mean number of subcomponents with CI > threshold per token (per real token, given the
+    batch's `keep`)."""
+    n = (ci > threshold).float().sum(-1)
+    w = row_weights(keep, n.shape)
+    return (n if w is None else n * w).mean()
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from tspd import distributed
 from tspd.analysis.metrics import evaluate
 from tspd.config import RunConfig
-from tspd.decomposition import Batch, Decomposition, _key, atomic_write_bytes, check_target_matches_config, leftover_temps
+from tspd.decomposition import Batch, Decomposition, _key, atomic_write_bytes, check_target_matches_config, leftover_temps, position_mask
 from tspd.losses import annealed_p, compute_losses, l0, model_device, pin_fast_bf16, resolve_autocast
 from tspd.seeding import generator, legacy_streams, use_legacy_streams
 
@@ -385,7 +385,8 @@ def decompose(
             optimizer_step(dec, opt, total)
             done = step + 1
             if step % t.log_every == 0 or done == t.steps:
-                l0s = {s: float(l0(g.detach(), config.eval.active_threshold)) for s, g in ci.items()}
+                keep = position_mask(batch)
+                l0s = {s: float(l0(g.detach(), config.eval.active_threshold, keep)) for s, g in ci.items()}
                 terms = distributed.mean_over_ranks(terms, w, device)
                 row: dict[str, Any] = {"step": step, "lr": lr, "p": annealed_p(config, step), "loss": loss, **terms}
                 row["l0"] = distributed.mean_over_ranks(l0s, w, device)

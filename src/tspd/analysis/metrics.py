@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tspd.decomposition import Batch, Decomposition
+from tspd.decomposition import Batch, Decomposition, position_mask
 from tspd.seeding import generator
 
 
@@ -23,11 +23,13 @@ def evaluate(dec: Decomposition, batches: list[Batch]) -> dict:
     max_ci: dict[str, Tensor] = {}
     recon = {"ci_masked_recon": 0.0, "stochastic_recon": 0.0, "ones_recon": 0.0}
     for i, batch in enumerate(batches):
+        keep = position_mask(batch)  # padded positions are left out of every figure
         target_out, inputs = dec.run_target(batch)
-        ci, _ = dec.ci_from_logits(dec.ci_logits(inputs))
+        ci, _ = dec.ci_from_logits(dec.ci_logits(inputs, keep))
         for s, g in ci.items():
-            l0_sum[s] += float(l0(g, cfg.eval.active_threshold))
-            m = g.flatten(0, -2).amax(0)
+            l0_sum[s] += float(l0(g, cfg.eval.active_threshold, keep))
+            real = g[keep] if keep is not None and tuple(keep.shape) == tuple(g.shape[:-1]) else g
+            m = real.flatten(0, -2).amax(0)
             max_ci[s] = m if s not in max_ci else torch.maximum(max_ci[s], m)
         gen = generator(cfg.seed, i, 303)
         passes = {
@@ -36,7 +38,7 @@ def evaluate(dec: Decomposition, batches: list[Batch]) -> dict:
             "ones_recon": dec.ones_pass(ci),
         }
         outs = dec.run_passes(batch, list(passes.values()), stack=cfg.train.stack_passes)
-        ref = Reference(target_out, kind, positions)
+        ref = Reference(target_out, kind, positions, keep=keep)
         for name, out in zip(passes, outs):
             recon[name] += float(ref.divergence(out))
     n = max(len(batches), 1)
