@@ -114,6 +114,8 @@ def test_hooked_or_wrapped_layers_are_left_alone():
     dec = _gpt2_dec("onednn")
     target = dec.target
     ids = torch.randint(0, 100, (2, 8))
+    with torch.no_grad():
+        dec.run_target(ids)  # the first run also checks that examples are independent (three more forwards)
     calls = []
     h = target.transformer.h[1].attn.c_proj.register_forward_hook(lambda m, i, o: calls.append(1))
 

@@ -38,6 +38,29 @@ def site_kind(module: nn.Module) -> SiteKind | None:
     return None
 
 
+def _weight_hook(h) -> bool:
+    """torch's old hook-based weight_norm / spectral_norm: pre-hooks that only recompute the weight
+    attribute, which a stand-in reads as they left it (the target's parameters are frozen)."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return isinstance(h, (WeightNorm, SpectralNorm))
+
+
+def check_site_hooks(name: str, module: nn.Module) -> None:
+    """Refuse a site module with hooks: a masked pass computes the site's output from its factors
+    and never calls the module, so a hook that changes its input or output would run in the target
+    run and be skipped in every pass (every mask 1 would no longer give the target)."""
+    hooks = [h for d in (module._forward_pre_hooks, module._forward_hooks) for h in d.values() if not _weight_hook(h)]
+    hooks += list(module._backward_hooks.values()) + list(module._backward_pre_hooks.values())
+    if hooks:
+        names = ", ".join(sorted({getattr(h, "__qualname__", type(h).__name__) for h in hooks}))
+        raise SiteError(
+            f"site {name!r} has {len(hooks)} hook(s) on its module ({names}): a masked pass computes the site from its "
+            "factors without calling the module, so the hooks would change the target run but not the passes. Remove "
+            "the hooks from the site module (put them on its parent, or on the module after it), or choose another site")
+
+
 def target_weight(module: nn.Module, kind: SiteKind) -> Tensor:
     """The site's weight in nn.Linear layout (d_out x d_in); an embedding is d_model x vocab."""
     if kind == "linear":
@@ -88,7 +111,8 @@ def resolve_sites(model: nn.Module, patterns: list[tuple[str, int]]) -> list[tup
         if len(aliases) > 1:
             raise SiteError(f"module {n!r} is registered under {len(aliases)} paths ({', '.join(aliases)}): tspd stands in "
                             "for a site at one path, so the other uses would keep the target weight; a module used "
-                            "twice cannot be a site unless it is registered once (call it twice instead)")
+                            "twice cannot be a site unless it is registered once (call it twice instead: its CI then comes from "
+                            "the last call's input and its masks apply to every call)")
     order = {n: i for i, n in enumerate(modules)}
     return sorted(chosen.items(), key=lambda kv: order[kv[0]])
 
@@ -199,6 +223,8 @@ class SiteState:
     segments: list[Segment] = field(default_factory=list)
     starts: PassStarts | None = None
     target: SiteTarget | None = None
+    calls: int = 0  # calls since the state was set (a site whose masks a pass never applied is an error)
+    shapes: set = field(default_factory=set)  # input shapes seen in record mode
 
 
 class SiteModule(StandIn):
@@ -228,7 +254,9 @@ class SiteModule(StandIn):
 
     def forward(self, x: Tensor) -> Tensor:
         st = self.state
+        st.calls += 1
         if st.mode == "record":
+            st.shapes.add(tuple(x.shape))
             y = self._original(x)
             # A second call (a shared layer applied twice) leaves nothing to reuse: which call's
             # values would a segment need?

@@ -19,6 +19,8 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,7 +30,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from tspd.components import (
-    Components, PassStarts, Segment, SiteError, SiteModule, SiteState, SiteTarget, resolve_sites, site_kind, target_weight,
+    Components, PassStarts, Segment, SiteError, SiteModule, SiteState, SiteTarget, check_site_hooks, resolve_sites, site_kind,
+    target_weight,
 )
 from tspd.config import RunConfig
 from tspd.fastlinear import (
@@ -123,16 +126,30 @@ def output_tensor(out: Any) -> Tensor:
 
 
 def batch_size(batch: Batch) -> int:
-    """Examples in a batch: a tensor's dim 0; for keyword inputs, that of `input_ids` if present,
-    else the largest dim 0 among its tensors (a (1, T) `position_ids` broadcasts over the batch)."""
+    """Examples in a batch: a tensor's dim 0; for keyword inputs, that of `input_ids` (or
+    `inputs_embeds`) if present, else the dim 0 that most of its tensors share, the first tensor's
+    on a tie (sizes of 1 count only when all are 1: a (1, T) `position_ids` broadcasts over the
+    batch; a (T, T) attention mask next to (B, T, d) inputs does not decide it)."""
     if isinstance(batch, Tensor):
         return batch.shape[0]
-    if isinstance(batch.get("input_ids"), Tensor) and batch["input_ids"].dim() > 0:
-        return batch["input_ids"].shape[0]
+    if not isinstance(batch, dict):
+        raise TypeError(f"a batch must be a Tensor or a dict of keyword inputs; got a {type(batch).__name__}. Yield the "
+                        "model's inputs only (e.g. x, not (x, y)), or a dict of its keyword arguments")
+    for key in ("input_ids", "inputs_embeds"):
+        if isinstance(batch.get(key), Tensor) and batch[key].dim() > 0:
+            return batch[key].shape[0]
     sizes = [v.shape[0] for v in batch.values() if isinstance(v, Tensor) and v.dim() > 0]
     if not sizes:
         raise ValueError(f"a batch of keyword inputs needs a tensor with the examples on dim 0; got keys {list(batch)}")
-    return max(sizes)
+    counted = [n for n in sizes if n != 1] or sizes
+    return max(dict.fromkeys(counted), key=counted.count)
+
+
+def _slice_batch(batch: Batch, lo: int, hi: int, rows: int) -> Batch:
+    """Examples lo..hi-1 of a batch of `rows` (keyword inputs that are not per example pass as given)."""
+    if isinstance(batch, Tensor):
+        return batch[lo:hi]
+    return {k: v[lo:hi] if per_example(v, rows) else v for k, v in batch.items()}
 
 
 def repeat_batch(batch: Batch, n: int) -> Batch:
@@ -256,8 +273,14 @@ class Decomposition(nn.Module):
         modules = dict(target.named_modules())
         for name, C in resolve_sites(target, [(s.pattern, s.C) for s in config.sites]):
             module = modules[name]
+            check_site_hooks(name, module)
             kind = site_kind(module)
-            d_out, d_in = target_weight(module, kind).shape
+            w = target_weight(module, kind)
+            first = next(target.parameters())
+            if w.dtype != first.dtype:
+                raise SiteError(f"site {name!r} has a {w.dtype} weight but the model's first parameter is {first.dtype}: "
+                                "tspd's factors and CI take one dtype; cast the model to one (e.g. model.float())")
+            d_out, d_in = w.shape
             comps = Components(kind, d_in, d_out, C, generator=gen)
             ci_in = C if (kind == "embedding" or config.ci.kind == "mlp") else d_in
             with torch.random.fork_rng():
@@ -368,7 +391,12 @@ class Decomposition(nn.Module):
         thawed = [p for p in target.parameters() if p.requires_grad]
         modes = [(m, m.training) for m in target.modules()]
         swapped = []
+        # torch's fused fast path of nn.TransformerEncoderLayer / MultiheadAttention (eval mode,
+        # no hooks) reads the layers' weights without calling them: off while tspd stands in, so
+        # the target run and every pass take the same, module-calling route.
+        fastpath = torch.backends.mha.get_fastpath_enabled()
         try:
+            torch.backends.mha.set_fastpath_enabled(False)
             for p in thawed:
                 p.requires_grad_(False)
             if any(mode for _, mode in modes):
@@ -378,6 +406,7 @@ class Decomposition(nn.Module):
             yield
         finally:
             self.__dict__["_installed_now"] = False
+            torch.backends.mha.set_fastpath_enabled(fastpath)
             restore_modules(swapped)
             for p in thawed:
                 p.requires_grad_(True)
@@ -385,6 +414,65 @@ class Decomposition(nn.Module):
                 if m.training != mode:
                     m.training = mode
             self._reset_stand_ins()
+
+    def _examples_independent(self, batch: Batch) -> bool:
+        """Whether the target treats the examples along dim 0 independently, as stacking passes
+        along dim 0 needs: its output for each half of the batch, run alone, must be its output for
+        the whole batch (checked once per Decomposition, on the first batch of >= 2 examples). Not
+        so for a sequence-first layout (dim 0 is the positions) or batch statistics (e.g. BatchNorm
+        without running statistics, a batch-wide softmax): then passes run one by one, said once.
+        The three forwards run without the target's module hooks (a caller's hook may hold
+        per-batch tensors or count calls); if they fail anyway, stacking stays on."""
+        rows = batch_size(batch)
+        half = rows // 2
+        hooked = [(m, m._forward_hooks, m._forward_pre_hooks) for m in self.target.modules()]
+        try:
+            for m, _, _ in hooked:
+                m.__dict__.update(_forward_hooks=OrderedDict(), _forward_pre_hooks=OrderedDict())
+            with torch.no_grad(), self._installed():
+                out = call_target(self.target, batch)
+                parts = [call_target(self.target, _slice_batch(batch, lo, hi, rows)) for lo, hi in ((0, half), (half, rows))]
+        except Exception:
+            return True
+        finally:
+            for m, fwd, pre in hooked:
+                m.__dict__.update(_forward_hooks=fwd, _forward_pre_hooks=pre)
+        worst = 0.0
+        for part, whole in zip(parts, (out[:half], out[half:])):
+            if part.shape != whole.shape:
+                worst = float("inf")
+                break
+            err = float((part.float() - whole.float()).norm() / whole.float().norm().clamp_min(1e-30))
+            worst = max(worst, err) if err == err else worst  # NaN (a non-finite output): cannot tell, no verdict
+        if worst <= 1e-2:
+            return True
+        warnings.warn(
+            f"the target's output for half of the batch, run alone, differs from its output for the whole batch "
+            f"(relative difference {worst:.3g}): its examples along dim 0 are not independent (a sequence-first "
+            "layout, where dim 0 holds the positions, or batch statistics). tspd runs the masked passes one by one "
+            "instead of stacking them along dim 0. A sequence-first model should not use ci.kind attention, which "
+            "reads dim 1 as the positions", stacklevel=4)
+        return False
+
+    def _check_calls(self) -> None:
+        """After the target run: each site's hooks (added since the Decomposition was made) and how
+        often it was called. A site called several times per forward (a shared layer) gets its CI
+        from the last call's input and applies its masks to every call: refused when the calls'
+        inputs differ in shape (the masks cannot fit them all), else said once."""
+        for name, s in self._stand_ins.items():
+            check_site_hooks(name, s.original)
+            st = s.state
+            if st.calls > 1 and len(st.shapes) > 1:
+                raise SiteError(
+                    f"site {name!r} is called {st.calls} times per forward with inputs of shapes "
+                    f"{sorted(st.shapes)}: its CI and masks have one shape (from the last call), so they cannot apply "
+                    "to every call. Choose a module called once per forward, or give each use its own module")
+            warned = self.__dict__.setdefault("_repeat_warned", set())
+            if st.calls > 1 and name not in warned:
+                warned.add(name)
+                warnings.warn(
+                    f"site {name!r} is called {st.calls} times per forward (a shared layer): its CI is computed from "
+                    "the last call's input and its masks apply to every call", stacklevel=4)
 
     def _reset_stand_ins(self) -> None:
         # Plain attributes of the stand-ins (no parameter, buffer or module by these names), written
@@ -410,6 +498,11 @@ class Decomposition(nn.Module):
         self._block_outputs, self._block_batch, self._child_calls = None, None, {}
         self._head_batch = None
         self._site_targets, self._site_targets_batch = {}, None
+        independent = None  # whether stacking along dim 0 is sound (None: not known yet)
+        if self.config.train.stack_passes and batch_size(batch) >= 2:
+            if self.__dict__.get("_independent") is None:  # once, before the target run (so that what the model
+                self.__dict__["_independent"] = self._examples_independent(batch)  # records in its forward is the run's)
+            independent = self.__dict__["_independent"]
         reuse = bool(self._block_of) and self.config.train.reuse_prefix
         n_record = max(self._block_of.values()) if reuse else 0
         recorders = [_Record(self._block_list[i]) for i in range(n_record)]
@@ -449,10 +542,11 @@ class Decomposition(nn.Module):
                 raise SiteError(
                     f"site(s) {', '.join(never)} were never called by the target's forward on this batch: a module "
                     "called only on some inputs (e.g. a mixture-of-experts expert no token reached) cannot be a site, "
-                    "nor one whose weight is used directly (e.g. nn.MultiheadAttention's out_proj, torch's fused fast path of nn.TransformerEncoderLayer in "
-                    "eval mode, or F.linear(x, module.weight)), and tspd "
+                    "nor one whose weight is used directly (e.g. nn.MultiheadAttention's out_proj, or "
+                    "F.linear(x, module.weight)), and tspd "
                     "decomposes a site by standing in for its module's call; choose modules the forward calls"
                 )
+            self._check_calls()
             self._site_targets = {n: s.record for n, s in self._stand_ins.items() if s.record is not None}
             self._site_targets_batch = (batch, _versions(_flat_tensors(batch)))
         # Passes may stop before the head only if the model returned the head's output itself (one
@@ -468,6 +562,8 @@ class Decomposition(nn.Module):
         in_order = all(a < b for a, b in zip(order, order[1:])) and order[:n_record] == list(range(n_record))
         if recorders and in_order and all(r.replayable(rows) for r in recorders):
             self._block_outputs, self._block_batch = [r.output for r in recorders], batch
+        if self._stackable and independent is not None:
+            self._stackable = independent
         if reuse and (not recorders or self._block_outputs is not None):
             self._child_calls, self._block_batch = calls.sound(rows), batch
         return out, inputs
@@ -640,9 +736,18 @@ class Decomposition(nn.Module):
                 replaced.append((parent, child, parent._modules[child]))
                 parent._modules[child] = _HeadInput(self._head[2])
             try:
-                return call_target(self.target, repeat_batch(batch, n))
+                out = call_target(self.target, repeat_batch(batch, n))
             finally:
                 restore_modules(replaced)
+            skipped = [name for name, s in self._stand_ins.items() if s.state.calls == 0
+                       and any(seg.masks is not None and (seg.routed is None or bool(seg.routed.any())) for seg in s.state.segments)]
+            if skipped:
+                raise SiteError(
+                    f"site(s) {', '.join(skipped)} were called in the target run but not in a masked pass, so their masks "
+                    "were never applied: the model takes another route when tspd stands in for its modules (e.g. a fused "
+                    "kernel that reads the weights directly when no hook is attached). Make the model call these modules on "
+                    "every forward, or choose other sites")
+            return out
 
     def _replay_blocks(self, count: int, n: int) -> list[tuple[nn.Module, str, nn.Module]]:
         """Swap blocks 0..count-1 for modules returning the target run's recorded outputs."""

@@ -131,6 +131,9 @@ def shard(batch: Batch, w: World) -> Batch:
 def to_device(batch: Batch, device: torch.device) -> Batch:
     if isinstance(batch, Tensor):
         return batch.to(device, non_blocking=True)
+    if not isinstance(batch, dict):
+        raise TypeError(f"a batch must be a Tensor or a dict of keyword inputs; got a {type(batch).__name__}. Yield the "
+                        "model's inputs only (e.g. x, not (x, y)), or a dict of its keyword arguments")
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 

@@ -58,6 +58,7 @@ class DataStream:
             return
         self._iter = iter(data)
         self.eval_batches = list(itertools.islice(self._iter, n_eval))
+        self._n_eval = len(self.eval_batches)
         for i in range(start_step):
             if next(self._iter, None) is None:
                 raise RuntimeError(
@@ -79,7 +80,9 @@ class DataStream:
         try:
             return next(self._iter)
         except StopIteration:
-            raise RuntimeError(f"the data iterable ran out at step {step}; make it longer or infinite") from None
+            raise RuntimeError(
+                f"the data iterable ran out at step {step}, after the first {self._n_eval} batches went to evaluation "
+                "(train.eval_batches); make it longer or infinite (e.g. itertools.cycle, or a callable data(step))") from None
 
 
 def tune_cpu_allocator() -> None:
@@ -335,6 +338,14 @@ def decompose(
         for stale in leftover_temps(run_path / CHECKPOINT):  # a checkpoint write cut off by a kill
             stale.unlink(missing_ok=True)
         atomic_write_bytes(run_path / "config.yaml", lambda p: Path(p).write_text(config.to_yaml()))
+        if config.target is None:  # a model from Python: saved now, so one that cannot be fails before training, not after
+            try:
+                atomic_write_bytes(run_path / "target_module.pt", lambda p: torch.save(target, p))
+            except Exception as e:
+                raise TypeError(
+                    f"the target cannot be saved with torch.save ({type(e).__name__}: {e}), and {run_path} must hold it "
+                    "for the run to be loaded again: keep lambdas, local classes and open handles out of the model's "
+                    "attributes, or decompose without run_dir") from e
         _truncate_metrics(run_path / METRICS, start)
     if start == 0:
         faithfulness_warmup(dec)
