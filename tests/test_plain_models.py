@@ -204,3 +204,9 @@ def test_a_target_that_cannot_be_saved_fails_before_training(tmp_path):
     with pytest.raises(TypeError, match="the target cannot be saved with torch.save"):
         tspd.decompose(Unpicklable(), lambda step: torch.randn(4, D), cfg, run_dir=tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or (tmp_path / "run" / "metrics.jsonl").read_text() == ""
+
+
+def test_torchscript_modules_are_refused_with_the_reason():
+    model = nn.Sequential(torch.jit.script(nn.Linear(D, D)), nn.Tanh(), nn.Linear(D, 3))
+    with pytest.raises(SiteError, match="a TorchScript module .* decompose the eager model before scripting it"):
+        tspd.Decomposition(model, mse_cfg([("0", 4)]))

@@ -92,6 +92,9 @@ def resolve_sites(model: nn.Module, patterns: list[tuple[str, int]]) -> list[tup
             elif isinstance(m, (nn.Linear, nn.Embedding)):
                 why = (f"a subclass of {'nn.Linear' if isinstance(m, nn.Linear) else 'nn.Embedding'} with its own forward "
                        "(e.g. an embedding that scales its output), which a masked pass would replace by the plain product")
+            elif isinstance(m, torch.jit.ScriptModule):
+                why = ("a TorchScript module (torch.jit.script / trace), whose compiled forward tspd cannot stand in for; "
+                       "decompose the eager model before scripting it")
             else:
                 why = "not nn.Linear, GPT-2 Conv1D or nn.Embedding"
             raise SiteError(
