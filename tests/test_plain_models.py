@@ -210,3 +210,20 @@ def test_torchscript_modules_are_refused_with_the_reason():
     model = nn.Sequential(torch.jit.script(nn.Linear(D, D)), nn.Tanh(), nn.Linear(D, 3))
     with pytest.raises(SiteError, match="a TorchScript module .* decompose the eager model before scripting it"):
         tspd.Decomposition(model, mse_cfg([("0", 4)]))
+
+
+def test_a_target_changing_its_buffers_in_forward_is_warned_about():
+    class Running(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(D, D), nn.Linear(D, 3)
+            self.register_buffer("ema", torch.zeros(D))
+
+        def forward(self, x):
+            h = self.a(x)
+            self.ema.mul_(0.9).add_(0.1 * h.detach().mean(0))
+            return self.b(h - self.ema)
+
+    dec = tspd.Decomposition(Running(), mse_cfg([("a", 4)]))
+    with pytest.warns(UserWarning, match="changes its buffer.s. ema in its forward"):
+        dec.run_target(torch.randn(4, D))

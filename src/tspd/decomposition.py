@@ -527,6 +527,8 @@ class Decomposition(nn.Module):
                 if head_hook is not None and not torch.is_inference_mode_enabled()  # inference tensors have no versions
                 else None
             )
+            buffers = [] if self.__dict__.get("_buffers_warned") or torch.is_inference_mode_enabled() else list(self.target.buffers())
+            versions = [b._version for b in buffers]
             try:
                 out = call_target(self.target, batch)
             finally:
@@ -547,6 +549,15 @@ class Decomposition(nn.Module):
                     "decomposes a site by standing in for its module's call; choose modules the forward calls"
                 )
             self._check_calls()
+            changed = [i for i, (b, v) in enumerate(zip(buffers, versions)) if b._version != v]
+            if changed:
+                self.__dict__["_buffers_warned"] = True
+                names = [n for n, b in self.target.named_buffers() if any(b is buffers[i] for i in changed)]
+                warnings.warn(
+                    f"the target changes its buffer(s) {', '.join(names[:5])} in its forward: every forward tspd runs (the "
+                    "target run and each pass) changes them again, so passes do not see the state the target run saw and "
+                    "decomposing leaves the model changed. Freeze such state (e.g. eval-mode statistics) before decomposing",
+                    stacklevel=3)
             self._site_targets = {n: s.record for n, s in self._stand_ins.items() if s.record is not None}
             self._site_targets_batch = (batch, _versions(_flat_tensors(batch)))
         # Passes may stop before the head only if the model returned the head's output itself (one
