@@ -21,6 +21,17 @@ needs_compiler = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def _streams_from_the_environment():
+    """A resumed run pins its checkpoint's stream mixer for the rest of the process (the CLI's
+    analysis after training must use it); between tests it goes back to the environment's."""
+    from tspd import seeding
+
+    seeding.use_legacy_streams(None)
+    yield
+    seeding.use_legacy_streams(None)
+
+
 # ---- tiny targets -----------------------------------------------------------------------
 class OneLinear(nn.Module):
     """Output is exactly linear1(x): the simplest possible target."""

@@ -289,7 +289,7 @@ def test_cli_decompose_then_resume_and_train_target(tmp_path, capsys):
     # own, nothing lost) and keeps the target, which the same settings reuse
     (out / "results.json").write_text("{}")
     (out / "inside").mkdir()  # a subfolder (e.g. facts ablate --out RUN/inside) stays
-    before = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("target"))
+    before = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(("target", ".")))
     assert cli.main(["decompose", "tms-5-2", "--out", str(out), *sets, "--set", "target.seed=7"]) == 0
     aside = [p for p in out.iterdir() if p.name.startswith("previous-")]
     assert len(aside) == 1 and "moved to" in capsys.readouterr().err

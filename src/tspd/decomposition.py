@@ -242,6 +242,81 @@ def atomic_write_bytes(path: Path, write) -> None:
             os.unlink(tmp)
 
 
+def remove_leftover_temps(folder: Path) -> list[Path]:
+    """Delete the temporary files of `atomic_write_bytes` calls a kill cut off in `folder` (any
+    `.<name>.<random>.tmp`); call it only while holding the folder (`run_folder_lock`)."""
+    gone = [p for p in folder.glob(".*.tmp") if p.is_file() and p.name.count(".") >= 3]
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
+
+
+class RunFolderBusy(RuntimeError):
+    """Another process is writing to the run folder."""
+
+
+LOCK_NAME = ".tspd.lock"
+_HELD_LOCKS: dict[Path, list] = {}  # folder -> [file descriptor, depth]: re-entrant within a process
+
+
+@contextlib.contextmanager
+def run_folder_lock(folder: str | Path) -> Iterator[None]:
+    """Hold `folder` for writing: a second tspd process that tries to write a run there (a fresh
+    run would move or delete this one's files under it) fails at once, naming the holder. An
+    advisory lock on `folder/.tspd.lock` (released by the OS if the process dies, so a kill leaves
+    no stale lock); re-entrant within a process; a no-op where fcntl is missing."""
+    folder = Path(folder)
+    key = folder.resolve()
+    held = _HELD_LOCKS.get(key)
+    if held is not None:
+        held[1] += 1
+        try:
+            yield
+        finally:
+            held[1] -= 1
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} is a file, not a folder: give the run a folder (--out DIR)")
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+    except PermissionError as e:
+        raise PermissionError(f"cannot write in {folder} ({e.strerror}): give the run a folder you can write to (--out DIR)") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        raise RunFolderBusy(
+            f"another tspd process{f' (pid {holder})' if holder else ''} is writing to {folder}: wait for it to "
+            "finish, or give this run another folder (--out DIR)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _HELD_LOCKS[key] = [fd, 1]
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        del _HELD_LOCKS[key]
+        if failed and created and [p.name for p in key.iterdir()] == [LOCK_NAME]:
+            (key / LOCK_NAME).unlink()  # a run that failed before writing anything leaves no folder it made
+            key.rmdir()
+        os.close(fd)  # releases the lock
+
+
+def unreadable(path: Path, err: Exception, fix: str) -> ValueError:
+    """The error for a file tspd wrote that cannot be read back (cut short, overwritten, damaged)."""
+    return ValueError(f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): "
+                      f"it is damaged (e.g. a copy cut short). {fix}")
+
+
 def write_json(path: Path, obj) -> None:
     """`obj` as indented JSON, written atomically."""
     atomic_write_bytes(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2)))
@@ -1087,13 +1162,16 @@ def load(directory: str | Path, target: nn.Module | None = None) -> Decompositio
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} does not exist (or is not a folder): give a tspd run folder")
     if not (directory / "decomposition.safetensors").exists():
+        if (directory / "checkpoint.pt").exists():
+            raise FileNotFoundError(f"{directory} holds a checkpoint but no decomposition.safetensors: the run has not "
+                                    "finished; finish it with the same command and --resume")
         raise FileNotFoundError(f"{directory} holds no decomposition.safetensors: is it a tspd run folder?")
     config = RunConfig.from_yaml(directory / "config.yaml")
     if target is None:
         if config.target is not None:
             target = build_target(config.target, train=False)
             if saved_with_run(config.target):
-                target.load_state_dict(load_file(directory / "target.safetensors"))
+                target.load_state_dict(_read_safetensors(directory / "target.safetensors"))
             elif (directory / TARGET_FINGERPRINT).exists():
                 saved = json.loads((directory / TARGET_FINGERPRINT).read_text()).get("sha256")
                 if saved != target_fingerprint(target):
@@ -1107,5 +1185,15 @@ def load(directory: str | Path, target: nn.Module | None = None) -> Decompositio
         else:
             raise FileNotFoundError(f"{directory} has no saved target; pass load(directory, target=model)")
     dec = Decomposition(target, config)
-    dec.load_state_dict(load_file(directory / "decomposition.safetensors"))
+    dec.load_state_dict(_read_safetensors(directory / "decomposition.safetensors"))
     return dec
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    """A run folder's .safetensors file, or an error naming it if it cannot be read."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: the run folder is incomplete; run it again")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors' SafetensorError derives from Exception only
+        raise unreadable(path, e, "Run the decomposition again (with --resume if its checkpoint is intact)") from e

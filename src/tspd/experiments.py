@@ -7,6 +7,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 from tspd import distributed
 from tspd.components import resolve_sites
 from tspd.config import ConfigError, RunConfig
-from tspd.decomposition import Decomposition, atomic_write_bytes, load, save_state, write_json
+from tspd.decomposition import LOCK_NAME, Decomposition, atomic_write_bytes, load, run_folder_lock, save_state, write_json
 from tspd.targets import build_data, build_target, saved_with_run
 from tspd.train import DataStream, decompose, require_checkpoint
 
@@ -56,12 +57,19 @@ def _target_for(cfg: RunConfig, out: Path, resume: bool = False):
     path, meta = out / "target.safetensors", out / "target.yaml"
     settings = cfg.target.model_dump(mode="json")
     if path.exists():
-        recorded = yaml.safe_load(meta.read_text()) if meta.exists() else None
+        try:
+            recorded = yaml.safe_load(meta.read_text()) if meta.exists() else None
+        except yaml.YAMLError:
+            recorded = None  # damaged: treated as other settings
         if resume or recorded == settings:
             target = build_target(cfg.target, train=False)
-            target.load_state_dict(load_file(path))
-            return target
-        print(f"tspd: {path} was made with other target settings; making the target afresh", file=sys.stderr)
+            try:
+                target.load_state_dict(load_file(path))
+                return target
+            except Exception as e:  # cut short or overwritten: made again (the same settings make the same target)
+                print(f"tspd: {path} cannot be read ({type(e).__name__}); making the target afresh", file=sys.stderr)
+        else:
+            print(f"tspd: {path} was made with other target settings; making the target afresh", file=sys.stderr)
         if distributed.world().main:
             for name in TARGET_EXTRAS:
                 (out / name).unlink(missing_ok=True)
@@ -79,9 +87,17 @@ def _target_for(cfg: RunConfig, out: Path, resume: bool = False):
     else:
         target = build_target(cfg.target)
     if distributed.world().main:
-        save_state(target, path)
-        atomic_write_bytes(meta, lambda p: Path(p).write_text(yaml.safe_dump(settings)))
+        save_target_pair(target, path, settings)
     return target
+
+
+def save_target_pair(target, path: Path, settings: dict) -> None:
+    """The target's weights and the settings they were made with: the settings file goes first
+    and comes back last, so a kill in between never leaves weights under settings they lack."""
+    meta = path.with_name("target.yaml")
+    meta.unlink(missing_ok=True)
+    save_state(target, path)
+    atomic_write_bytes(meta, lambda p: Path(p).write_text(yaml.safe_dump(settings)))
 
 
 def decompose_from_config(
@@ -98,27 +114,51 @@ def decompose_from_config(
     if cfg.target is not None and cfg.target.kind in ("tms", "induction"):
         resolve_sites(build_target(cfg.target, train=False), [(s.pattern, s.C) for s in cfg.sites])  # untrained: instant
     device = distributed.device_for(cfg.train.device)  # no GPU for train.device=cuda: named before a target trains
+    if resume:
+        check_resume_config(cfg, out)
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume and distributed.world().main:
-        set_aside_earlier_outputs(out, keep=_paths_in_config(cfg))
+    main = distributed.world().main
     try:
-        target = _target_for(cfg, out, resume).to(device)
-        if cfg.data.kind == "text":
-            mc = getattr(target, "config", None)
-            ctx = getattr(mc, "n_positions", None) or getattr(mc, "max_position_embeddings", None)
-            if isinstance(ctx, int) and cfg.data.seq_len > ctx:
-                raise ValueError(f"data.seq_len {cfg.data.seq_len} is longer than the model's context ({ctx} positions); "
-                                 f"set data.seq_len <= {ctx}")
-        data = build_data(cfg.data, cfg.target, cfg.train.batch_size, cfg.seed)
-        return decompose(target, data, cfg, run_dir=out, resume=resume, progress=progress, stop_after=stop_after)
+        # Held from here to the end: a second process writing a run into `out` fails at once.
+        with run_folder_lock(out) if main else contextlib.nullcontext():
+            out.mkdir(parents=True, exist_ok=True)
+            if not resume and main:
+                set_aside_earlier_outputs(out, keep=_paths_in_config(cfg))
+            target = _target_for(cfg, out, resume).to(device)
+            if cfg.data.kind == "text":
+                mc = getattr(target, "config", None)
+                ctx = getattr(mc, "n_positions", None) or getattr(mc, "max_position_embeddings", None)
+                if isinstance(ctx, int) and cfg.data.seq_len > ctx:
+                    raise ValueError(f"data.seq_len {cfg.data.seq_len} is longer than the model's context ({ctx} positions); "
+                                     f"set data.seq_len <= {ctx}")
+            data = build_data(cfg.data, cfg.target, cfg.train.batch_size, cfg.seed)
+            return decompose(target, data, cfg, run_dir=out, resume=resume, progress=progress, stop_after=stop_after)
     except BaseException:
-        if created and distributed.world().main and out.is_dir() and not any(out.iterdir()):
+        if created and main and out.is_dir():
             try:
-                out.rmdir()  # a run that failed before writing anything leaves no empty folder
+                (out / LOCK_NAME).unlink(missing_ok=True)
+                out.rmdir()  # a run that failed before writing anything leaves no empty folder (fails if not empty)
             except OSError:
                 pass
         raise
+
+
+def check_resume_config(cfg: RunConfig, out: Path) -> None:
+    """A --resume whose config differs from the run's own (its config.yaml) outside `train` is
+    refused before anything loads (the target of another recipe would fail with a shape error)."""
+    from tspd.train import _first_difference
+
+    own = out / "config.yaml"
+    if not own.exists():
+        return
+    try:
+        saved = RunConfig.from_yaml(own)
+    except Exception:
+        return  # the checkpoint's own copy of the config is compared when it loads
+    diff = _first_difference(saved.model_dump(exclude={"train"}), cfg.model_dump(exclude={"train"}))
+    if diff is not None:
+        raise ValueError(f"{out} holds a run of a different config ({diff}); resume with the run's own config "
+                         "(its config.yaml), or start a new run folder")
 
 
 def _paths_in_config(cfg: RunConfig) -> set[Path]:
@@ -131,32 +171,39 @@ def _paths_in_config(cfg: RunConfig) -> set[Path]:
 # (reused when the settings match, see _target_for; set_aside_earlier_outputs copies it along).
 KEPT_ON_FRESH_START = ("target.safetensors", "target.yaml", *TARGET_EXTRAS)
 PREVIOUS_PREFIX = "previous-"
+PARTIAL_ASIDE = ".previous-partial"
 
 
 def set_aside_earlier_outputs(out: Path, keep: set[Path] = frozenset()) -> Path | None:
     """Before a fresh decomposition in a folder that holds an earlier run (its config.yaml or
     checkpoint), move that run's files (results, figures, harvest, reports, its decomposition) into
     `out/previous-<UTC time>/`, with a copy of its target, so nothing stale is read as this run's,
-    nothing is lost, and the earlier run still loads from there. Subfolders and the files in `keep`
-    (what the new config reads) stay. Returns the folder they went to (None: nothing to move)."""
-    if not ((out / "config.yaml").exists() or (out / "checkpoint.pt").exists()):
+    nothing is lost, and the earlier run still loads from there. Subfolders, hidden files and the
+    files in `keep` (what the new config reads) stay. The files gather in `out/.previous-partial/`,
+    renamed to its final name once all are in: a kill midway leaves that folder, which the next
+    fresh run completes (no half of a run in one folder and half in another). Returns the folder
+    they went to (None: nothing to move)."""
+    partial = out / PARTIAL_ASIDE
+    if not ((out / "config.yaml").exists() or (out / "checkpoint.pt").exists() or partial.is_dir()):
         return None
-    moving = [p for p in out.iterdir()
-              if p.is_file() and p.name not in KEPT_ON_FRESH_START and p.resolve() not in keep]
-    if not moving:
+    moving = [p for p in out.iterdir() if p.is_file() and not p.name.startswith(".")
+              and p.name not in KEPT_ON_FRESH_START and p.resolve() not in keep]
+    if not moving and not partial.is_dir():
         return None
+    partial.mkdir(exist_ok=True)
+    for name in KEPT_ON_FRESH_START:  # the earlier run's target, so that the set-aside run loads
+        if (out / name).is_file() and not (partial / name).exists():
+            atomic_write_bytes(partial / name, lambda tmp, name=name: shutil.copy2(out / name, tmp))
+    for p in moving:
+        p.rename(partial / p.name)
     aside = out / (PREVIOUS_PREFIX + time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
     n = 1
     while aside.exists():
         n += 1
         aside = aside.with_name(f"{aside.name.split('.')[0]}.{n}")
-    aside.mkdir()
-    for name in KEPT_ON_FRESH_START:  # the earlier run's target, so that the set-aside run loads
-        if (out / name).is_file():
-            shutil.copy2(out / name, aside / name)
-    for p in moving:
-        p.rename(aside / p.name)
-    print(f"tspd: starting afresh in {out}; the earlier run's {len(moving)} files moved to {aside}", file=sys.stderr)
+    partial.rename(aside)
+    count = sum(1 for p in aside.iterdir() if p.name not in KEPT_ON_FRESH_START)
+    print(f"tspd: starting afresh in {out}; the earlier run's {count} files moved to {aside}", file=sys.stderr)
     return aside
 
 
@@ -181,8 +228,7 @@ def train_target(recipe: str | Path, out: str | Path, seed: int | None = None, o
         target = _train_induction_target(cfg.target, out)
     else:
         target = build_target(cfg.target)
-    save_state(target, out / "target.safetensors")
-    atomic_write_bytes(out / "target.yaml", lambda p: Path(p).write_text(yaml.safe_dump(_target_settings(cfg.target))))
+    save_target_pair(target, out / "target.safetensors", _target_settings(cfg.target))
     return out / "target.safetensors"
 
 

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import inspect
 import itertools
@@ -28,7 +29,10 @@ from tqdm import tqdm
 from tspd import distributed
 from tspd.analysis.metrics import evaluate
 from tspd.config import RunConfig
-from tspd.decomposition import Batch, Decomposition, _key, atomic_write_bytes, check_target_matches_config, leftover_temps, position_mask
+from tspd.decomposition import (
+    Batch, Decomposition, _key, atomic_write_bytes, check_target_matches_config, position_mask, remove_leftover_temps,
+    run_folder_lock, unreadable,
+)
 from tspd.losses import annealed_p, compute_losses, l0, model_device, pin_fast_bf16, resolve_autocast
 from tspd.seeding import generator, legacy_streams, use_legacy_streams
 
@@ -219,7 +223,12 @@ def _save_checkpoint(run_dir: Path, dec: Decomposition, opt: torch.optim.Optimiz
 def _load_checkpoint(run_dir: Path, dec: Decomposition, opt: torch.optim.Optimizer) -> int:
     # Onto the CPU: load_state_dict copies each tensor to its parameter's device (a run may resume on
     # another device, and under DDP every rank would otherwise load onto the saving rank's GPU).
-    state = torch.load(run_dir / CHECKPOINT, weights_only=False, map_location="cpu")
+    try:
+        state = torch.load(run_dir / CHECKPOINT, weights_only=False, map_location="cpu")
+        state["config"], state["step"]
+    except Exception as e:
+        raise unreadable(run_dir / CHECKPOINT, e, "Delete it and start the run afresh (without --resume), or restore "
+                         "it from a copy") from e
     saved = RunConfig.model_validate(state["config"])
     diff = _first_difference(saved.model_dump(exclude={"train"}), dec.config.model_dump(exclude={"train"}))
     if diff is not None:
@@ -262,7 +271,8 @@ def metric_records(path: Path) -> tuple[list[tuple[str, dict]], int]:
     """The (line, record) pairs of a metrics.jsonl (none if it is absent), and how many of its
     non-empty lines are not JSON records (a write cut short, or being written by a running run)."""
     records, damaged = [], 0
-    for ln in path.read_text().splitlines() if path.exists() else []:
+    # (bytes that are not UTF-8, from outside damage: that line is then not JSON, dropped like a cut one)
+    for ln in path.read_text(errors="replace").splitlines() if path.exists() else []:
         if not ln:
             continue
         try:
@@ -289,6 +299,23 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def decompose(
+    target: torch.nn.Module,
+    data: Callable[..., Batch] | Iterable[Batch],
+    config: RunConfig,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> Decomposition:
+    """Decompose `target`'s sites (config.sites) on batches from `data`; returns the Decomposition.
+    See `_decompose`; with `run_dir`, the folder is held for writing (`run_folder_lock`) meanwhile."""
+    check_target_matches_config(target, config)  # else the saved run could not be loaded (before the folder is made)
+    hold = run_dir is not None and distributed.world().main
+    with run_folder_lock(run_dir) if hold else contextlib.nullcontext():
+        return _decompose(target, data, config, run_dir, resume, progress, stop_after)
+
+
+def _decompose(
     target: torch.nn.Module,
     data: Callable[..., Batch] | Iterable[Batch],
     config: RunConfig,
@@ -335,8 +362,7 @@ def decompose(
             (run_path / CHECKPOINT).unlink()
     if writes:
         run_path.mkdir(parents=True, exist_ok=True)
-        for stale in leftover_temps(run_path / CHECKPOINT):  # a checkpoint write cut off by a kill
-            stale.unlink(missing_ok=True)
+        remove_leftover_temps(run_path)  # writes cut off by a kill (checkpoint, decomposition, figures, ...)
         atomic_write_bytes(run_path / "config.yaml", lambda p: Path(p).write_text(config.to_yaml()))
         if config.target is None:  # a model from Python: saved now, so one that cannot be fails before training, not after
             try:

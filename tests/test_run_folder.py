@@ -1,0 +1,174 @@
+"""A run folder under concurrent use, kills between dependent writes, and damaged files: nothing lost
+silently, every error names the file and the fix."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import tspd
+from conftest import assert_same_state
+from tspd import cli
+from tspd.decomposition import LOCK_NAME, RunFolderBusy
+
+SETS = ["--set", "train.steps=4", "--set", "target.train_steps=10", "--set", "train.batch_size=64",
+        "--set", "train.faithfulness_warmup_steps=5", "--set", "train.checkpoint_every=2"]
+
+
+def run(out, *extra) -> int:
+    return cli.main(["decompose", "tms-5-2", "--out", str(out), *SETS, *extra])
+
+
+@pytest.fixture
+def finished(tmp_path):
+    out = tmp_path / "run"
+    assert run(out) == 0
+    return out
+
+
+def test_a_second_process_writing_the_same_folder_is_refused(tmp_path, capsys):
+    """Two runs in one folder: the second deleted the first's live checkpoint and replaced its
+    metrics, and both exited 0 with one run's results lost."""
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT)  # as another process holding the folder
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, b"4242")
+    try:
+        assert run(out) == 2
+        assert "another tspd process (pid 4242) is writing to" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing written, nothing moved
+        cfg = tspd.RunConfig.from_yaml(cli._recipe("tms-5-2"), ["train.steps=2", "train.batch_size=8"])
+        from tspd.data.tms import TMSData
+        from tspd.targets.tms import TMSModel
+
+        with pytest.raises(RunFolderBusy):
+            tspd.decompose(TMSModel(5, 2), TMSData(5, 0.05, 8), cfg, run_dir=out, progress=False)
+    finally:
+        os.close(fd)
+    assert run(out) == 0  # released: the folder is usable again
+
+
+def test_the_target_settings_never_describe_weights_they_did_not_make(tmp_path, monkeypatch):
+    """target.yaml goes before and comes back after target.safetensors: a kill in between left
+    the new weights under the old settings, which a later fresh run silently reused."""
+    from tspd import experiments
+
+    out = tmp_path / "run"
+    cfg = tspd.RunConfig.from_yaml(cli._recipe("tms-5-2"), ["target.train_steps=10"])
+    out.mkdir()
+    experiments._target_for(cfg, out)
+    assert (out / "target.yaml").exists()
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiments, "atomic_write_bytes", killed)  # the kill: after the weights, before the settings
+    with pytest.raises(KeyboardInterrupt):
+        experiments._target_for(cfg.with_overrides(["target.train_steps=11"]), out)
+    assert (out / "target.safetensors").exists() and not (out / "target.yaml").exists()
+
+
+def test_a_set_aside_cut_short_is_completed_by_the_next_run(finished, capsys, monkeypatch):
+    """A kill while the earlier run's files were moved left half of them in one previous- folder
+    and half in another, and neither loaded."""
+    from pathlib import Path
+
+    from tspd import experiments
+
+    first = tspd.load(finished)
+    moved = []
+    real = Path.rename
+
+    def rename(self, target):
+        if len(moved) == 3:
+            raise KeyboardInterrupt
+        moved.append(self.name)
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        experiments.set_aside_earlier_outputs(finished)
+    monkeypatch.undo()
+    assert (finished / experiments.PARTIAL_ASIDE).is_dir()
+    assert run(finished, "--set", "seed=3") == 0
+    aside = [p for p in finished.iterdir() if p.name.startswith("previous-")]
+    assert len(aside) == 1 and not (finished / experiments.PARTIAL_ASIDE).exists()
+    assert_same_state(first.state_dict(), tspd.load(aside[0]).state_dict())
+
+
+@pytest.mark.parametrize("damage", [b"", b"\x00garbage" * 10, "truncate"])
+def test_a_damaged_checkpoint_is_named_with_the_fix(finished, capsys, damage):
+    ckpt = finished / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:2000] if damage == "truncate" else damage)
+    assert cli.main(["decompose", "--resume", "--out", str(finished)]) == 2
+    err = capsys.readouterr().err
+    assert f"{ckpt} cannot be read" in err and "Delete it and start the run afresh" in err
+
+
+def test_damaged_run_files_are_named(finished, capsys):
+    (finished / "decomposition.safetensors").write_bytes(b"\x10\x00")
+    assert cli.main(["eval", str(finished)]) == 2
+    assert "decomposition.safetensors cannot be read" in capsys.readouterr().err
+    # a damaged cached target is made again (the same settings make the same target)
+    (finished / "target.safetensors").write_bytes(b"xx")
+    assert run(finished) == 0
+    assert "target.safetensors cannot be read" in capsys.readouterr().err
+    (finished / "target.yaml").write_text("a: [unclosed")
+    assert run(finished) == 0
+
+
+def test_an_unfinished_run_says_to_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = tspd.RunConfig.from_yaml(cli._recipe("tms-5-2"), ["train.steps=4", "target.train_steps=10", "train.batch_size=64",
+                                                           "train.faithfulness_warmup_steps=5", "train.checkpoint_every=2"])
+    from tspd.experiments import decompose_from_config
+
+    decompose_from_config(cfg, out, progress=False, stop_after=2)
+    assert cli.main(["eval", str(out)]) == 2
+    assert "the run has not finished; finish it with the same command and --resume" in capsys.readouterr().err
+
+
+def test_resume_with_another_recipe_names_the_difference(finished, capsys):
+    assert cli.main(["decompose", "tms-40-10", "--out", str(finished), *SETS, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run of a different config" in err and "size mismatch" not in err
+
+
+def test_temporary_files_a_kill_left_are_removed(finished):
+    for name in (".decomposition.safetensors.ab12.tmp", ".results.json.x.tmp", ".tms_subcomponents.png.q.tmp"):
+        (finished / name).write_bytes(b"half")
+    (finished / ".keep.me").write_text("not ours")
+    assert cli.main(["decompose", "--resume", "--out", str(finished)]) == 0
+    assert sorted(p.name for p in finished.glob(".*")) == [".keep.me", LOCK_NAME]
+
+
+def test_metrics_with_bytes_that_are_not_utf8_drop_that_line(tmp_path):
+    from tspd.train import metric_records
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 0}\n{"step": 1, "x": "\xec\x00"\n{"step": 2}\n')
+    records, damaged = metric_records(path)
+    assert [r["step"] for _, r in records] == [0, 2] and damaged == 1
+
+
+def test_out_that_is_a_file_is_named(tmp_path, capsys):
+    out = tmp_path / "afile"
+    out.write_text("x")
+    assert run(out) == 2
+    assert "is a file, not a folder: give the run a folder (--out DIR)" in capsys.readouterr().err
+
+
+def test_a_lock_is_reentrant_and_released(tmp_path):
+    from tspd.decomposition import run_folder_lock
+
+    with run_folder_lock(tmp_path / "f"):
+        with run_folder_lock(tmp_path / "f"):
+            pass
+        assert (tmp_path / "f" / LOCK_NAME).read_text() == str(os.getpid())
+    with run_folder_lock(tmp_path / "f"):  # released: taken again
+        pass
+
