@@ -401,6 +401,58 @@ def test_padded_positions_are_left_out_of_every_loss(tokens, sections, side):
         assert ev_a[k] == pytest.approx(ev_b[k], rel=1e-5, abs=1e-7), k
 
 
+def test_left_padding_leaves_the_attention_ci_of_real_tokens_as_without_padding(tokens):
+    """The attention CI's position embedding is looked up by each token's place among the real
+    tokens (before: by column, so left padding shifted every real token's CI)."""
+    dec = tspd.Decomposition(make_gpt2(0), make_cfg([("transformer.h.0.mlp.c_fc", 4)], ci={"kind": "attention"}))
+    with torch.no_grad():
+        for fn in dec.ci_fns.values():
+            fn.net.pos.normal_(0, 1.0)
+            fn.net.rel_bias.normal_(0, 1.0)
+    seq = tokens[0, :6]
+    alone = dec.causal_importance(seq[None])["transformer.h.0.mlp.c_fc"][0]
+    for pads in (1, 4):
+        ids = torch.cat([torch.full((pads,), 5), seq])[None]
+        mask = torch.cat([torch.zeros(pads, dtype=torch.long), torch.ones(6, dtype=torch.long)])[None]
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        padded = dec.causal_importance({"input_ids": ids, "attention_mask": mask, "position_ids": pos})
+        torch.testing.assert_close(padded["transformer.h.0.mlp.c_fc"][0, pads:], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_a_mask_that_is_not_2d_is_warned_about(tokens):
+    from tspd.losses import compute_losses
+    from tspd.seeding import generator
+
+    dec = tspd.Decomposition(make_gpt2(0), make_cfg([("transformer.h.0.mlp.c_fc", 4)]))
+    mask = torch.ones(tokens.shape[0], 1, tokens.shape[1], tokens.shape[1])
+    with pytest.warns(UserWarning, match="attention_mask is 4-D"):
+        compute_losses(dec, {"input_ids": tokens, "attention_mask": mask}, 0, generator(0, 0, 202))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_consolidation_ignores_what_stands_at_padded_positions(tokens, side):
+    from tspd.consolidate import consolidate
+
+    cfg = make_cfg([("transformer.h.*.mlp.c_fc", 6)], ci={"kind": "vector_mlp"})
+    mask = torch.ones_like(tokens)
+    pad = slice(0, 4) if side == "left" else slice(6, None)
+    mask[0, pad] = 0
+    results = []
+    for fill in (3, 77):
+        torch.manual_seed(0)
+        dec = tspd.Decomposition(make_gpt2(0), cfg)
+        with torch.no_grad():  # pieces that fire together, so that there is something to merge
+            for fn in dec.ci_fns.values():
+                fn.net.b2.fill_(0.5)
+        ids = tokens.clone()
+        ids[0, pad] = fill
+        changes = consolidate(dec, [{"input_ids": ids, "attention_mask": mask}], max_increase=1e-3, prune=1e-3, final=True)
+        results.append((changes, {k: v.clone() for k, v in dec.state_dict().items()}))
+    assert results[0][0] == results[1][0]
+    for k, v in results[0][1].items():
+        torch.testing.assert_close(v, results[1][1][k], msg=k)
+
+
 def test_an_unpadded_attention_mask_changes_nothing(tokens):
     """A batch whose attention_mask is all 1 takes the usual route: the same terms as the bare ids."""
     from tspd.losses import compute_losses
@@ -424,9 +476,16 @@ def test_padding_weights_average_over_the_real_positions():
     torch.testing.assert_close(kl, per_row[keep].mean())
     mse = Reference(target, "mse", keep=keep).divergence(out)
     torch.testing.assert_close(mse, (out - target).pow(2)[keep].mean())
-    last = Reference(target, "kl", positions=[0], keep=keep).divergence(out)
-    torch.testing.assert_close(last, per_row[1, 0])
-    with pytest.raises(ValueError, match="every position of the batch is padding"):
+    # output.positions count among each row's real tokens: 0 is row 0's column 2 (left padding), and
+    # with right padding -1 is each row's last real token; a row too short for a position drops out
+    first = Reference(target, "kl", positions=[0], keep=keep).divergence(out)
+    torch.testing.assert_close(first, (per_row[0, 2] + per_row[1, 0]) / 2)
+    right = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    last = Reference(target, "kl", positions=[-1], keep=right).divergence(out)
+    torch.testing.assert_close(last, (per_row[0, 1] + per_row[1, 3]) / 2)
+    third = Reference(target, "kl", positions=[2], keep=right).divergence(out)
+    torch.testing.assert_close(third, per_row[1, 2])
+    with pytest.raises(ValueError, match="no real position is left to average over"):
         Reference(target, "kl", keep=torch.zeros_like(keep))
 
 

@@ -60,7 +60,7 @@ def test_consolidate_keeps_weights_and_merges(monkeypatch):
     x = torch.randn(1, 6).repeat(16, 1)
     # Every piece of linear1 fully on for every input: one co-active group of 6 on a single input.
     ones = {s: torch.full((16, 6), 9.0) for s in dec.site_names}
-    monkeypatch.setattr(dec, "ci_logits", lambda inputs: ones)
+    monkeypatch.setattr(dec, "ci_logits", lambda inputs, keep=None: ones)
     merges = consolidate(dec, [x], tol=0.01, overlap=0.9)
     assert {m.site for m in merges} == {"linear1", "linear2"}
     m1 = next(m for m in merges if m.site == "linear1")

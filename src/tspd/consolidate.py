@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tspd.decomposition import Batch, Decomposition, _key
+from tspd.decomposition import Batch, Decomposition, _key, position_mask
 
 
 QUANTILE = 0.95  # the merge's error bound holds for this share of a group's inputs
@@ -220,19 +220,36 @@ def _merged_ci(g: Tensor, slots: list[int], r: int) -> Tensor:
     return g
 
 
-def _ci_as_is(dec: Decomposition, inputs: dict[str, Tensor], s: str, off: Tensor) -> Tensor:
+def _real_rows(t: Tensor, keep: Tensor | None) -> Tensor:
+    """(rows, C) of a (..., C) tensor: the batch's real positions only when it has padding (`keep`,
+    fitting t's leading shape), else every row."""
+    if keep is not None and tuple(t.shape[:-1]) == tuple(keep.shape):
+        return t[keep]
+    return t.reshape(-1, t.shape[-1])
+
+
+def _fresh_ci(dec: Decomposition, inputs: dict[str, Tensor], keep: Tensor | None) -> dict[str, Tensor]:
+    """The CI on recorded site inputs from the CI functions now, 0 at padded positions (so that no
+    statistic counts them: a padded position is never active)."""
+    ci = dec.ci_from_logits(dec.ci_logits(inputs, keep))[0]
+    if keep is None:
+        return ci
+    return {s: g.masked_fill(~keep[..., None], 0.0) if tuple(g.shape[:-1]) == tuple(keep.shape) else g for s, g in ci.items()}
+
+
+def _ci_as_is(dec: Decomposition, inputs: dict[str, Tensor], s: str, off: Tensor, keep: Tensor | None = None) -> Tensor:
     """Site s's CI from its CI function now (fresh: the factors may have changed), with the `off`
     slots at 0 (as `_switch_off` will leave them on these inputs)."""
-    g = dec.ci_from_logits(dec.ci_logits(inputs))[0][s].clone()
+    g = _fresh_ci(dec, inputs, keep)[s].clone()
     g[..., off] = 0.0
     return g
 
 
 def _switch_off(dec: Decomposition, s: str, slots: Tensor, runs: list) -> None:
     """Lower the CI function's last bias of `slots` until their logits are below 0 (by 0.5) on every
-    input of `runs` (the lower leaky sigmoid still lets training switch one back on if needed)."""
-    fresh = [dec.ci_logits(run[3])[s] for run in runs]  # 'mlp' CI functions read x V, which may have changed
-    top = torch.cat([z.reshape(-1, z.shape[-1])[:, slots] for z in fresh]).amax(0)
+    (real) input of `runs` (the lower leaky sigmoid still lets training switch one back on if needed)."""
+    fresh = [(dec.ci_logits(run[3], run[4])[s], run[4]) for run in runs]  # 'mlp' CI functions read x V, which may have changed
+    top = torch.cat([_real_rows(z, keep)[:, slots] for z, keep in fresh]).amax(0)
     dec.ci_fns[_key(s)].output_bias()[slots] -= top.clamp_min(0) + 0.5
 
 
@@ -262,15 +279,17 @@ def consolidate(
     return changes
 
 
-def _switch_off_for_good(dec: Decomposition, inputs: list[dict[str, Tensor]], keep: set = frozenset()) -> list[SwitchedOff]:
+def _switch_off_for_good(
+    dec: Decomposition, inputs: list[tuple[dict[str, Tensor], Tensor | None]], keep: set = frozenset()
+) -> list[SwitchedOff]:
     """Lower the last bias of every piece with CI 0 on all of the batches (their recorded site
-    `inputs`) by FINAL_MARGIN more; never the (site, slot) pairs in `keep`."""
-    zs = [dec.ci_logits(x) for x in inputs]  # fresh: the merges may have changed V and the biases
+    inputs and real positions, `inputs`) by FINAL_MARGIN more; never the (site, slot) pairs in `keep`."""
+    zs = [(dec.ci_logits(x, real), real) for x, real in inputs]  # fresh: the merges may have changed V and the biases
     out = []
     for s in dec.site_names:
         if dec.component(s).kind == "embedding":
             continue
-        top = torch.cat([z[s].reshape(-1, z[s].shape[-1]) for z in zs]).amax(0)
+        top = torch.cat([_real_rows(z[s], real) for z, real in zs]).amax(0)
         slots = torch.nonzero(top <= 0).flatten()  # CI = clamp(logit, 0, 1): 0 on every input
         slots = slots[torch.tensor([(s, int(j)) not in keep for j in slots], dtype=torch.bool)] if keep else slots
         if len(slots) == 0:
@@ -284,25 +303,25 @@ def _consolidate(
     dec: Decomposition, batches: list[Batch], tol: float, overlap: float, max_increase: float | None, prune: float | None,
     final: bool = False,
 ) -> tuple[list[Merge | Pruned], list[dict[str, Tensor]]]:
-    """The merges and prunings (see `consolidate`), and each batch's recorded site inputs."""
+    """The merges and prunings (see `consolidate`), and each batch's recorded site inputs with its
+    real positions. A padded batch's padded positions count nowhere (their CI is taken as 0)."""
     from tspd.losses import Reference, recon_passes
 
     cfg = dec.config
     thr = cfg.eval.active_threshold
-    runs = []  # per batch: (batch, target output, CI per site)
+    runs = []  # per batch: (batch, target output, CI per site, site inputs, real positions)
     for batch in batches:
         out, inputs = dec.run_target(batch)
-        z = dec.ci_logits(inputs)
-        ci, _ = dec.ci_from_logits(z)
-        runs.append((batch, out, ci, inputs, z))
+        keep = position_mask(batch)
+        runs.append((batch, out, _fresh_ci(dec, inputs, keep), inputs, keep))
 
     def masked_divergence(site: str | None = None, site_ci=None) -> float:
         total = 0.0
-        for i, (batch, out, ci, *_) in enumerate(runs):
+        for i, (batch, out, ci, *_, keep) in enumerate(runs):
             ci = {**ci, site: site_ci[i]} if site is not None else ci
             dec.run_target(batch)  # records the replayed blocks for this batch
             p = recon_passes("ci_masked_recon", dec, ci, torch.Generator())[0]
-            ref = Reference(out, cfg.output.divergence, cfg.output.positions)
+            ref = Reference(out, cfg.output.divergence, cfg.output.positions, keep=keep)
             total += float(ref.divergence(dec.run_pass(batch, p))) / len(runs)
         return total
 
@@ -312,8 +331,8 @@ def _consolidate(
         comp = dec.component(s)
         if comp.kind == "embedding":
             continue
-        x = torch.cat([r[3][s].reshape(-1, r[3][s].shape[-1]).float() for r in runs])
-        g = torch.cat([r[2][s].reshape(-1, r[2][s].shape[-1]).float() for r in runs])
+        x = torch.cat([_real_rows(r[3][s], r[4]).float() for r in runs])
+        g = torch.cat([_real_rows(r[2][s], r[4]).float() for r in runs])
         active = g > thr
         for members in co_active_groups(active, overlap):
             if len(members) < 2:
@@ -357,7 +376,7 @@ def _consolidate(
                         # No training follows to make the merged pieces fire where the members did:
                         # the merge must hold against the current divergence with the CI function as
                         # it is (remainder off), not the union's.
-                        cis = [_ci_as_is(dec, run[3], s, idx[cand:]) for run in runs]
+                        cis = [_ci_as_is(dec, run[3], s, idx[cand:], run[4]) for run in runs]
                         d = masked_divergence(s, cis)
                         ok = d <= current + max_increase
                     if ok:
@@ -372,15 +391,15 @@ def _consolidate(
             _switch_off(dec, s, idx[r:], runs)
             merges.append(Merge(s, slots, r, float(err[r - 1])))
     if prune is None:
-        return merges, [run[3] for run in runs]
+        return merges, [(run[3], run[4]) for run in runs]
     if max_increase is None:  # the merges by tol left the CI as it was on the merged groups' slots
         for run in runs:
-            run[2].update(dec.ci_from_logits(dec.ci_logits(run[3]))[0])
+            run[2].update(_fresh_ci(dec, run[3], run[4]))
         current = masked_divergence()
     for s in dec.site_names:
         if dec.component(s).kind == "embedding":
             continue
-        g = torch.cat([r[2][s].reshape(-1, r[2][s].shape[-1]) for r in runs])
+        g = torch.cat([_real_rows(r[2][s], r[4]) for r in runs])
         count, on = (g > thr).sum(0), g.amax(0) > 0
         quiet = [j for j in range(g.shape[-1]) if bool(on[j]) and int(count[j]) == 0]
         active = sorted((j for j in range(g.shape[-1]) if int(count[j]) > 0), key=lambda j: int(count[j]))
@@ -403,4 +422,4 @@ def _consolidate(
                     run[2][s] = g_new
                 _switch_off(dec, s, torch.tensor(slots), runs)
                 done.update(slots)
-    return merges, [run[3] for run in runs]
+    return merges, [(run[3], run[4]) for run in runs]

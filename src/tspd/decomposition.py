@@ -187,7 +187,8 @@ def row_weights(keep: Tensor | None, lead: tuple[int, ...] | torch.Size) -> Tens
         return None
     kept = int(keep.sum())
     if kept == 0:
-        raise ValueError("every position of the batch is padding (its attention_mask is all 0): drop such batches")
+        raise ValueError("no real position is left to average over: every position of the batch (or every one "
+                         "output.positions names, counted among each row's real tokens) is padding; drop such batches")
     return keep.float() * (keep.numel() / kept)
 
 

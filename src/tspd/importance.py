@@ -269,13 +269,19 @@ class AttentionCI(nn.Module):
         T = x.shape[1]
         if T > self.max_len:
             raise ValueError(f"sequence length {T} exceeds ci.attention.max_len={self.max_len}; raise it in the config")
-        xp = x + self.pos[:T] if self.pos is not None else x
+        padded = keep is not None and tuple(keep.shape) == tuple(x.shape[:2])
+        if self.pos is None:
+            xp = x
+        elif padded:  # each token's position among the real ones (left padding shifts the columns)
+            xp = x + self.pos[(keep.long().cumsum(1) - 1).clamp(min=0)]
+        else:
+            xp = x + self.pos[:T]
         q, k, v = (linear_layer(m, i, self.onednn) for m, i in ((self.q, x), (self.k, x), (self.v, xp)))
         n = torch.arange(T, device=x.device)
         offset = n[:, None] - n[None, :]
         bias = self.rel_bias[offset.clamp(min=0)].masked_fill(offset < 0, float("-inf"))
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.d_attn) + bias.to(q.dtype)
-        if keep is not None and tuple(keep.shape) == tuple(x.shape[:2]):
+        if padded:
             hide = ~keep[:, None, :] & (offset != 0)  # (batch, query, key): padded keys, but never the query itself
             scores = scores.masked_fill(hide, float("-inf"))
         attended = scores.softmax(-1) @ v

@@ -31,6 +31,21 @@ RECON_TERMS = (
 )
 
 
+def real_positions(keep: Tensor, positions: list[int]) -> tuple[Tensor, Tensor]:
+    """Per row of a padded batch, the columns of `positions` counted among its real tokens (-1: its
+    last real token, 0: its first), as (batch, len(positions)) indices, and whether the row has
+    such a token (a row shorter than a position asks for has none there)."""
+    B, T = keep.shape
+    cols = torch.arange(T, device=keep.device)
+    ordered = torch.where(keep, cols, T + cols).sort(dim=1).values  # real columns first, in order
+    n = keep.sum(1, keepdim=True)
+    q = torch.tensor(positions, device=keep.device)[None, :].expand(B, -1)
+    k = torch.where(q < 0, n + q, q)
+    valid = (k >= 0) & (k < n)
+    idx = ordered.gather(1, k.clamp(0, T - 1)).clamp(max=T - 1)
+    return idx, valid
+
+
 def select_positions(t: Tensor, positions: list[int] | None) -> Tensor:
     if positions is None or t.dim() < 3:
         return t
@@ -60,9 +75,14 @@ class Reference:
         if positions is not None and target_out.dim() < 3:
             raise ValueError(f"output.positions is set but the target's output is {target_out.dim()}-D {tuple(target_out.shape)}, "
                              "with no positions dim (batch, positions, ...): remove output.positions")
-        t = select_positions(target_out, positions).float()
         fits = keep is not None and target_out.dim() >= 3 and tuple(keep.shape) == tuple(target_out.shape[:2])
-        w = row_weights(keep if positions is None or not fits else keep[:, positions], t.shape[:2]) if fits else None
+        # With padding, output.positions count among each row's real tokens (-1: its last real one).
+        self._index = None
+        if fits and positions is not None:
+            select_positions(target_out, positions)  # the range check
+            self._index, keep = real_positions(keep, positions)
+        t = self.select(target_out).float()
+        w = row_weights(keep, t.shape[:2]) if fits else None
         self.weights = w  # (batch, positions) or None
         if kind == "mse":
             self.target = t
@@ -75,9 +95,17 @@ class Reference:
             self.neg_entropy = (self.p * log_p).sum(-1).mean()
             self._flat: tuple[Tensor, Tensor] | None = None
 
+    def select(self, out: Tensor, n: int = 1) -> Tensor:
+        """The output positions of `out` (n passes stacked along dim 0): `output.positions`, per
+        row among its real tokens for a padded batch, or every position."""
+        if self._index is None:
+            return select_positions(out, self.positions)
+        idx = self._index.repeat(n, 1) if n > 1 else self._index
+        return out.gather(1, idx.view(*idx.shape, *[1] * (out.dim() - 2)).expand(-1, -1, *out.shape[2:]))
+
     def divergence(self, out: Tensor, selected: bool = False) -> Tensor:
         """D(target, out); `selected`: `out` holds only the output positions already."""
-        out = out if selected else select_positions(out, self.positions)
+        out = out if selected else self.select(out)
         if self.kind == "mse":
             sq = (out.float() - self.target).pow(2)
             return (sq if self._w is None else sq * self._w).mean()
@@ -96,7 +124,7 @@ class Reference:
         """D(target, each of n outputs stacked along dim 0 of `out`): a vector of n values, each
         the `divergence` of its own block of rows, in one product and one reduction for all n
         (its gradient lands in `out` as a whole: no per-pass gradients to concatenate)."""
-        out = out if selected else select_positions(out, self.positions)
+        out = out if selected else self.select(out, n)
         ref = self.target if self.kind == "mse" else self.p
         if out.shape[0] != n * ref.shape[0]:
             raise ValueError(f"{out.shape[0]} output rows for {n} passes over a target output of {ref.shape[0]}")
@@ -126,7 +154,7 @@ class Reference:
         under the autocast the pass ran under."""
         if self.kind == "mse":
             raise ValueError("divergence_through_head computes a KL; use divergence for mse")
-        h = select_positions(h, self.positions)
+        h = self.select(h)
         p, psum = self._flat_target()
         h2 = h.reshape(-1, h.shape[-1])
         if h2.shape[0] != p.shape[0]:
@@ -421,6 +449,16 @@ def _warn_if_unweighted(dec: Decomposition, keep: Tensor, target_out: Tensor) ->
     )
 
 
+def _warn_mask_not_read(dec: Decomposition, mask: Tensor) -> None:
+    if dec.__dict__.get("_padding_warned"):
+        return
+    dec.__dict__["_padding_warned"] = True
+    warnings.warn(
+        f"the batch's attention_mask is {mask.dim()}-D {tuple(mask.shape)}: tspd reads padding only from a 2-D "
+        "(batch, positions) mask, so any padded positions count in every loss term. Pass the 2-D mask (the model "
+        "builds its own 4-D one from it) to have them left out", stacklevel=3)
+
+
 def compute_losses(
     dec: Decomposition, batch: Batch, step: int, gen: torch.Generator
 ) -> tuple[Tensor, dict[str, float], dict[str, Tensor]]:
@@ -433,6 +471,8 @@ def compute_losses(
         target_out, inputs = dec.run_target(batch)
         if keep is not None:
             _warn_if_unweighted(dec, keep, target_out)
+        elif isinstance(batch, dict) and isinstance(batch.get("attention_mask"), Tensor) and batch["attention_mask"].dim() != 2:
+            _warn_mask_not_read(dec, batch["attention_mask"])
         z = dec.ci_logits(inputs, keep)
         min_term = None  # the minimality term, when the compiled chain below forms it with the CI
         if cfg.train.compile and minimality and keep is None:
@@ -467,7 +507,7 @@ def compute_losses(
                         vals[i] = ref.divergence_through_head(o, head, dec.head_onednn)
                     continue
                 if head is not None:  # they stopped before it: the head on the output positions only
-                    v = ref.divergences(dec.apply_head(select_positions(out, cfg.output.positions)), len(idxs), selected=True)
+                    v = ref.divergences(dec.apply_head(ref.select(out, len(idxs))), len(idxs), selected=True)
                 else:
                     v = ref.divergences(out, len(idxs))
                 for k, i in enumerate(idxs):
