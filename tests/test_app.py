@@ -37,6 +37,9 @@ def test_induction_adapter_parses_prompts_and_names_each_error():
         a.encode("  ")
     with pytest.raises(PromptError, match="'²'.*not in the vocabulary"):  # '²'.isdigit() is True
         a.encode("3 ² S")
+    for word in ("\u0661", "1_0", "+1", "-1"):
+        with pytest.raises(PromptError, match="not in the vocabulary"):
+            a.encode(f"3 {word} S")
     # the example prompt the page analyses on load fits the task's vocabulary and context
     for n_tokens, seq_len in ((128, 64), (8, 8), (8, 4), (20, 16)):
         b = InductionAdapter(InductionTask(n_tokens=n_tokens, seq_len=seq_len))
@@ -55,6 +58,13 @@ def test_feature_adapter_parses_index_value_pairs():
         a.encode("a:b")
     with pytest.raises(PromptError, match=r"feature 0 is given twice \('0:1' and '0:2'\)"):
         a.encode("0:1 0:2")
+    # Only ASCII digits: int() and float() also read '1_1' (as 11) and other scripts' digits.
+    for word in ("1_1", "1_1:1", "\u0661:1", "0:1_000", "0:\u0661.\u0665", "+1:1", "0x1:1", "\u00b2:1"):
+        with pytest.raises(PromptError, match="is not index:value"):
+            a.encode(word)
+    assert a.encode("0:+.5 1:-25e-1 2:7.").tolist() == [[0.5, -2.5, 7.0, 0.0]]
+    with pytest.raises(PromptError, match="out of range"):
+        a.encode("-1:1")
     assert torch.equal(a.sample(3, seed=1), a.sample(3, seed=1))
 
 
@@ -265,6 +275,17 @@ def api(dashboard_root, induction_run, tms_run, tmp_path_factory):
     server.server_close()
 
 
+def scale_factors(run, factor: float) -> None:
+    """Replace the run's decomposition with one whose U factors are `factor` times as large (every
+    norm ‖u‖·‖v‖ scales by it), written as tspd writes files: a new file renamed into place."""
+    from safetensors.torch import load_file, save_file
+
+    path = run / "decomposition.safetensors"
+    state = {k: v * factor if k.endswith(".U") else v for k, v in load_file(path).items()}
+    save_file(state, run / "new.safetensors")
+    os.replace(run / "new.safetensors", path)
+
+
 def call(base, path, body=None, method=None):
     data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
     req = urllib.request.Request(base + path, data=data, method=method or ("POST" if data is not None else "GET"))
@@ -334,21 +355,73 @@ def test_api_serves_the_page_and_every_endpoint(api):
     ("/api/subcomponent?run=induction&site=blocks.0.attn.q_proj&idx=%C2%B2", None, 400, "not an integer"),
     ("/api/sample?run=induction&seed=%C2%B2", None, 400, "'seed' must be an integer"),
     ("/api/prompt", {"run": ["induction"], "prompt": "1 S"}, 400, "'run' must be a run folder's name"),
+    # bodies Python's json reads only by raising something other than JSONDecodeError
+    ("/api/prompt?run=induction", b'{"prompt":' + b"[" * 100000 + b"]" * 100000 + b"}", 400, "nests too deeply"),
+    ("/api/prompt?run=induction", b'{"prompt": "1 S", "top_k": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
+    # integers longer than int() reads from text (4300 digits)
+    ("/api/sample?run=induction&seed=" + "9" * 5000, None, 400, "'seed' must be an integer"),
+    ("/api/subcomponent?run=induction&site=blocks.0.attn.q_proj&idx=" + "9" * 5000, None, 400, "not an integer"),
+    ("/api/prompt?run=induction&top_k=" + "9" * 5000, {"prompt": "1 S"}, 400, "'top_k' must be an integer"),
+    # only ASCII digits, and the same rule for every integer
+    ("/api/subcomponent?run=induction&site=blocks.0.attn.q_proj&idx=%201", None, 400, "not an integer"),
+    ("/api/subcomponent?run=induction&site=blocks.0.attn.q_proj&idx=%D9%A1", None, 400, "not an integer"),
+    ("/api/sample?run=induction&seed=%203", None, 400, "'seed' must be an integer"),
+    ("/api/prompt?run=tms", {"prompt": "1_1"}, 400, "not index:value"),
+    ("/api/prompt?run=tms", {"prompt": "\u0661:1"}, 400, "not index:value"),
+    ("/api/prompt?run=tms", {"prompt": "0:1_000"}, 400, "not index:value"),
 ])
 def test_api_answers_bad_requests_with_a_clear_4xx(api, path, body, status, phrase):
     got, headers, raw = call(api, path, body)
     assert got == status and headers["Content-Type"] == "application/json"
     assert phrase in json.loads(raw)["error"]
+    assert headers["Server-Timing"].startswith("app;dur=")  # also for bodies refused before any endpoint runs
+    assert len(raw) < 1000  # a 5000-digit id is not repeated back
 
 
-@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH"])
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "OPTIONS"])
 def test_api_answers_other_methods_with_a_json_405(api, method):
     got, headers, raw = call(api, "/api/prompt?run=induction", {"prompt": "1 S"}, method=method)
-    assert got == 405 and headers["Content-Type"] == "application/json"
+    assert got == 405 and headers["Content-Type"] == "application/json" and headers["Allow"] == "POST"
     assert f"takes POST, not {method}" in json.loads(raw)["error"]
 
 
-@pytest.mark.parametrize("headers, status", [({}, 411), ({"Content-Length": str(10**9)}, 413)])
+def test_api_answers_head_like_get_without_a_body(api):
+    host, port = api.removeprefix("http://").split(":")
+    answers = {}
+    for path in ("/api/run?run=induction", "/", "/api/prompt", "/api/nothing"):
+        con = http.client.HTTPConnection(host, int(port), timeout=10)
+        con.request("HEAD", path)
+        res = con.getresponse()
+        answers[path] = (res.status, res.getheader("Content-Type"), int(res.getheader("Content-Length")), res.read(),
+                         res.getheader("Server-Timing"), res.getheader("Allow"))
+        con.close()
+    status, ctype, length, body, timing, _ = answers["/api/run?run=induction"]
+    assert (status, ctype, body) == (200, "application/json", b"") and timing.startswith("app;dur=")
+    assert length == len(call(api, "/api/run?run=induction")[2])  # GET's length
+    assert answers["/"][:2] == (200, "text/html; charset=utf-8") and answers["/"][3] == b""
+    assert answers["/api/prompt"][0] == 405 and answers["/api/prompt"][5] == "POST" and answers["/api/prompt"][3] == b""
+    assert answers["/api/nothing"][0] == 404
+
+
+def test_api_answers_malformed_requests_in_json(api):
+    import socket
+
+    host, port = api.removeprefix("http://").split(":")
+    too_many_headers = b"GET /api/run HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n"
+    for request in (b"BREW /api/run HTTP/1.1\r\nHost: x\r\n\r\n", too_many_headers):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(request)
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert b"Content-Type: application/json" in head and json.loads(body)["status"] in (431, 501), reply
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({}, 411), ({"Content-Length": str(10**9)}, 413), ({"Content-Length": "9" * 5000}, 413),
+    ({"Content-Length": "\u00b2"}, 411), ({"Content-Length": "-1"}, 411),  # '²'.isdigit() is True; int('²') fails
+])
 def test_api_refuses_bodies_without_length_or_too_large_without_waiting(api, headers, status):
     host, port = api.removeprefix("http://").split(":")
     con = http.client.HTTPConnection(host, int(port), timeout=5)
@@ -358,6 +431,7 @@ def test_api_refuses_bodies_without_length_or_too_large_without_waiting(api, hea
     con.endheaders()
     res = con.getresponse()
     assert res.status == status and "error" in json.loads(res.read())
+    assert res.getheader("Server-Timing").startswith("app;dur=")
     con.close()
 
 
@@ -385,7 +459,9 @@ def test_cli_harvest_and_serve_errors(tms_run, tmp_path, capsys):
     assert "harvested 500 examples" in capsys.readouterr().out and (run / DB_NAME).exists()
     assert RunSession(run).info()["harvest"]["stale"] is False
     st = (run / "decomposition.safetensors").stat()
-    os.utime(run / "decomposition.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # as a re-run would
+    os.utime(run / "decomposition.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a touch: same bytes
+    assert RunSession(run).info()["harvest"]["stale"] is False
+    scale_factors(run, 2.0)  # as a re-run would
     assert RunSession(run).info()["harvest"]["stale"] is True
     assert main(["harvest", str(run), "--n-examples", "0"]) == 2
     assert "--n-examples must be at least 1" in capsys.readouterr().err
@@ -431,3 +507,211 @@ def test_api_turns_nan_in_run_files_into_null(tms_run, tmp_path):
 
     tables = json.loads(raw, parse_constant=refuse)  # strict, as a browser's JSON.parse
     assert tables["results"] == {"acc": None, "nested": [1.0, None]}
+
+
+# ---- run folders that change or are damaged under a running server ---------------------------
+@pytest.fixture
+def served():
+    """Start a server over a path (`served(path)` gives its base URL); all are stopped afterwards."""
+    servers = []
+
+    def start(path):
+        server = make_server(path, port=0)
+        server.start_background()
+        servers.append(server)
+        return server.url.rstrip("/")
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def get_json(base, path, body=None):
+    status, _, raw = call(base, path, body)
+    return status, json.loads(raw)
+
+
+def test_a_server_serves_the_decomposition_on_disk_and_says_when_its_harvest_is_stale(tms_run, tmp_path, served):
+    run = tmp_path / "tms"
+    shutil.copytree(tms_run, run)
+    harvest(run, n_examples=200)
+    base = served(run)
+    sub = "/api/subcomponent?site=linear1&idx=0"
+    norm = get_json(base, sub)[1]["norm"]
+    assert get_json(base, "/api/run")[1]["harvest"]["stale"] is False
+    session = RunSession(run)  # a Python API session keeps the decomposition it loaded
+    scale_factors(run, 2.0)  # a re-run replaces the decomposition under the running server
+    assert get_json(base, sub)[1]["norm"] == pytest.approx(2 * norm, rel=1e-5)
+    assert get_json(base, "/api/run")[1]["harvest"]["stale"] is True
+    harvest(run, n_examples=200)
+    assert get_json(base, "/api/run")[1]["harvest"]["stale"] is False
+    assert get_json(base, sub)[1]["norm"] == pytest.approx(2 * norm, rel=1e-5)
+    # The old session's decomposition is not the one harvested now, and it says so.
+    assert session.subcomponent("linear1", 0)["norm"] == pytest.approx(norm, rel=1e-5)
+    assert session.info()["harvest"]["stale"] is True
+
+
+def test_a_copied_run_keeps_its_harvest(tms_run, tmp_path):
+    run, copy = tmp_path / "tms", tmp_path / "copy"
+    shutil.copytree(tms_run, run)
+    harvest(run, n_examples=100)
+    shutil.copytree(run, copy, copy_function=shutil.copyfile)  # as `cp -r`: the same bytes, new times
+    dec = "decomposition.safetensors"
+    assert (copy / dec).stat().st_mtime_ns != (run / dec).stat().st_mtime_ns
+    assert RunSession(copy).info()["harvest"]["stale"] is False
+    # A harvest written before content fingerprints holds "size:mtime_ns", and is judged by them.
+    st = (copy / dec).stat()
+    for made_from, stale in ((f"{st.st_size}:{st.st_mtime_ns}", False), (f"{st.st_size}:{st.st_mtime_ns + 1}", True)):
+        con = sqlite3.connect(copy / DB_NAME)
+        con.execute("UPDATE meta SET value = ? WHERE key = 'fingerprint'", (json.dumps(made_from),))
+        con.commit()
+        con.close()
+        assert RunSession(copy).info()["harvest"]["stale"] is stale
+
+
+def _training_rows(n: int) -> str:
+    return "".join(json.dumps({"step": s, "lr": 1e-3, "p": 1.0, "loss": 0.2, "faithfulness": 0.1, "stochastic_recon": 0.01,
+                               "stochastic_recon_layerwise": 0.01, "importance_minimality": 0.5,
+                               "l0": {"linear1": 0.1, "linear2": 0.3}}) + "\n" for s in range(n))
+
+
+def test_metrics_of_a_long_log_take_linear_time(tms_run, tmp_path):
+    import time
+
+    from tspd.train import metric_records
+
+    run = tmp_path / "tms"
+    shutil.copytree(tms_run, run)
+    n = 40_000  # 10 s before, when each row re-made every series' padding
+    (run / "metrics.jsonl").write_text(_training_rows(n))
+    s = RunSession(run)
+    t0 = time.perf_counter()
+    metric_records(run / "metrics.jsonl")  # reading the lines: the part that must stay linear anyway
+    t1 = time.perf_counter()
+    m = s.metrics()
+    t2 = time.perf_counter()
+    assert len(m["train"]["step"]) == n and len(m["train"]["losses"]) == 5
+    assert all(len(v) == n for v in [*m["train"]["losses"].values(), *m["train"]["l0"].values()])
+    # Measured against reading the file on the same (possibly busy) machine, so the bound holds under load.
+    assert t2 - t1 < 3 * (t1 - t0) + 1.0, f"metrics() of {n} rows took {t2 - t1:.1f} s, reading them {t1 - t0:.1f} s"
+
+
+def test_metrics_pad_every_series_and_skip_lines_of_another_shape(tms_run, tmp_path, served):
+    run = tmp_path / "tms"
+    shutil.copytree(tms_run, run)
+    rows = [
+        {"step": 0, "lr": 1e-3, "p": 1.0, "loss": 0.5, "l0": {"linear1": 1.0}},
+        {"step": 1, "eval": {"alive": {"linear1": 3}, "l0": {"linear1": 0.5}, "ones_recon": 0.1}},
+        {"step": 2, "eval": 5},  # not an evaluation
+        {"step": 2, "loss": 0.4, "extra": 1.0, "lr": "fast", "l0": 7},  # lr and l0 of another shape
+        {"eval": {"alive": {"linear1": 1}}},  # no step
+        {"step": "3", "loss": 1.0},
+        {"step": 3, "eval": {"alive": {"linear1": 4, "linear2": 9}, "ones_recon": 0.2, "ci_masked_recon": 0.3, "l0": [1]}},
+        ["not", "a", "record"],
+        {"step": 4, "consolidate": {"linear1": [[0, 1]]}},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "lo')
+    status, m = get_json(served(run), "/api/metrics")
+    assert status == 200, m
+    assert m["train"] == {"step": [0, 2], "lr": [1e-3, None], "p": [1.0, None],
+                          "losses": {"loss": [0.5, 0.4], "extra": [None, 1.0]}, "l0": {"linear1": [1.0, None]}}
+    # An evaluation series that first appears at a later evaluation is None before it, not shifted.
+    assert m["eval"] == {"step": [1, 3], "alive": {"linear1": [3, 4], "linear2": [None, 9]}, "l0": {"linear1": [0.5, None]},
+                         "recon": {"ones_recon": [0.1, 0.2], "ci_masked_recon": [None, 0.3]}}
+
+
+def _damage_harvest(path, how: str) -> None:
+    if how == "not a database":
+        path.write_bytes(b"this is not an SQLite file " * 100)
+    elif how == "empty":
+        path.write_bytes(b"")
+    else:
+        con = sqlite3.connect(path)
+        con.execute("DROP TABLE contexts" if how == "no contexts table" else "UPDATE meta SET value = '{' WHERE key = 'n_examples'")
+        con.commit()
+        con.close()
+
+
+@pytest.mark.parametrize("how, list_status, detail_status", [
+    ("not a database", 422, 422), ("empty", 422, 422), ("no contexts table", 200, 422), ("meta not JSON", 200, 200),
+])
+def test_a_damaged_harvest_is_a_422_that_says_to_harvest_again(induction_run, tmp_path, served, how, list_status,
+                                                                detail_status):
+    run = tmp_path / "induction"
+    shutil.copytree(induction_run, run)
+    _damage_harvest(run / DB_NAME, how)
+    base = served(run)
+    status, info = get_json(base, "/api/run")  # the run still opens; the harvest is reported damaged
+    assert status == 200 and "is damaged" in info["harvest"]["error"] and f"tspd harvest {run}" in info["harvest"]["error"]
+    for path, expected in (("/api/subcomponent?site=blocks.0.attn.q_proj&idx=0", detail_status),
+                           ("/api/subcomponents?site=blocks.0.attn.q_proj", list_status)):
+        status, answer = get_json(base, path)
+        assert status == expected, answer
+        if status == 422:
+            assert "is damaged" in answer["error"] and f"tspd harvest {run}" in answer["error"], answer
+    assert get_json(base, "/api/prompt", {"prompt": "1 S"})[0] == 200  # what needs no harvest still works
+
+
+def test_a_damaged_analysis_file_is_a_422_naming_it(tms_run, tmp_path, served):
+    run = tmp_path / "tms"
+    shutil.copytree(tms_run, run)
+    good = (run / "eval.json").read_text()
+    (run / "eval.json").write_text(good[: len(good) // 2])  # cut short
+    base = served(run)
+    status, answer = get_json(base, "/api/tables")
+    assert status == 422 and f"{run / 'eval.json'} is damaged" in answer["error"] and "move it away" in answer["error"]
+    (run / "eval.json").write_text(good)
+    (run / "census.json").write_bytes(b"\xff\xfe{")
+    status, answer = get_json(base, "/api/tables")
+    assert status == 422 and f"`tspd census {run}`" in answer["error"]
+    (run / "census.json").unlink()
+    assert get_json(base, "/api/tables")[1]["eval"] == json.loads(good)
+
+
+def test_the_runs_list_follows_the_folder(tms_run, tmp_path, served):
+    root = tmp_path / "runs"
+    shutil.copytree(tms_run, root / "a")
+    base = served(root)
+    assert get_json(base, "/api/runs")[1] == {"runs": ["a"]}
+    assert call(base, "/api/run?run=a")[0] == 200
+    shutil.copytree(tms_run, root / "b")
+    assert get_json(base, "/api/runs")[1] == {"runs": ["a", "b"]}
+    shutil.rmtree(root / "a")
+    assert get_json(base, "/api/runs")[1] == {"runs": ["b"]}
+    status, answer = get_json(base, "/api/run?run=a")
+    assert status == 404 and "no run folder 'a'" in answer["error"]
+    assert call(base, "/api/run")[0] == 200  # the one run left needs no name
+
+
+def test_the_server_queues_a_burst_of_connections(tms_run):
+    import socket
+
+    server = make_server(tms_run, port=0)  # not serving yet: every connection waits in the listen queue
+    host, port = server.server_address[:2]
+    socks = []
+    try:
+        for _ in range(40):
+            socks.append(socket.create_connection((host, port), timeout=0.5))
+    except OSError:
+        pass  # a full queue drops the connection: here, a time-out
+    finally:
+        for sock in socks:
+            sock.close()
+        server.server_close()
+    assert len(socks) == 40
+
+
+def test_cli_harvest_of_a_damaged_decomposition_is_a_clean_error(tms_run, tmp_path, capsys, monkeypatch):
+    from tspd.cli import main
+
+    monkeypatch.delenv("TSPD_TRACEBACK", raising=False)
+    run = tmp_path / "tms"
+    shutil.copytree(tms_run, run)
+    dec = run / "decomposition.safetensors"
+    dec.write_bytes(dec.read_bytes()[:100])  # cut short
+    assert main(["harvest", str(run)]) == 2
+    err = capsys.readouterr().err
+    # (the message names the run folder or its decomposition file, and the safetensors reader's complaint)
+    assert err.startswith("tspd: error: ") and str(run) in err and "SafetensorError" in err, err
+    assert "Traceback" not in err and not (run / DB_NAME).exists()

@@ -185,3 +185,87 @@ def test_views_follow_the_current_run_and_prompt(induction_run, tms_run, browser
         page.close()
         server.shutdown()
         server.server_close()
+
+
+def _serve(path):
+    server = make_server(path, port=0)
+    server.start_background()
+    return server
+
+
+def test_switching_runs_shows_only_the_last_picked_run(induction_run, tms_run, browser, tmp_path):
+    """A run whose overview fails to load leaves the page on the previous run (header, picker, charts);
+    an answer for a run picked before the latest one is dropped, not shown under the latest's name."""
+    root = tmp_path / "runs"
+    shutil.copytree(induction_run, root / "induction")
+    shutil.copytree(tms_run, root / "tms")
+    shutil.copytree(tms_run, root / "zdamaged")
+    (root / "zdamaged" / "eval.json").write_text('{"l0_total": 1.')  # /api/run loads, /api/tables refuses it
+    server = _serve(root)
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    held = []  # requests for the tms run's metrics, answered only when the test says so
+    page.route(lambda url: "/api/metrics" in url and "run=tms" in url, lambda route: held.append(route))
+    legend = "Array.from(document.querySelectorAll('#charts .legend')).map(l => l.textContent).join(' ')"
+
+    def finished(n: int) -> None:
+        page.wait_for_function(f"window.tspdTimings.length >= {n}")
+
+    try:
+        page.goto(server.url)
+        page.wait_for_selector("body[data-ready='1']", timeout=15000)
+        assert page.inner_text("#run-meta").startswith("induction") and "b0.q" in page.evaluate(legend)
+
+        page.select_option("[data-testid=run-select]", "zdamaged")
+        finished(2)
+        assert "eval.json is damaged" in page.inner_text("[data-testid=error]")
+        assert page.inner_text("#run-meta").startswith("induction")
+        assert page.input_value("[data-testid=run-select]") == "induction"
+        assert "b0.q" in page.evaluate(legend)
+
+        page.select_option("[data-testid=run-select]", "tms")  # its metrics are held back
+        while not held:
+            page.wait_for_timeout(20)
+        page.select_option("[data-testid=run-select]", "induction")
+        finished(3)  # induction loaded; tms still waits for its metrics
+        held[0].continue_()
+        finished(4)
+        page.wait_for_timeout(100)
+        assert page.inner_text("#run-meta").startswith("induction")
+        assert "b0.q" in page.evaluate(legend) and "linear1" not in page.evaluate(legend)
+        assert page.input_value("[data-testid=run-select]") == "induction"
+        assert page.is_hidden("[data-testid=error]")
+        assert not errors, errors
+    finally:
+        page.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_overview_draws_a_long_training_log(tms_run, browser, tmp_path):
+    """200k points in one chart (40k steps x 5 loss terms): drawn from a thinned copy, no stack overflow."""
+    run = tmp_path / "long"
+    shutil.copytree(tms_run, run)
+    rows = ({"step": s, "lr": 1e-3, "p": 1.0, "loss": 0.2 + (s % 7) * 0.01, "faithfulness": 0.1, "stochastic_recon": 0.01,
+             "stochastic_recon_layerwise": 0.01, "importance_minimality": 0.5 if s != 12_345 else 50.0,
+             "l0": {"linear1": 0.1, "linear2": 0.3}} for s in range(40_000))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    server = _serve(run)
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(server.url)
+        page.wait_for_selector("body[data-ready='1']", timeout=30000)
+        assert page.is_hidden("[data-testid=error]"), page.inner_text("[data-testid=error]")
+        assert "40000" in page.inner_text("#summary")  # steps logged
+        points = page.eval_on_selector_all("#charts svg path", "ps => ps.map(p => p.getAttribute('d').split('L').length)")
+        assert len(points) >= 7 and max(points) <= 4 * 400, points  # at most 4 points per pixel column
+        # The one spike survives the thinning: the losses chart's y axis reaches 1e2 (50 on a log scale).
+        assert "1e2" in page.locator("#charts .chart").first.inner_text()
+        assert not errors, errors
+    finally:
+        page.close()
+        server.shutdown()
+        server.server_close()

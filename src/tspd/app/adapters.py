@@ -36,6 +36,30 @@ class PromptError(ValueError):
     """A prompt the run cannot take; the message names the problem and what to type instead."""
 
 
+MAX_INT_DIGITS = 100  # far above any id, count or seed; far below Python's int-from-text limit (4300)
+_INT_TEXT = re.compile(rf"-?[0-9]{{1,{MAX_INT_DIGITS}}}")
+_NAT_TEXT = re.compile(rf"[0-9]{{1,{MAX_INT_DIGITS}}}")
+# A decimal number in ASCII (no '_' separators, no other scripts' digits), or nan/inf, which the
+# caller refuses with its own message.
+_FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
+
+
+def parse_int(text: str, negative: bool = True) -> int | None:
+    """The integer `text` spells in ASCII digits (a leading '-' only when `negative`), or None.
+
+    Nothing else is read as a number: no spaces, '+', '_' separators ('1_1'), other scripts' digits
+    ('²', '١', which str.isdigit and int() accept), or more than MAX_INT_DIGITS digits.
+    """
+    if not isinstance(text, str):
+        return None
+    return int(text) if (_INT_TEXT if negative else _NAT_TEXT).fullmatch(text) else None
+
+
+def parse_float(text: str) -> float | None:
+    """The number `text` spells in ASCII ('0.5', '-1e-3', 'nan', 'inf'), or None ('1_000', '١')."""
+    return float(text) if isinstance(text, str) and len(text) <= 400 and _FLOAT_TEXT.fullmatch(text) else None
+
+
 class Adapter:
     """One target kind, as the dashboard sees it.
 
@@ -108,8 +132,9 @@ class InductionAdapter(Adapter):
             return self.task.bos
         if upper == "S":
             return self.task.special
-        if word.isascii() and word.isdigit() and int(word) < self.task.n_tokens:  # '²'.isdigit() is True
-            return int(word)
+        token = parse_int(word, negative=False)  # ASCII digits only: '²'.isdigit() is True
+        if token is not None and token < self.task.n_tokens:
+            return token
         raise PromptError(f"token {word!r} (word {pos + 1}) is not in the vocabulary; use {self.prompt_help}")
 
     def encode(self, prompt: str) -> Tensor:
@@ -164,10 +189,10 @@ class FeatureAdapter(Adapter):
         seen: dict[int, str] = {}
         for word in (w for w in re.split(r"[\s,]+", prompt.strip()) if w):
             index, _, value = word.partition(":")
-            try:
-                i, v = int(index), float(value) if value else 1.0
-            except ValueError:
-                raise PromptError(f"{word!r} is not index:value; type {self.prompt_help}") from None
+            # ASCII digits only: int() and float() also read '1_1' (as 11) and other scripts' digits.
+            i, v = parse_int(index), parse_float(value) if value else 1.0
+            if i is None or v is None:
+                raise PromptError(f"{word!r} is not index:value; type {self.prompt_help}")
             if not math.isfinite(v) or abs(v) > torch.finfo(torch.float32).max:
                 raise PromptError(f"feature value {value!r} in {word!r} is not a finite fp32 number; give e.g. {index}:0.5")
             if not 0 <= i < self.n_features:

@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 import torch
 
 from tspd.app.adapters import Adapter
-from tspd.app.session import AppError, RunRegistry, _is_int_text
+from tspd.app.session import AppError, RunRegistry, _integer, _show
 from tspd.config import ConfigError
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -34,16 +34,16 @@ CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; c
                  ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
 MAX_BODY = 1 << 20  # a prompt is text: a megabyte is plenty, and bounds what one request can make us read
 MAX_TOP_K = 50
+BACKLOG = 128  # connections waiting to be accepted (socketserver's default, 5, resets a burst of requests)
 
 
 def _top_k(value) -> int:
     if value is None:
         return 8
-    if isinstance(value, str) and _is_int_text(value):  # from the query string, like seed and idx
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOP_K:
-        raise AppError(f"'top_k' must be an integer in 1..{MAX_TOP_K}, got {value!r}")
-    return value
+    k = _integer(value)  # a JSON integer, or ASCII digits from the query string (like seed and idx)
+    if k is None or not 1 <= k <= MAX_TOP_K:
+        raise AppError(f"'top_k' must be an integer in 1..{MAX_TOP_K}, got {_show(value)}")
+    return k
 
 
 # (method, path) -> handler(registry, params): params merge the query string and the JSON body.
@@ -82,28 +82,40 @@ class Handler(BaseHTTPRequestHandler):
             super().log_message(format, *args)
 
     def do_GET(self):
+        """GET, and HEAD: the same answer's status and headers, without the body."""
+        t0 = time.perf_counter()
         url = urlsplit(self.path)
         if url.path.startswith("/api/"):
-            self._api("GET", url.path, self._query(url.query))
+            self._api(self.command, url.path, self._query(url.query), t0)
         else:
-            self._static(url.path)
+            self._static(url.path, t0)
+
+    do_HEAD = do_GET
 
     def do_POST(self):
+        t0 = time.perf_counter()
         url = urlsplit(self.path)
         params = self._query(url.query)
         try:
             params.update(self._body())
         except AppError as err:
-            self._json(err.status, {"error": str(err), "status": err.status})
+            self._json(err.status, {"error": str(err), "status": err.status}, server_ms=(time.perf_counter() - t0) * 1000)
             return
-        self._api("POST", url.path, params)
+        self._api("POST", url.path, params, t0)
 
     def _other_method(self):
-        """PUT, DELETE, PATCH: the API's 405 (or 404) in JSON, not http.server's 501 page."""
+        """PUT, DELETE, PATCH, OPTIONS: the API's 405 (or 404) in JSON, not http.server's 501 page."""
         self.close_connection = True  # its body, if any, is not read
-        self._api(self.command, urlsplit(self.path).path, {})
+        self._api(self.command, urlsplit(self.path).path, {}, time.perf_counter())
 
-    do_PUT = do_DELETE = do_PATCH = _other_method
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _other_method
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a malformed request line, an unknown method, headers too
+        long): JSON like every other answer, not its HTML page."""
+        self.close_connection = True
+        short = self.responses.get(code, ("error",))[0]
+        self._json(code, {"error": f"{message or short}{f' ({explain})' if explain else ''}", "status": code}, server_ms=0.0)
 
     @staticmethod
     def _query(query: str) -> dict:
@@ -111,26 +123,31 @@ class Handler(BaseHTTPRequestHandler):
 
     def _body(self) -> dict:
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise AppError("send a JSON body with a Content-Length header", 411)
-        if int(length) > MAX_BODY:
+        if length is None or not (length.isascii() and length.isdigit()):  # '²'.isdigit() is True; int('²') fails
+            self.close_connection = True
+            raise AppError("send a JSON body with a Content-Length header (its size in bytes)"
+                           + (f", not {_show(length)}" if length is not None else ""), 411)
+        n = int(length) if len(length) <= 18 else MAX_BODY + 1  # int() refuses more than 4300 digits
+        if n > MAX_BODY:
             self.close_connection = True  # the unread body must not be parsed as the next request
-            raise AppError(f"the body has {length} bytes; the limit is {MAX_BODY}", 413)
-        raw = self.rfile.read(int(length))
-        if len(raw) < int(length):  # the client closed its side early
+            raise AppError(f"the body has {length if len(length) <= 20 else length[:20] + '...'} bytes; the limit is {MAX_BODY}", 413)
+        raw = self.rfile.read(n)
+        if len(raw) < n:  # the client closed its side early
             self.close_connection = True
             raise AppError(f"the body has {len(raw)} bytes, fewer than its Content-Length {length}")
         try:
             body = json.loads(raw or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise AppError(f"the body is not valid JSON: {err}") from None
+        except RecursionError:
+            raise AppError("the body is not JSON this server reads: it nests too deeply") from None
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, a number of more than 4300 digits
+            raise AppError(f"the body is not valid JSON: {str(err)[:200]}") from None
         if not isinstance(body, dict):
             raise AppError(f"the body must be a JSON object, got {type(body).__name__}")
         return body
 
-    def _api(self, method: str, path: str, params: dict) -> None:
-        t0 = time.perf_counter()
-        handler = API.get((method, path))
+    def _api(self, method: str, path: str, params: dict, t0: float) -> None:
+        handler = API.get(("GET" if method == "HEAD" else method, path))
+        allowed = None
         try:
             if handler is None:
                 allowed = [m for m, p in API if p == path]
@@ -143,9 +160,10 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as err:  # a bug, not bad input: say so rather than drop the connection
             traceback.print_exc(file=sys.stderr)
             status, result = 500, {"error": f"internal error ({type(err).__name__}: {err})", "status": 500}
-        self._json(status, result, server_ms=(time.perf_counter() - t0) * 1000)
+        extra = {"Allow": ", ".join(allowed + (["HEAD"] if "GET" in allowed else []))} if status == 405 and allowed else {}
+        self._json(status, result, server_ms=(time.perf_counter() - t0) * 1000, headers=extra)
 
-    def _json(self, status: int, obj: dict, server_ms: float | None = None) -> None:
+    def _json(self, status: int, obj: dict, server_ms: float, headers: dict | None = None) -> None:
         # NaN / inf (e.g. a mean over an empty group in a run's JSON files) as null: browsers'
         # JSON.parse rejects Python's NaN, which would blank the whole page.
         data = json.dumps(_finite(obj), separators=(",", ":"), allow_nan=False).encode()
@@ -153,12 +171,14 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
-        if server_ms is not None:
-            self.send_header("Server-Timing", f"app;dur={server_ms:.1f}")
+        self.send_header("Server-Timing", f"app;dur={server_ms:.1f}")
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # HEAD: the headers GET would send, no body
+            self.wfile.write(data)
 
-    def _static(self, path: str) -> None:
+    def _static(self, path: str, t0: float) -> None:
         name = "index.html" if path in ("/", "/index.html") else path.removeprefix("/static/")
         file = STATIC_DIR / name
         # Only files that sit directly in static/: no path from the URL reaches anything else.
@@ -169,12 +189,15 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
+        self.send_header("Server-Timing", f"app;dur={(time.perf_counter() - t0) * 1000:.1f}")
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
 
 class DashboardServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = BACKLOG
 
     def __init__(self, registry: RunRegistry, host: str, port: int, verbose: bool = False):
         super().__init__((host, port), Handler)

@@ -57,11 +57,15 @@ function ticket(view) {
   const t = (tickets[view] = (tickets[view] || 0) + 1);
   return () => tickets[view] === t;
 }
+// Largest and smallest of an array by a loop: Math.max(...xs) overflows the call stack on long
+// arrays (a metrics log of 150k steps).
+function maxOf(xs, start = -Infinity) { let m = start; for (const x of xs) if (x > m) m = x; return m; }
+function minOf(xs, start = Infinity) { let m = start; for (const x of xs) if (x < m) m = x; return m; }
 
 // ---- API ----------------------------------------------------------------------------------
-async function api(path, body) {
+async function api(path, body, run = state.run) {
   const sep = path.includes("?") ? "&" : "?";
-  const url = state.run ? `${path}${sep}run=${encodeURIComponent(state.run)}` : path;
+  const url = run ? `${path}${sep}run=${encodeURIComponent(run)}` : path;
   const res = await fetch(url, body === undefined ? {} : {
     method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
   });
@@ -116,17 +120,39 @@ function renderSummary(info, metrics, tables) {
     cards.push(card("faithfulness", fmt(ev.faithfulness)));
   }
   const h = info.harvest;
-  cards.push(card("harvest", h ? `${h.n_examples} examples${h.stale ? " (stale)" : ""}` : "not yet", true));
+  cards.push(card("harvest", !h ? "not yet" : h.error ? "damaged: run tspd harvest again" : `${h.n_examples} examples${h.stale ? " (stale)" : ""}`, true));
   $("summary").replaceChildren(...cards);
+}
+
+// The points of a series worth drawing: (x, y) with y shown on this axis, and for a long series at
+// most ~2 per pixel column (each column's first, lowest and highest point and its last, in order),
+// so a spike survives and a 100k-step log draws as fast as a short one.
+function drawnPoints(s, logY, columns) {
+  const pts = [];
+  for (let i = 0; i < s.x.length; i++) {
+    const x = s.x[i], y = s.y[i];
+    if (x === null || x === undefined || y === null || y === undefined || (logY && y <= 0)) continue;
+    pts.push([x, logY ? Math.log10(y) : y]);
+  }
+  if (pts.length <= 4 * columns) return pts;
+  const out = [], per = pts.length / columns;
+  for (let c = 0; c < columns; c++) {
+    const lo = Math.floor(c * per), hi = Math.min(pts.length, Math.floor((c + 1) * per));
+    if (hi <= lo) continue;
+    let a = lo, b = lo;
+    for (let i = lo; i < hi; i++) { if (pts[i][1] < pts[a][1]) a = i; if (pts[i][1] > pts[b][1]) b = i; }
+    for (const i of [...new Set([lo, Math.min(a, b), Math.max(a, b), hi - 1])]) out.push(pts[i]);
+  }
+  return out;
 }
 
 function lineChart(title, series, {logY = false, yLabel = ""} = {}) {
   const W = 460, H = 220, L = 52, R = 10, T = 10, B = 28;
-  const pts = series.flatMap((s) => s.x.map((x, i) => [x, s.y[i]])).filter(([, y]) => y !== null && (!logY || y > 0));
+  const drawn = series.map((s) => drawnPoints(s, logY, W - L - R));
   const box = el("div", {class: "chart"}, el("h3", {text: title}));
-  if (!pts.length) { box.append(el("div", {class: "none", text: "no data"})); return box; }
-  const xs = pts.map((p) => p[0]), ys = pts.map((p) => logY ? Math.log10(p[1]) : p[1]);
-  let [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+  if (!drawn.some((pts) => pts.length)) { box.append(el("div", {class: "none", text: "no data"})); return box; }
+  let [x0, x1, y0, y1] = [Infinity, -Infinity, Infinity, -Infinity];
+  for (const pts of drawn) for (const [x, y] of pts) { x0 = Math.min(x0, x); x1 = Math.max(x1, x); y0 = Math.min(y0, y); y1 = Math.max(y1, y); }
   if (x1 === x0) x1 = x0 + 1;
   if (y1 === y0) { y0 -= 0.5; y1 += 0.5; }
   if (logY) { y0 = Math.floor(y0); y1 = Math.ceil(y1); } else if (y0 > 0) y0 = 0;
@@ -149,13 +175,9 @@ function lineChart(title, series, {logY = false, yLabel = ""} = {}) {
   const legend = el("div", {class: "legend"});
   series.forEach((s, k) => {
     const color = COLORS[k % COLORS.length];
-    let d = "";
-    s.x.forEach((x, i) => {
-      const y = s.y[i];
-      if (y === null || (logY && y <= 0)) return;
-      d += `${d ? "L" : "M"}${sx(x).toFixed(1)},${sy(logY ? Math.log10(y) : y).toFixed(1)}`;
-    });
-    svg.append(svgEl("path", {d, fill: "none", stroke: color, "stroke-width": 1.6}));
+    const d = [];
+    for (const [x, y] of drawn[k]) d.push(`${d.length ? "L" : "M"}${sx(x).toFixed(1)},${sy(y).toFixed(1)}`);
+    svg.append(svgEl("path", {d: d.join(""), fill: "none", stroke: color, "stroke-width": 1.6}));
     legend.append(el("span", {}, el("i", {style: `background:${color}`}), s.name));
   });
   box.append(svg, legend);
@@ -221,12 +243,11 @@ function renderTables(tables) {
   $("tables").replaceChildren(...parts);
 }
 
-async function loadOverview() {
-  const [metrics, tables] = await Promise.all([api("/api/metrics"), api("/api/tables")]);
-  renderSummary(state.info, metrics, tables);
+function renderOverview(info, metrics, tables) {
+  renderSummary(info, metrics, tables);
   renderCharts(metrics);
   renderTables(tables);
-  $("config").textContent = state.info.config_yaml;
+  $("config").textContent = info.config_yaml;
 }
 
 // ---- prompt view --------------------------------------------------------------------------
@@ -278,7 +299,7 @@ function renderPrompt() {
 }
 
 function bars(items, max, cls = "", format = fmt) {
-  const top = max ?? Math.max(1e-9, ...items.map((x) => Math.abs(x.value)));
+  const top = max ?? maxOf(items.map((x) => Math.abs(x.value)), 1e-9);
   return el("div", {class: "bars"}, items.map((x) => el("div", {class: "bar-row"},
     el("span", {class: "label", title: x.label, text: x.label}),
     el("span", {class: "track"}, el("span", {class: `fill ${cls}`, style: `width:${(100 * Math.min(1, Math.abs(x.value) / top)).toFixed(1)}%`})),
@@ -291,7 +312,7 @@ async function loadSubList(site) {
   const data = await api(`/api/subcomponents?site=${encodeURIComponent(site)}`);
   if (!current()) return;
   state.listSite = site;
-  const maxF = Math.max(1e-9, ...data.items.map((x) => x.frequency || 0));
+  const maxF = maxOf(data.items.map((x) => x.frequency || 0), 1e-9);
   $("sub-list").replaceChildren(...data.items.map((x) => el("div", {
     class: `sub-item${x.max_ci !== undefined && x.max_ci < 0.1 ? " dead" : ""}${state.sub && state.sub.site === site && state.sub.idx === x.idx ? " sel" : ""}`,
     title: x.frequency === undefined ? "" : `fires on ${pct(x.frequency)} of tokens; max CI ${fmt(x.max_ci)}`,
@@ -319,7 +340,7 @@ function openSub(site, idx) {
 
 function histogram(counts) {
   const W = 420, H = 150, L = 8, B = 22, n = counts.length;
-  const logMax = Math.log10(1 + Math.max(...counts));
+  const logMax = Math.log10(1 + maxOf(counts, 0));
   const svg = svgEl("svg", {viewBox: `0 0 ${W} ${H}`});
   const bw = (W - 2 * L) / n;
   counts.forEach((c, i) => {
@@ -427,7 +448,10 @@ async function runAblation(prompt) {
       "pick it again for this one (or choose every position)");
   }
   const ablations = state.ablations.map(({site, idx, positions}) => ({site, idx, positions}));
-  state.ablationResult = await api("/api/ablate", {prompt, ablations, base: $("ablation-base").value});
+  const current = ticket("ablate");
+  const result = await api("/api/ablate", {prompt, ablations, base: $("ablation-base").value});
+  if (!current()) return;
+  state.ablationResult = result;
   state.ablationPos = state.ablationResult.tokens.length - 1;
   renderAblation();
 }
@@ -436,14 +460,14 @@ function renderAblation() {
   const r = state.ablationResult;
   if (!r) return;
   const kl = r.divergence.per_position, kind = r.divergence.kind.toUpperCase(), p = state.ablationPos;
-  const maxKl = Math.max(1e-9, ...kl);
+  const maxKl = maxOf(kl, 1e-9);
   const strip = el("div", {class: "tokens kl-strip"}, r.tokens.map((t, i) => el("span", {
     class: `tok${i === p ? " sel" : ""}`, title: `${kind} ${kl[i]}`,
     style: i === p ? null : `background:rgba(217,48,37,${(0.05 + 0.8 * kl[i] / maxKl).toFixed(3)})`,
     onclick: () => timed("select ablation position", async () => { state.ablationPos = i; renderAblation(); })}, t)));
   const rows = r.changes[p].map((c) => {
     const delta = c.after - c.before;
-    const scale = Math.max(1e-9, ...r.changes[p].flatMap((x) => [Math.abs(x.before), Math.abs(x.after)]));
+    const scale = maxOf(r.changes[p].flatMap((x) => [Math.abs(x.before), Math.abs(x.after)]), 1e-9);
     return el("tr", {}, el("td", {text: c.label}), el("td", {text: fmtOut(c.before)}),
       el("td", {class: "bar"}, el("div", {class: "mini"}, el("i", {style: `width:${100 * Math.abs(c.before) / scale}%`}))),
       el("td", {text: fmtOut(c.after)}),
@@ -454,7 +478,7 @@ function renderAblation() {
   $("ablation-result").replaceChildren(
     el("div", {class: "panel"},
       el("div", {}, el("span", {class: "metric"}, el("span", {class: "k", text: `${kind} at position ${p} (${r.tokens[p]})`}), el("span", {class: "v", "data-testid": "ablation-kl", text: fmt(kl[p])})),
-        el("span", {class: "metric"}, el("span", {class: "k", text: `max ${kind} over positions`}), el("span", {class: "v", text: fmt(Math.max(...kl))})),
+        el("span", {class: "metric"}, el("span", {class: "k", text: `max ${kind} over positions`}), el("span", {class: "v", text: fmt(maxOf(kl))})),
         el("span", {class: "metric"}, el("span", {class: "k", text: `unablated vs target ${kind} here`}), el("span", {class: "v", text: fmt(r.target_vs_unablated[p])}))),
       el("h3", {}, `${kind} to the unablated output per position`, el("span", {class: "sub", text: "click a token"})), strip),
     el("div", {class: "panel"}, el("h3", {}, `Top ${what} at position ${p} `, el("span", {class: "tok-inline", text: `(${r.tokens[p]})`}), ": before → after"),
@@ -464,19 +488,25 @@ function renderAblation() {
 
 // ---- start-up -----------------------------------------------------------------------------
 async function loadRun(run) {
+  // Nothing changes until the run's info and overview have all arrived: a run that fails to load
+  // leaves the page (header, picker, views) on the previous one, and an answer for a run picked
+  // before the latest is dropped.
   const current = ticket("run");
-  const previous = state.run;
-  state.run = run;
-  let info;
+  let info, metrics, tables;
   try {
-    info = await api("/api/run");
-  } catch (err) {  // stay on the run that works, and say so in the picker too
-    if (current()) { state.run = previous; $("run-select").value = previous; }
+    [info, metrics, tables] = await Promise.all([api("/api/run", undefined, run), api("/api/metrics", undefined, run),
+                                                 api("/api/tables", undefined, run)]);
+  } catch (err) {
+    if (!current()) return;  // a run picked since supersedes this one
+    $("run-select").value = state.run ?? "";  // stay on the run that works, and say so in the picker too
     throw err;
   }
   if (!current()) return;
+  for (const view of ["analyse", "sub-list", "sub-detail", "ablate"]) ticket(view);  // drop the previous run's answers in flight
+  state.run = run;
   state.info = info;
   const i = state.info;
+  $("run-select").value = run;
   $("run-meta").textContent = `${i.run} · ${i.target_kind || "custom"} · ${i.sites.length} sites`;
   document.title = `${i.run} · tspd dashboard`;
   $("prompt-help").textContent = `Prompt: ${i.prompt_help}.`;
@@ -484,13 +514,16 @@ async function loadRun(run) {
   $("prompt-input").placeholder = i.example_prompt;
   $("sub-site").replaceChildren(...i.sites.map((s) => el("option", {value: s.name, text: `${s.name} (C=${s.C})`})));
   state.sub = null; state.listSite = null; state.analysis = null; state.prompt = ""; state.ablations = []; state.ablationResult = null;
+  for (const id of ["tokens", "heatmaps", "token-active", "predictions", "sub-list"]) $(id).replaceChildren();
+  $("pos-label").textContent = "";
   $("sub-detail").replaceChildren(el("div", {class: "panel empty", text: "Pick a subcomponent: click one in the prompt view, or in the list."}));
   $("sub-idx").value = "";
+  $("prompt-input").value = "";
   $("ablation-prompt").value = "";
   $("ablation-result").replaceChildren();
   renderAblationList();
-  await Promise.all([loadOverview(), analyse(i.example_prompt)]);
-  await loadSubList(i.sites[0].name);
+  renderOverview(i, metrics, tables);
+  await Promise.all([analyse(i.example_prompt), loadSubList(i.sites[0].name)]);
 }
 
 function wire() {
