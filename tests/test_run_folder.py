@@ -172,3 +172,17 @@ def test_a_lock_is_reentrant_and_released(tmp_path):
     with run_folder_lock(tmp_path / "f"):  # released: taken again
         pass
 
+
+
+def test_harvest_waits_for_no_one_and_refuses_a_folder_being_written(finished, capsys):
+    import fcntl
+
+    fd = os.open(finished / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        assert cli.main(["harvest", str(finished), "--n-examples", "64"]) == 2
+        assert "another tspd process" in capsys.readouterr().err
+        assert not (finished / "dashboard.sqlite").exists()
+    finally:
+        os.close(fd)
+    assert cli.main(["harvest", str(finished), "--n-examples", "64"]) == 0

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from tspd.app.adapters import Adapter, adapter_for
 from tspd.config import ConfigError
-from tspd.decomposition import Decomposition, atomic_write_bytes, load
+from tspd.decomposition import Decomposition, atomic_write_bytes, load, run_folder_lock
 
 DB_NAME = "dashboard.sqlite"
 SCHEMA_VERSION = 1
@@ -176,7 +176,9 @@ def harvest(
             con.close()
 
     # A unique temporary name, renamed into place: a failed or concurrent harvest never leaves
-    # a half-written database where the dashboard reads one.
-    atomic_write_bytes(path, build)
+    # a half-written database where the dashboard reads one. The folder is held meanwhile: a run
+    # starting there would move this harvest aside (or clear its temporary file) under it.
+    with run_folder_lock(run_dir):
+        atomic_write_bytes(path, build)
     return {"path": str(path), "n_examples": n, "positions": positions, "contexts_examples": len(examples),
             "seconds": round(time.time() - t0, 2)}
