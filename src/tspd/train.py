@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import inspect
 import itertools
 import json
@@ -298,24 +299,26 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_bytes(path, lambda p: Path(p).write_text("".join(k + "\n" for k in keep)))
 
 
+def _holding_the_run_folder(fn):
+    """`fn(target, data, config, run_dir, ...)` with `run_dir` held for writing (`run_folder_lock`,
+    by rank 0) while it runs, once the target is known to match the config (before the folder is made)."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        check_target_matches_config(a["target"], a["config"])  # else the saved run could not be loaded
+        hold = a["run_dir"] is not None and distributed.world().main
+        with run_folder_lock(a["run_dir"]) if hold else contextlib.nullcontext():
+            return fn(*args, **kwargs)
+
+    return run
+
+
+@_holding_the_run_folder
 def decompose(
-    target: torch.nn.Module,
-    data: Callable[..., Batch] | Iterable[Batch],
-    config: RunConfig,
-    run_dir: str | Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    stop_after: int | None = None,
-) -> Decomposition:
-    """Decompose `target`'s sites (config.sites) on batches from `data`; returns the Decomposition.
-    See `_decompose`; with `run_dir`, the folder is held for writing (`run_folder_lock`) meanwhile."""
-    check_target_matches_config(target, config)  # else the saved run could not be loaded (before the folder is made)
-    hold = run_dir is not None and distributed.world().main
-    with run_folder_lock(run_dir) if hold else contextlib.nullcontext():
-        return _decompose(target, data, config, run_dir, resume, progress, stop_after)
-
-
-def _decompose(
     target: torch.nn.Module,
     data: Callable[..., Batch] | Iterable[Batch],
     config: RunConfig,
@@ -330,9 +333,9 @@ def _decompose(
     decomposition there; `resume=True` continues from the last checkpoint, bit-identically on CPU.
     `stop_after=k` stops (after checkpointing) once step k is done, as a kill would.
     Under torchrun (several processes) it trains data-parallel: see tspd.distributed; rank 0
-    writes every file and every rank returns the same Decomposition.
+    writes every file and every rank returns the same Decomposition; the run folder is held for
+    writing meanwhile (a second process writing a run there fails at once).
     """
-    check_target_matches_config(target, config)  # else the saved run could not be loaded
     device = model_device(target)
     w = distributed.init(device)
     if config.train.threads:
