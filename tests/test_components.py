@@ -425,7 +425,7 @@ def test_a_mask_that_is_not_2d_is_warned_about(tokens):
 
     dec = tspd.Decomposition(make_gpt2(0), make_cfg([("transformer.h.0.mlp.c_fc", 4)]))
     mask = torch.ones(tokens.shape[0], 1, tokens.shape[1], tokens.shape[1])
-    with pytest.warns(UserWarning, match="attention_mask is 4-D"):
+    with pytest.warns(UserWarning, match="its attention_mask is 4-D"):
         compute_losses(dec, {"input_ids": tokens, "attention_mask": mask}, 0, generator(0, 0, 202))
 
 

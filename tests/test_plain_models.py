@@ -227,3 +227,73 @@ def test_a_target_changing_its_buffers_in_forward_is_warned_about():
     dec = tspd.Decomposition(Running(), mse_cfg([("a", 4)]))
     with pytest.warns(UserWarning, match="changes its buffer.s. ema in its forward"):
         dec.run_target(torch.randn(4, D))
+
+
+def test_pruned_sites_are_accepted():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, 3)).eval()
+    torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.5)
+    dec = tspd.Decomposition(model, mse_cfg([("0", 4)]))
+    x = torch.randn(3, D)
+    with torch.no_grad():
+        target, _ = dec.run_target(x)
+        out = dec.run_pass(x, dec.ones_pass(dec.causal_importance(x)))
+    torch.testing.assert_close(out, target, rtol=1e-5, atol=1e-6)
+
+
+def test_tokens_flattened_in_the_output_keep_stacking():
+    """(B*T, V) logits, in example order: the examples are independent, so passes still stack."""
+    import warnings
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.out = nn.Linear(D, D), nn.Linear(D, 5)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.inp(x))).reshape(-1, 5)
+
+    dec = tspd.Decomposition(Flat(), mse_cfg([("inp", 4)]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dec.run_target(torch.randn(4, 6, D))
+    assert dec._stackable
+
+
+def test_the_fast_path_flag_comes_back_when_the_last_decomposition_leaves():
+    from tspd.decomposition import _fastpath_off
+
+    assert torch.backends.mha.get_fastpath_enabled()
+    _fastpath_off(True)
+    _fastpath_off(True)  # a second decomposition (another thread) inside
+    _fastpath_off(False)
+    assert not torch.backends.mha.get_fastpath_enabled()  # the other is still inside
+    _fastpath_off(False)
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
+def test_a_buffer_made_in_inference_mode_is_no_crash():
+    class Lazy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(D, D), nn.Linear(D, 3)
+            with torch.inference_mode():
+                self.register_buffer("scale", torch.ones(D))
+
+        def forward(self, x):
+            return self.b(self.a(x) * self.scale)
+
+    dec = tspd.Decomposition(Lazy(), mse_cfg([("a", 4)]))
+    dec.run_target(torch.randn(4, D))
+
+
+def test_encoder_decoder_batches_do_not_read_the_encoders_mask_as_the_outputs():
+    from tspd.decomposition import position_mask
+
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, 3:] = 0
+    assert position_mask({"input_ids": torch.zeros(2, 6), "attention_mask": mask}) is not None
+    assert position_mask({"input_ids": torch.zeros(2, 6), "attention_mask": mask, "decoder_input_ids": torch.zeros(2, 6)}) is None
+    additive = torch.zeros(2, 6)
+    additive[0, 3:] = -1e9
+    assert position_mask({"input_ids": torch.zeros(2, 6), "attention_mask": additive}) is None

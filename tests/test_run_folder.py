@@ -139,7 +139,7 @@ def test_resume_with_another_recipe_names_the_difference(finished, capsys):
 
 
 def test_temporary_files_a_kill_left_are_removed(finished):
-    for name in (".decomposition.safetensors.ab12.tmp", ".results.json.x.tmp", ".tms_subcomponents.png.q.tmp"):
+    for name in (".decomposition.safetensors.ab12cd34.tmp", ".results.json.x1y2z3_4.tmp", ".tms_subcomponents.png.qqqqqqqq.tmp"):
         (finished / name).write_bytes(b"half")
     (finished / ".keep.me").write_text("not ours")
     assert cli.main(["decompose", "--resume", "--out", str(finished)]) == 0
@@ -186,3 +186,105 @@ def test_harvest_waits_for_no_one_and_refuses_a_folder_being_written(finished, c
     finally:
         os.close(fd)
     assert cli.main(["harvest", str(finished), "--n-examples", "64"]) == 0
+
+
+def test_a_forked_child_does_not_keep_the_folder(tmp_path):
+    """DataLoader workers are forked while a run holds its folder: the lock must stay the parent's
+    (a second decompose() in the same process was refused, naming its own pid)."""
+    import time
+
+    from tspd.decomposition import run_folder_lock
+
+    folder = tmp_path / "f"
+    ready_r, ready_w = os.pipe()
+    with run_folder_lock(folder):
+        pid = os.fork()
+        if pid == 0:  # the child: may not enter, and must not hold the folder once the parent leaves
+            code = 1
+            try:
+                with run_folder_lock(folder):
+                    pass
+            except RunFolderBusy:
+                code = 0
+            os.write(ready_w, b"x")  # (the fork handlers have run by now)
+            time.sleep(1.0)
+            os._exit(code)
+        os.read(ready_r, 1)
+    try:
+        with run_folder_lock(folder):  # the child still lives: the parent takes the folder again
+            pass
+    finally:
+        _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+
+
+def test_another_thread_is_refused(tmp_path):
+    import threading
+
+    from tspd.decomposition import run_folder_lock
+
+    seen = []
+
+    def other():
+        try:
+            with run_folder_lock(tmp_path / "f"):
+                seen.append("entered")
+        except RunFolderBusy as e:
+            seen.append(str(e))
+
+    with run_folder_lock(tmp_path / "f"):
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert seen and "another thread of this process" in seen[0]
+
+
+def test_a_refused_start_leaves_the_holders_new_folder_alone(tmp_path):
+    """A run refused at the lock must not clean up a folder another process has just made."""
+    import fcntl
+
+    from tspd.experiments import decompose_from_config
+
+    out = tmp_path / "new"
+    out.mkdir()
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        cfg = tspd.RunConfig.from_yaml(cli._recipe("tms-5-2"), ["train.steps=2"])
+        with pytest.raises(RunFolderBusy):
+            decompose_from_config(cfg, out, progress=False)
+        assert (out / LOCK_NAME).exists()
+    finally:
+        os.close(fd)
+
+
+def test_only_tspds_own_temporary_files_are_removed(tmp_path):
+    from tspd.decomposition import remove_leftover_temps
+
+    ours = [".decomposition.safetensors.ab12cd_9.tmp", ".results.json.k3j5h2l1.tmp"]
+    theirs = [".notes.md.tmp", ".db.sqlite.tmp", ".env.local.tmp"]
+    for name in ours + theirs:
+        (tmp_path / name).write_text("x")
+    assert sorted(p.name for p in remove_leftover_temps(tmp_path)) == sorted(ours)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(theirs)
+
+
+def test_a_python_target_is_written_once_per_run(tmp_path, monkeypatch):
+    from tspd import train
+    from tspd.data.tms import TMSData
+    from tspd.targets.tms import TMSModel
+
+    written = []
+    real = train.atomic_write_bytes
+
+    def counting(path, write):
+        if path.name == "target_module.pt":
+            written.append(path)
+        return real(path, write)
+
+    monkeypatch.setattr(train, "atomic_write_bytes", counting)
+    cfg = tspd.RunConfig.model_validate({"sites": [{"pattern": "linear*", "C": 4}], "output": {"divergence": "mse"},
+                                         "train": {"steps": 4, "batch_size": 8, "checkpoint_every": 2}})
+    tspd.decompose(TMSModel(5, 2), TMSData(5, 0.1, 8), cfg, run_dir=tmp_path / "r", progress=False, stop_after=2)
+    tspd.decompose(TMSModel(5, 2), TMSData(5, 0.1, 8), cfg, run_dir=tmp_path / "r", progress=False, resume=True)
+    assert len(written) == 1 and tspd.load(tmp_path / "r").target is not None

@@ -144,7 +144,7 @@ def test_resume_past_a_damaged_metrics_line(tmp_path):
     tspd.decompose(_tms_target(), data, cfg, run_dir=tmp_path, progress=False, stop_after=5)
     with open(tmp_path / METRICS, "a") as f:
         f.write('{"step": 5, "lr": 0.00')
-    stale = tmp_path / f".{CHECKPOINT}.abc123.tmp"  # a checkpoint write a kill cut off
+    stale = tmp_path / f".{CHECKPOINT}.abc12345.tmp"  # a checkpoint write a kill cut off (mkstemp: 8 random characters)
     stale.write_bytes(b"half")
     with pytest.warns(UserWarning, match=r"metrics.jsonl: dropped 1 line"):
         tspd.decompose(_tms_target(), data, cfg, run_dir=tmp_path, progress=False, resume=True)

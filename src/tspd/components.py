@@ -39,12 +39,13 @@ def site_kind(module: nn.Module) -> SiteKind | None:
 
 
 def _weight_hook(h) -> bool:
-    """torch's old hook-based weight_norm / spectral_norm: pre-hooks that only recompute the weight
+    """torch's old hook-based weight_norm / spectral_norm, and torch.nn.utils.prune: pre-hooks that only recompute the weight
     attribute, which a stand-in reads as they left it (the target's parameters are frozen)."""
+    from torch.nn.utils.prune import BasePruningMethod
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
-    return isinstance(h, (WeightNorm, SpectralNorm))
+    return isinstance(h, (WeightNorm, SpectralNorm, BasePruningMethod))
 
 
 def check_site_hooks(name: str, module: nn.Module) -> None:

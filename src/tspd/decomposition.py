@@ -14,10 +14,13 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
 import os
+import re
+import threading
 import tempfile
 import warnings
 from collections import OrderedDict
@@ -169,14 +172,47 @@ def per_example(value: Any, rows: int) -> bool:
     return isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == rows
 
 
+_FASTPATH = {"depth": 0, "saved": True}
+_FASTPATH_GUARD = threading.Lock()
+
+
+def _fastpath_off(enter: bool) -> None:
+    """torch's process-wide MHA fast-path flag, off while any Decomposition (in any thread) stands in
+    for its target's modules, and back as it was when the last one leaves."""
+    with _FASTPATH_GUARD:
+        if enter:
+            if _FASTPATH["depth"] == 0:
+                _FASTPATH["saved"] = torch.backends.mha.get_fastpath_enabled()
+                torch.backends.mha.set_fastpath_enabled(False)
+            _FASTPATH["depth"] += 1
+        else:
+            _FASTPATH["depth"] -= 1
+            if _FASTPATH["depth"] == 0:
+                torch.backends.mha.set_fastpath_enabled(_FASTPATH["saved"])
+
+
 def position_mask(batch: Batch) -> Tensor | None:
     """The batch's real (not padded) positions: its `attention_mask` as a bool (batch, positions)
     tensor when a keyword batch has one with some position padded, else None (nothing to leave out)."""
     mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-    if not isinstance(mask, Tensor) or mask.dim() != 2:
+    if not isinstance(mask, Tensor) or mask.dim() != 2 or padding_not_readable(batch):
         return None
     keep = mask.bool()
     return None if bool(keep.all()) else keep
+
+
+def padding_not_readable(batch: Batch) -> str | None:
+    """Why a batch's 2-D attention_mask cannot be read as its padding, if it cannot: an
+    encoder-decoder batch (the mask is the encoder's; the output is the decoder's), or an additive
+    float mask (0 where real, a large negative number where padded)."""
+    if not isinstance(batch, dict):
+        return None
+    if any(k.startswith("decoder_") for k in batch):
+        return "it is an encoder-decoder batch, whose attention_mask pads the encoder's input, not the decoder's output"
+    mask = batch.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.is_floating_point() and bool((mask < 0).any()):
+        return "its attention_mask is additive (negative where padded), not a 0/1 mask"
+    return None
 
 
 def row_weights(keep: Tensor | None, lead: tuple[int, ...] | torch.Size) -> Tensor | None:
@@ -243,34 +279,64 @@ def atomic_write_bytes(path: Path, write) -> None:
             os.unlink(tmp)
 
 
+# What `atomic_write_bytes` names its temporary files: "." + the file's name + "." + mkstemp's
+# 8 random characters + ".tmp".
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
 def remove_leftover_temps(folder: Path) -> list[Path]:
-    """Delete the temporary files of `atomic_write_bytes` calls a kill cut off in `folder` (any
-    `.<name>.<random>.tmp`); call it only while holding the folder (`run_folder_lock`)."""
-    gone = [p for p in folder.glob(".*.tmp") if p.is_file() and p.name.count(".") >= 3]
+    """Delete the temporary files of `atomic_write_bytes` calls a kill cut off in `folder` (names
+    as it makes them, not any hidden .tmp file); call it only while holding the folder (`run_folder_lock`)."""
+    gone = [p for p in folder.glob(".*.tmp") if p.is_file() and _TEMP_NAME.match(p.name)]
     for p in gone:
         p.unlink(missing_ok=True)
     return gone
 
 
 class RunFolderBusy(RuntimeError):
-    """Another process is writing to the run folder."""
+    """Another process (or thread) is writing to the run folder."""
 
 
 LOCK_NAME = ".tspd.lock"
-_HELD_LOCKS: dict[Path, list] = {}  # folder -> [file descriptor, depth]: re-entrant within a process
+# folder -> [file descriptor, depth, owning thread]: re-entrant within the thread that holds it.
+_HELD_LOCKS: dict[Path, list] = {}
+_HELD_GUARD = threading.Lock()
+
+
+def _forget_locks_in_child() -> None:
+    """A forked child (e.g. a DataLoader worker) must not keep its parent's folders held: its copy
+    of each lock's descriptor is closed (the parent's stays, so the parent keeps the lock)."""
+    for fd, *_ in _HELD_LOCKS.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 @contextlib.contextmanager
 def run_folder_lock(folder: str | Path) -> Iterator[None]:
-    """Hold `folder` for writing: a second tspd process that tries to write a run there (a fresh
-    run would move or delete this one's files under it) fails at once, naming the holder. An
-    advisory lock on `folder/.tspd.lock` (released by the OS if the process dies, so a kill leaves
-    no stale lock); re-entrant within a process; a no-op where fcntl is missing."""
+    """Hold `folder` for writing: a second tspd process (or thread) that tries to write a run
+    there (a fresh run would move or delete this one's files under it) fails at once, naming the
+    holder. An advisory lock on `folder/.tspd.lock` (released by the OS if the process dies, so a
+    kill leaves no stale lock; not kept by forked children); re-entrant within the holding thread;
+    a no-op where fcntl is missing or the file system has no locks."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} is a file, not a folder: give the run a folder (--out DIR)")
     key = folder.resolve()
-    held = _HELD_LOCKS.get(key)
+    me = threading.get_ident()
+    with _HELD_GUARD:
+        held = _HELD_LOCKS.get(key)
+        if held is not None and held[2] != me:
+            raise RunFolderBusy(f"another thread of this process is writing to {folder}: give this run another folder (--out DIR)")
+        if held is not None:
+            held[1] += 1
     if held is not None:
-        held[1] += 1
         try:
             yield
         finally:
@@ -281,31 +347,44 @@ def run_folder_lock(folder: str | Path) -> Iterator[None]:
     except ImportError:  # not POSIX
         yield
         return
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"{folder} is a file, not a folder: give the run a folder (--out DIR)")
     created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+        try:
+            fd = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+        except PermissionError:  # a shared folder where another user's lock file is not ours to write: read is enough
+            fd = os.open(key / LOCK_NAME, os.O_RDONLY)
     except PermissionError as e:
         raise PermissionError(f"cannot write in {folder} ({e.strerror}): give the run a folder you can write to (--out DIR)") from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.read(fd, 32).decode(errors="replace").strip()
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no locks on this file system (some NFS, FUSE)
+            os.close(fd)
+            yield
+            return
+        try:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+        except OSError:
+            holder = ""
         os.close(fd)
         raise RunFolderBusy(
             f"another tspd process{f' (pid {holder})' if holder else ''} is writing to {folder}: wait for it to "
             "finish, or give this run another folder (--out DIR)") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    _HELD_LOCKS[key] = [fd, 1]
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+    except OSError:  # opened read-only: the holder's pid is not recorded
+        pass
+    with _HELD_GUARD:
+        _HELD_LOCKS[key] = [fd, 1, me]
     failed = True
     try:
         yield
         failed = False
     finally:
-        del _HELD_LOCKS[key]
+        with _HELD_GUARD:
+            _HELD_LOCKS.pop(key, None)
         if failed and created and [p.name for p in key.iterdir()] == [LOCK_NAME]:
             (key / LOCK_NAME).unlink()  # a run that failed before writing anything leaves no folder it made
             key.rmdir()
@@ -470,9 +549,8 @@ class Decomposition(nn.Module):
         # torch's fused fast path of nn.TransformerEncoderLayer / MultiheadAttention (eval mode,
         # no hooks) reads the layers' weights without calling them: off while tspd stands in, so
         # the target run and every pass take the same, module-calling route.
-        fastpath = torch.backends.mha.get_fastpath_enabled()
         try:
-            torch.backends.mha.set_fastpath_enabled(False)
+            _fastpath_off(True)
             for p in thawed:
                 p.requires_grad_(False)
             if any(mode for _, mode in modes):
@@ -482,7 +560,7 @@ class Decomposition(nn.Module):
             yield
         finally:
             self.__dict__["_installed_now"] = False
-            torch.backends.mha.set_fastpath_enabled(fastpath)
+            _fastpath_off(False)
             restore_modules(swapped)
             for p in thawed:
                 p.requires_grad_(True)
@@ -514,14 +592,22 @@ class Decomposition(nn.Module):
             for m, fwd, pre in hooked:
                 m.__dict__.update(_forward_hooks=fwd, _forward_pre_hooks=pre)
         worst = 0.0
-        for part, whole in zip(parts, (out[:half], out[half:])):
-            if part.shape != whole.shape:
+        # Per example: the output's entries of each example, whatever its layout ((B, ...), or tokens
+        # flattened to (B*T, ...) in example order); a layout that does not split by example fails.
+        if out.numel() % rows or any(part.numel() % n for part, n in zip(parts, (half, rows - half))):
+            return self._not_independent(float("inf"))
+        whole = out.reshape(rows, -1)
+        for part, rows_of in zip(parts, (whole[:half], whole[half:])):
+            part = part.reshape(rows_of.shape[0], -1)
+            if part.shape != rows_of.shape:
                 worst = float("inf")
                 break
-            err = float((part.float() - whole.float()).norm() / whole.float().norm().clamp_min(1e-30))
+            err = float((part.float() - rows_of.float()).norm() / rows_of.float().norm().clamp_min(1e-30))
             worst = max(worst, err) if err == err else worst  # NaN (a non-finite output): cannot tell, no verdict
-        if worst <= 1e-2:
-            return True
+        return True if worst <= 1e-2 else self._not_independent(worst)
+
+    @staticmethod
+    def _not_independent(worst: float) -> bool:
         warnings.warn(
             f"the target's output for half of the batch, run alone, differs from its output for the whole batch "
             f"(relative difference {worst:.3g}): its examples along dim 0 are not independent (a sequence-first "
@@ -603,7 +689,8 @@ class Decomposition(nn.Module):
                 if head_hook is not None and not torch.is_inference_mode_enabled()  # inference tensors have no versions
                 else None
             )
-            buffers = [] if self.__dict__.get("_buffers_warned") or torch.is_inference_mode_enabled() else list(self.target.buffers())
+            buffers = [] if self.__dict__.get("_buffers_warned") or torch.is_inference_mode_enabled() else [
+                b for b in self.target.buffers() if not b.is_inference()]  # (inference tensors have no versions)
             versions = [b._version for b in buffers]
             try:
                 out = call_target(self.target, batch)
@@ -927,15 +1014,17 @@ class Decomposition(nn.Module):
         return total / count
 
     # ---- persistence ---------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
-        """Write config.yaml, decomposition.safetensors and the target (atomically, file by file)."""
+    def save(self, directory: str | Path, target: bool = True) -> Path:
+        """Write config.yaml, decomposition.safetensors and (`target`) the target (atomically, file by file)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(directory / "config.yaml", lambda p: Path(p).write_text(self.config.to_yaml()))
         save_state(self, directory / "decomposition.safetensors")
         from tspd.targets import saved_with_run
 
-        if self.config.target is not None:
+        if not target:
+            pass
+        elif self.config.target is not None:
             if saved_with_run(self.config.target):
                 save_state(self.target, directory / "target.safetensors")
             else:  # rebuilt from the config on load: what it must equal

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from tspd import distributed
 from tspd.components import resolve_sites
 from tspd.config import ConfigError, RunConfig
-from tspd.decomposition import LOCK_NAME, Decomposition, atomic_write_bytes, load, run_folder_lock, save_state, write_json
+from tspd.decomposition import Decomposition, atomic_write_bytes, load, run_folder_lock, save_state, write_json
 from tspd.targets import build_data, build_target, saved_with_run
 from tspd.train import DataStream, decompose, require_checkpoint
 
@@ -116,31 +116,22 @@ def decompose_from_config(
     device = distributed.device_for(cfg.train.device)  # no GPU for train.device=cuda: named before a target trains
     if resume:
         check_resume_config(cfg, out)
-    created = not out.exists()
     main = distributed.world().main
-    try:
-        # Held from here to the end: a second process writing a run into `out` fails at once.
-        with run_folder_lock(out) if main else contextlib.nullcontext():
-            out.mkdir(parents=True, exist_ok=True)
-            if not resume and main:
-                set_aside_earlier_outputs(out, keep=_paths_in_config(cfg))
-            target = _target_for(cfg, out, resume).to(device)
-            if cfg.data.kind == "text":
-                mc = getattr(target, "config", None)
-                ctx = getattr(mc, "n_positions", None) or getattr(mc, "max_position_embeddings", None)
-                if isinstance(ctx, int) and cfg.data.seq_len > ctx:
-                    raise ValueError(f"data.seq_len {cfg.data.seq_len} is longer than the model's context ({ctx} positions); "
-                                     f"set data.seq_len <= {ctx}")
-            data = build_data(cfg.data, cfg.target, cfg.train.batch_size, cfg.seed)
-            return decompose(target, data, cfg, run_dir=out, resume=resume, progress=progress, stop_after=stop_after)
-    except BaseException:
-        if created and main and out.is_dir():
-            try:
-                (out / LOCK_NAME).unlink(missing_ok=True)
-                out.rmdir()  # a run that failed before writing anything leaves no empty folder (fails if not empty)
-            except OSError:
-                pass
-        raise
+    # Held from here to the end: a second process writing a run into `out` fails at once (and a run
+    # that fails before writing anything leaves no folder it made: see run_folder_lock).
+    with run_folder_lock(out) if main else contextlib.nullcontext():
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume and main:
+            set_aside_earlier_outputs(out, keep=_paths_in_config(cfg))
+        target = _target_for(cfg, out, resume).to(device)
+        if cfg.data.kind == "text":
+            mc = getattr(target, "config", None)
+            ctx = getattr(mc, "n_positions", None) or getattr(mc, "max_position_embeddings", None)
+            if isinstance(ctx, int) and cfg.data.seq_len > ctx:
+                raise ValueError(f"data.seq_len {cfg.data.seq_len} is longer than the model's context ({ctx} positions); "
+                                 f"set data.seq_len <= {ctx}")
+        data = build_data(cfg.data, cfg.target, cfg.train.batch_size, cfg.seed)
+        return decompose(target, data, cfg, run_dir=out, resume=resume, progress=progress, stop_after=stop_after)
 
 
 def check_resume_config(cfg: RunConfig, out: Path) -> None:

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from tspd.config import RunConfig
-from tspd.decomposition import Batch, Decomposition, position_mask, row_weights
+from tspd.decomposition import Batch, Decomposition, padding_not_readable, position_mask, row_weights
 from tspd.fastlinear import applies, linear_pointwise
 from tspd.importance import lower_leaky_hard_sigmoid_grad, upper_leaky_hard_sigmoid_grad
 from tspd.masks import Pass, delta_masks, sample_sources, stochastic_masks, subset_routing
@@ -449,14 +449,22 @@ def _warn_if_unweighted(dec: Decomposition, keep: Tensor, target_out: Tensor) ->
     )
 
 
-def _warn_mask_not_read(dec: Decomposition, mask: Tensor) -> None:
+def _warn_if_mask_not_read(dec: Decomposition, batch: dict) -> None:
+    """Warn once when a batch may hold padding that tspd cannot read from its attention_mask."""
     if dec.__dict__.get("_padding_warned"):
         return
+    mask = batch["attention_mask"]
+    why = (f"its attention_mask is {mask.dim()}-D {tuple(mask.shape)}, and tspd reads padding only from a 2-D "
+           "(batch, positions) 0/1 mask (the model builds its own 4-D one from that)") if mask.dim() != 2 else padding_not_readable(batch)
+    if why is None:
+        return
+    masks = [m for k, m in batch.items() if k.endswith("attention_mask") and isinstance(m, Tensor)]
+    if mask.dim() == 2 and not any(bool((m == 0).any()) if not m.is_floating_point() or not bool((m < 0).any())
+                                   else bool((m < 0).any()) for m in masks):
+        return  # nothing padded
     dec.__dict__["_padding_warned"] = True
-    warnings.warn(
-        f"the batch's attention_mask is {mask.dim()}-D {tuple(mask.shape)}: tspd reads padding only from a 2-D "
-        "(batch, positions) mask, so any padded positions count in every loss term. Pass the 2-D mask (the model "
-        "builds its own 4-D one from it) to have them left out", stacklevel=3)
+    warnings.warn(f"the batch may hold padding that tspd cannot leave out of the losses: {why}; padded positions "
+                  "count in every loss term", stacklevel=3)
 
 
 def compute_losses(
@@ -471,8 +479,8 @@ def compute_losses(
         target_out, inputs = dec.run_target(batch)
         if keep is not None:
             _warn_if_unweighted(dec, keep, target_out)
-        elif isinstance(batch, dict) and isinstance(batch.get("attention_mask"), Tensor) and batch["attention_mask"].dim() != 2:
-            _warn_mask_not_read(dec, batch["attention_mask"])
+        elif isinstance(batch, dict) and isinstance(batch.get("attention_mask"), Tensor):
+            _warn_if_mask_not_read(dec, batch)
         z = dec.ci_logits(inputs, keep)
         min_term = None  # the minimality term, when the compiled chain below forms it with the CI
         if cfg.train.compile and minimality and keep is None:

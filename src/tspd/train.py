@@ -367,7 +367,8 @@ def decompose(
         run_path.mkdir(parents=True, exist_ok=True)
         remove_leftover_temps(run_path)  # writes cut off by a kill (checkpoint, decomposition, figures, ...)
         atomic_write_bytes(run_path / "config.yaml", lambda p: Path(p).write_text(config.to_yaml()))
-        if config.target is None:  # a model from Python: saved now, so one that cannot be fails before training, not after
+        if config.target is None and not (start > 0 and (run_path / "target_module.pt").exists()):
+            # A model from Python: saved once, now, so one that cannot be fails before training, not after.
             try:
                 atomic_write_bytes(run_path / "target_module.pt", lambda p: torch.save(target, p))
             except Exception as e:
@@ -453,7 +454,7 @@ def decompose(
             metrics_file.close()
     distributed.check_in_sync(list(dec.parameters()), w)
     if writes:
-        dec.save(run_path)
+        dec.save(run_path, target=config.target is not None)  # (a Python model was saved at the start)
     if w.parallel:  # every rank returns once rank 0's files are written
         torch.distributed.barrier()
     return dec
