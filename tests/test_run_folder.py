@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 import tspd
 from conftest import assert_same_state
@@ -288,3 +289,67 @@ def test_a_python_target_is_written_once_per_run(tmp_path, monkeypatch):
     tspd.decompose(TMSModel(5, 2), TMSData(5, 0.1, 8), cfg, run_dir=tmp_path / "r", progress=False, stop_after=2)
     tspd.decompose(TMSModel(5, 2), TMSData(5, 0.1, 8), cfg, run_dir=tmp_path / "r", progress=False, resume=True)
     assert len(written) == 1 and tspd.load(tmp_path / "r").target is not None
+
+
+def test_an_unwritable_folder_is_named(tmp_path, monkeypatch):
+    from tspd import decomposition
+    from tspd.decomposition import run_folder_lock
+
+    real = os.open
+
+    def refused(path, flags, *a):
+        if str(path).endswith(LOCK_NAME):
+            raise PermissionError(13, "Permission denied")
+        return real(path, flags, *a)
+
+    monkeypatch.setattr(decomposition.os, "open", refused)
+    (tmp_path / "ro").mkdir()
+    with pytest.raises(PermissionError, match="cannot write in .*ro .Permission denied.: give the run a folder you can write to"):
+        with run_folder_lock(tmp_path / "ro"):
+            pass
+
+
+def test_tspd_run_holds_the_folder_through_its_analysis(tmp_path, monkeypatch):
+    """The analysis after training writes results.json and figures: a run starting in the folder
+    meanwhile set this run's decomposition aside and got its results written next to its own."""
+    import fcntl
+
+    from tspd import experiments
+
+    out = tmp_path / "run"
+    seen = []
+    real = experiments.evaluate_run
+
+    def probing(run_dir):
+        fd = os.open(out / LOCK_NAME, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            seen.append("free")
+        except OSError:
+            seen.append("held")
+        finally:
+            os.close(fd)
+        return real(run_dir)
+
+    monkeypatch.setattr(experiments, "evaluate_run", probing)
+    experiments.run_experiment(cli._recipe("tms-5-2"), out, ["train.steps=4", "target.train_steps=10", "train.batch_size=64",
+                                                              "train.faithfulness_warmup_steps=5"])
+    assert seen == ["held"] and (out / "results.json").exists()
+
+
+def test_a_cut_target_copy_in_the_partial_set_aside_is_dropped(finished):
+    from tspd import experiments
+
+    partial = finished / experiments.PARTIAL_ASIDE
+    partial.mkdir()
+    (partial / ".target.safetensors.abcd1234.tmp").write_bytes(b"half")
+    aside = experiments.set_aside_earlier_outputs(finished)
+    assert aside is not None and not list(aside.glob(".*.tmp"))
+    assert tspd.load(aside) is not None
+
+
+def test_an_additive_mask_without_padding_is_not_read_as_all_padding():
+    from tspd.decomposition import position_mask
+
+    assert position_mask({"input_ids": torch.zeros(2, 4), "attention_mask": torch.zeros(2, 4)}) is None
+    assert position_mask({"input_ids": torch.zeros(2, 4), "attention_mask": torch.ones(2, 4)}) is None

@@ -210,8 +210,8 @@ def padding_not_readable(batch: Batch) -> str | None:
     if any(k.startswith("decoder_") for k in batch):
         return "it is an encoder-decoder batch, whose attention_mask pads the encoder's input, not the decoder's output"
     mask = batch.get("attention_mask")
-    if isinstance(mask, Tensor) and mask.is_floating_point() and bool((mask < 0).any()):
-        return "its attention_mask is additive (negative where padded), not a 0/1 mask"
+    if isinstance(mask, Tensor) and mask.is_floating_point() and (bool((mask < 0).any()) or not bool((mask > 0).any())):
+        return "its attention_mask is additive (0 where real, negative where padded), not a 0/1 mask"
     return None
 
 
@@ -318,6 +318,21 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
+def _open_lock_file(folder: Path, key: Path) -> int:
+    """The folder's lock file, opened for writing (made if missing), or read-only where it is another
+    user's in a shared folder (a lock needs only a descriptor)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            return os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+        except PermissionError:
+            if not (key / LOCK_NAME).exists():
+                raise
+            return os.open(key / LOCK_NAME, os.O_RDONLY)
+    except PermissionError as e:
+        raise PermissionError(f"cannot write in {folder} ({e.strerror}): give the run a folder you can write to (--out DIR)") from e
+
+
 @contextlib.contextmanager
 def run_folder_lock(folder: str | Path) -> Iterator[None]:
     """Hold `folder` for writing: a second tspd process (or thread) that tries to write a run
@@ -348,29 +363,32 @@ def run_folder_lock(folder: str | Path) -> Iterator[None]:
         yield
         return
     created = not folder.exists()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
+    for _attempt in range(5):
+        fd = _open_lock_file(folder, key)
         try:
-            fd = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT, _FILE_MODE)
-        except PermissionError:  # a shared folder where another user's lock file is not ours to write: read is enough
-            fd = os.open(key / LOCK_NAME, os.O_RDONLY)
-    except PermissionError as e:
-        raise PermissionError(f"cannot write in {folder} ({e.strerror}): give the run a folder you can write to (--out DIR)") from e
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no locks on this file system (some NFS, FUSE)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no locks on this file system (some NFS, FUSE)
+                os.close(fd)
+                yield
+                return
+            try:
+                holder = os.read(fd, 32).decode(errors="replace").strip()
+            except OSError:
+                holder = ""
             os.close(fd)
-            yield
-            return
-        try:
-            holder = os.read(fd, 32).decode(errors="replace").strip()
-        except OSError:
-            holder = ""
+            raise RunFolderBusy(
+                f"another tspd process{f' (pid {holder})' if holder.isdigit() else ''} is writing to {folder}: wait for "
+                "it to finish, or give this run another folder (--out DIR)") from None
+        try:  # the file locked must still be the folder's (a failed run removes its new folder and lock file)
+            same = os.fstat(fd).st_ino == os.stat(key / LOCK_NAME).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
         os.close(fd)
-        raise RunFolderBusy(
-            f"another tspd process{f' (pid {holder})' if holder else ''} is writing to {folder}: wait for it to "
-            "finish, or give this run another folder (--out DIR)") from None
+    else:
+        raise RunFolderBusy(f"could not hold {folder}: its lock file keeps being replaced; try again")
     try:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())

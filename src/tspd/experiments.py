@@ -20,7 +20,9 @@ from safetensors.torch import load_file
 from tspd import distributed
 from tspd.components import resolve_sites
 from tspd.config import ConfigError, RunConfig
-from tspd.decomposition import Decomposition, atomic_write_bytes, load, run_folder_lock, save_state, write_json
+from tspd.decomposition import (
+    Decomposition, atomic_write_bytes, load, remove_leftover_temps, run_folder_lock, save_state, write_json,
+)
 from tspd.targets import build_data, build_target, saved_with_run
 from tspd.train import DataStream, decompose, require_checkpoint
 
@@ -177,6 +179,8 @@ def set_aside_earlier_outputs(out: Path, keep: set[Path] = frozenset()) -> Path 
     partial = out / PARTIAL_ASIDE
     if not ((out / "config.yaml").exists() or (out / "checkpoint.pt").exists() or partial.is_dir()):
         return None
+    if partial.is_dir():
+        remove_leftover_temps(partial)  # a target copy a kill cut short there
     moving = [p for p in out.iterdir() if p.is_file() and not p.name.startswith(".")
               and p.name not in KEPT_ON_FRESH_START and p.resolve() not in keep]
     if not moving and not partial.is_dir():
@@ -350,11 +354,15 @@ def run_experiment(recipe: str | Path, out: str | Path, overrides: list[str] | N
     """Target, decomposition, metrics and figures for one recipe; returns the results with timings."""
     cfg = RunConfig.from_yaml(recipe, overrides)
     t0 = time.time()
-    decompose_from_config(cfg, out, resume=resume)
-    t1 = time.time()
     if not distributed.world().main:
+        decompose_from_config(cfg, out, resume=resume)
         return {}
-    result = evaluate_run(out)
-    result["seconds"] = {"decomposition": round(t1 - t0, 1), "analysis": round(time.time() - t1, 1)}
-    write_json(Path(out) / "results.json", result)
+    # The folder is held through the analysis too: a run starting there meanwhile would set this
+    # run's decomposition aside and have its results written next to the other's.
+    with run_folder_lock(out):
+        decompose_from_config(cfg, out, resume=resume)
+        t1 = time.time()
+        result = evaluate_run(out)
+        result["seconds"] = {"decomposition": round(t1 - t0, 1), "analysis": round(time.time() - t1, 1)}
+        write_json(Path(out) / "results.json", result)
     return result
