@@ -210,9 +210,20 @@ def padding_not_readable(batch: Batch) -> str | None:
     if any(k.startswith("decoder_") for k in batch):
         return "it is an encoder-decoder batch, whose attention_mask pads the encoder's input, not the decoder's output"
     mask = batch.get("attention_mask")
-    if isinstance(mask, Tensor) and mask.is_floating_point() and (bool((mask < 0).any()) or not bool((mask > 0).any())):
+    if isinstance(mask, Tensor) and additive_mask(mask):
         return "its attention_mask is additive (0 where real, negative where padded), not a 0/1 mask"
     return None
+
+
+def additive_mask(mask: Tensor) -> bool:
+    """Whether a float attention mask is additive (0 where real, negative where padded; all 0 when
+    nothing is) rather than 1/0."""
+    return mask.is_floating_point() and (bool((mask < 0).any()) or not bool((mask > 0).any()))
+
+
+def mask_pads(mask: Tensor) -> bool:
+    """Whether an attention mask (1/0, or additive) marks any position padded."""
+    return bool((mask < 0).any()) if additive_mask(mask) else bool((mask == 0).any())
 
 
 def row_weights(keep: Tensor | None, lead: tuple[int, ...] | torch.Size) -> Tensor | None:
@@ -444,12 +455,12 @@ class Decomposition(nn.Module):
         self.ci_fns = nn.ModuleDict()
         self._stand_ins: dict[str, SiteModule] = {}
         modules = dict(target.named_modules())
+        first = next(target.parameters(), None)
         for name, C in resolve_sites(target, [(s.pattern, s.C) for s in config.sites]):
             module = modules[name]
             check_site_hooks(name, module)
             kind = site_kind(module)
             w = target_weight(module, kind)
-            first = next(target.parameters())
             if w.dtype != first.dtype:
                 raise SiteError(f"site {name!r} has a {w.dtype} weight but the model's first parameter is {first.dtype}: "
                                 "tspd's factors and CI take one dtype; cast the model to one (e.g. model.float())")
@@ -1040,14 +1051,12 @@ class Decomposition(nn.Module):
         save_state(self, directory / "decomposition.safetensors")
         from tspd.targets import saved_with_run
 
-        if not target:
-            pass
-        elif self.config.target is not None:
+        if target and self.config.target is not None:
             if saved_with_run(self.config.target):
                 save_state(self.target, directory / "target.safetensors")
             else:  # rebuilt from the config on load: what it must equal
                 write_json(directory / TARGET_FINGERPRINT, {"sha256": target_fingerprint(self.target)})
-        else:
+        elif target:
             atomic_write_bytes(directory / "target_module.pt", lambda p: torch.save(self.target, p))
         return directory
 

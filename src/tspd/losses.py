@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from tspd.config import RunConfig
-from tspd.decomposition import Batch, Decomposition, padding_not_readable, position_mask, row_weights
+from tspd.decomposition import Batch, Decomposition, mask_pads, padding_not_readable, position_mask, row_weights
 from tspd.fastlinear import applies, linear_pointwise
 from tspd.importance import lower_leaky_hard_sigmoid_grad, upper_leaky_hard_sigmoid_grad
 from tspd.masks import Pass, delta_masks, sample_sources, stochastic_masks, subset_routing
@@ -434,37 +434,31 @@ def adversarial_recon(
     return divergence(target_out, dec.run_pass(batch, Pass(masks=masks, delta=delta)), kind, positions, keep)
 
 
-def _warn_if_unweighted(dec: Decomposition, keep: Tensor, target_out: Tensor) -> None:
-    """Warn once per Decomposition when a padded batch's attention_mask does not fit the output's
-    (batch, positions), so that the divergences cannot leave the padding out."""
-    if dec.__dict__.get("_padding_warned") or (target_out.dim() >= 3 and tuple(keep.shape) == tuple(target_out.shape[:2])):
+def _warn_if_padding_counts(dec: Decomposition, batch: Batch, keep: Tensor | None, target_out: Tensor) -> None:
+    """Warn once per Decomposition when a batch's padding cannot be left out of the losses: a 2-D
+    mask that does not fit the output's (batch, positions) (the divergences count every output
+    position; minimality still leaves padding out where a site's positions fit), or a mask tspd
+    cannot read (`padding_not_readable`, or not 2-D) on a batch that pads something."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if dec.__dict__.get("_padding_warned") or not isinstance(mask, Tensor):
         return
+    if keep is not None:
+        if target_out.dim() >= 3 and tuple(keep.shape) == tuple(target_out.shape[:2]):
+            return
+        why = (f"the mask {tuple(keep.shape)} does not fit the output's (batch, positions) {tuple(target_out.shape[:2])}, "
+               "so the reconstruction divergences average over every output position (importance minimality still "
+               "leaves padding out where the site's positions fit)")
+    elif mask.dim() != 2:
+        why = (f"its attention_mask is {mask.dim()}-D {tuple(mask.shape)}, and tspd reads padding only from a 2-D "
+               "(batch, positions) 0/1 mask (the model builds its own 4-D one from that)")
+    else:
+        why = padding_not_readable(batch)
+        masks = [m for k, m in batch.items() if k.endswith("attention_mask") and isinstance(m, Tensor)]
+        if why is None or not any(mask_pads(m) for m in masks):
+            return  # read, or nothing padded
     dec.__dict__["_padding_warned"] = True
-    warnings.warn(
-        f"the batch's attention_mask {tuple(keep.shape)} has padded positions but does not fit the output's "
-        f"(batch, positions) {tuple(target_out.shape[:2])}: the reconstruction divergences average over every "
-        "output position, padding included (importance minimality still leaves it out where the site's positions fit). "
-        "Pack texts into full-length chunks instead (as tspd's text data does)",
-        stacklevel=3,
-    )
-
-
-def _warn_if_mask_not_read(dec: Decomposition, batch: dict) -> None:
-    """Warn once when a batch may hold padding that tspd cannot read from its attention_mask."""
-    if dec.__dict__.get("_padding_warned"):
-        return
-    mask = batch["attention_mask"]
-    why = (f"its attention_mask is {mask.dim()}-D {tuple(mask.shape)}, and tspd reads padding only from a 2-D "
-           "(batch, positions) 0/1 mask (the model builds its own 4-D one from that)") if mask.dim() != 2 else padding_not_readable(batch)
-    if why is None:
-        return
-    masks = [m for k, m in batch.items() if k.endswith("attention_mask") and isinstance(m, Tensor)]
-    if mask.dim() == 2 and not any(bool((m == 0).any()) if not m.is_floating_point() or not bool((m < 0).any())
-                                   else bool((m < 0).any()) for m in masks):
-        return  # nothing padded
-    dec.__dict__["_padding_warned"] = True
-    warnings.warn(f"the batch may hold padding that tspd cannot leave out of the losses: {why}; padded positions "
-                  "count in every loss term", stacklevel=3)
+    warnings.warn(f"the batch holds padding that tspd cannot leave out of every loss term: {why}. Pack texts into "
+                  "full-length chunks instead (as tspd's text data does)", stacklevel=3)
 
 
 def compute_losses(
@@ -477,10 +471,7 @@ def compute_losses(
     keep = position_mask(batch)  # padded positions (None: none) are left out of every mean
     with autocast_for(cfg, dec.target):
         target_out, inputs = dec.run_target(batch)
-        if keep is not None:
-            _warn_if_unweighted(dec, keep, target_out)
-        elif isinstance(batch, dict) and isinstance(batch.get("attention_mask"), Tensor):
-            _warn_if_mask_not_read(dec, batch)
+        _warn_if_padding_counts(dec, batch, keep, target_out)
         z = dec.ci_logits(inputs, keep)
         min_term = None  # the minimality term, when the compiled chain below forms it with the CI
         if cfg.train.compile and minimality and keep is None:
