@@ -33,6 +33,7 @@ def recording_masks(ci, kind, gen):
 
 def recording_losses(dec, batch, step, gen):
     seen.setdefault("batch", batch.clone())
+    seen.setdefault("fast_bf16", tspd.losses.cpu_has_fast_bf16())  # what the run uses (put back when it returns)
     total, terms, ci = real_losses(dec, batch, step, gen)
     seen.setdefault("terms", {})[step] = {**terms, "loss": float(total.detach())}  # this rank's own values
     return total, terms, ci
@@ -47,7 +48,6 @@ cfg = RunConfig.from_yaml(recipe, [f"train.steps={steps}", "train.checkpoint_eve
                                     "train.autocast=auto"])
 dec = decompose_from_config(cfg, out, resume=resume, progress=False, stop_after=stop_after)
 w = distributed.world()
-state = {"params": {k: v.detach().clone() for k, v in dec.state_dict().items()}, **seen, "world": w.size,
-         "fast_bf16": tspd.losses.cpu_has_fast_bf16()}
+state = {"params": {k: v.detach().clone() for k, v in dec.state_dict().items()}, **seen, "world": w.size}
 torch.save(state, out / f"rank{w.rank}.pt")
 distributed.leave(wait=True)

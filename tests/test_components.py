@@ -254,6 +254,18 @@ def test_site_pattern_on_unsupported_module():
     assert "ReLU" in str(err.value) and "linear1" in str(err.value)
 
 
+def test_a_block_glob_takes_its_matrices_and_skips_activations_norms_and_containers():
+    """`transformer.h.1.mlp.*` also meets the MLP's activation and dropout: refused before."""
+    gpt = make_gpt2(0)
+    assert resolve_sites(gpt, [("transformer.h.1.mlp.*", 4)]) == [("transformer.h.1.mlp.c_fc", 4), ("transformer.h.1.mlp.c_proj", 4)]
+    assert [n for n, _ in resolve_sites(gpt, [("transformer.h.1.*", 4)])] == [
+        f"transformer.h.1.{m}" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    with pytest.raises(SiteError, match="LayerNorm"):  # nothing decomposable matched: still named
+        resolve_sites(gpt, [("transformer.h.*.ln_*", 4)])
+    with pytest.raises(SiteError, match="'1' \\(Conv1d\\)"):  # a weight matrix tspd cannot take is never skipped
+        resolve_sites(nn.Sequential(nn.Linear(3, 3), nn.Conv1d(3, 3, 1), nn.ReLU()), [("*", 2)])
+
+
 def test_resolve_sites_globs_in_module_order():
     model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3), nn.Linear(3, 2))
     assert resolve_sites(model, [("3", 2), ("0", 5), ("2", 4)]) == [("0", 5), ("2", 4), ("3", 2)]

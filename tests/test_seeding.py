@@ -51,8 +51,12 @@ def test_checkpoint_keeps_its_runs_mixer(tmp_path, monkeypatch):
     assert state["legacy_streams"] is False
     del state["legacy_streams"]
     torch.save(state, tmp_path / "old" / CHECKPOINT)
+    pinned = []
+    real_pin = tspd.train.use_legacy_streams
+    monkeypatch.setattr(tspd.train, "use_legacy_streams", lambda on: (pinned.append(on), real_pin(on)))
     tspd.decompose(_tms_target(), data, cfg, run_dir=tmp_path / "old", progress=False, resume=True)
-    assert seeding.legacy_streams()
+    assert pinned[:2] == [None, True]  # a fresh start's reset, then the checkpoint's (absent) record read as legacy
+    assert not seeding.legacy_streams()  # and the process is back on the environment's mixer once it returns
     seeding.use_legacy_streams(None)
     fresh = tspd.decompose(_tms_target(), data, cfg, progress=False)  # a fresh run: the environment's (new) mixer
     assert not seeding.legacy_streams()

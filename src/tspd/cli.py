@@ -252,6 +252,71 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.run_dir, host=args.host, port=args.port, threads=args.threads or None)
 
 
+def _sites_source(what: str) -> tuple:
+    """(model, site patterns or None, label) for `tspd sites`: a Hugging Face model (a name or a
+    folder with config.json, built on the meta device), a run folder, or a config file / recipe."""
+    from tspd.targets import build_target
+    from tspd.targets.huggingface import TINY, model_skeleton
+
+    path = Path(what)
+    if what in TINY or what == "smollm2" or (path / "config.json").is_file():
+        return model_skeleton(what), None, what
+    if (path / "config.yaml").is_file():
+        path = path / "config.yaml"  # a run folder: the config it ran with
+    elif path.is_dir():
+        raise ConfigError(f"{what} holds neither config.json (a Hugging Face model) nor config.yaml (a tspd run folder)")
+    elif not path.is_file() and not (CONFIGS_DIR / f"{what}.yaml").exists():
+        raise ConfigError(f"{what!r} is none of: a config file, a recipe ({', '.join(sorted(q.stem for q in CONFIGS_DIR.glob('*.yaml')))}), "
+                          f"a run folder, 'smollm2', {', '.join(repr(k) for k in TINY)}, a folder holding a Hugging Face model")
+    cfg = RunConfig.from_yaml(path if path.is_file() else _recipe(what))
+    if cfg.target is None:
+        raise ConfigError(f"{what} has no target section (a Python-API run): list the sites of the model from Python, "
+                          "tspd.components.describe_sites(model)")
+    model = model_skeleton(cfg.target.model) if cfg.target.kind == "huggingface" else build_target(cfg.target, train=False)
+    return model, [(site.pattern, site.C) for site in cfg.sites], f"{what} (target {getattr(cfg.target, 'model', cfg.target.kind)})"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 10**6 else f"{n / 1e3:.1f}k" if n >= 10**4 else str(n)
+
+
+def cmd_sites(args: argparse.Namespace) -> None:
+    from tspd.components import describe_sites
+
+    model, patterns, label = _sites_source(args.source)
+    if args.pattern:
+        patterns = [(g, args.C or 1) for g in args.pattern]
+    infos = describe_sites(model, patterns)
+    if args.pattern and args.C is None:
+        for info in infos:
+            info.C = None  # patterns tried without a C: shapes only
+    if args.json:
+        print(json.dumps([{**vars(i), "tied_with": list(i.tied_with), "weight_params": i.weight_params,
+                           "factor_params": i.factor_params} for i in infos], indent=1))
+        return
+    what = f"chosen by {len(patterns)} pattern(s): {', '.join(g for g, _ in patterns)}" if patterns else "decomposable modules"
+    print(f"{label}: {type(model).__name__}, {len(infos)} {what}")
+    with_c = any(i.C is not None for i in infos)
+    rows = [("module", "type", "d_in", "d_out", "weight") + (("C", "V+U") if with_c else ())]
+    notes = [""]
+    for i in infos:
+        row = (i.name, i.module_type, str(i.d_in), str(i.d_out), _count(i.weight_params))
+        if with_c:
+            row += (str(i.C), f"{_count(i.factor_params)} ({i.factor_params / i.weight_params:.2f}x)")
+        rows.append(row)
+        notes.append(f"tied: {', '.join(i.tied_with)} uses the same weight and keeps the target's" if i.tied_with else "")
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    for r, note in zip(rows, notes):
+        line = "  ".join(c.ljust(w) if k < 2 else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths)))
+        print(line + ("  " + note if note else ""))
+    weights = sum(i.weight_params for i in infos)
+    if with_c:
+        factors = sum(i.factor_params or 0 for i in infos)
+        print(f"total: {len(infos)} sites, {_count(weights)} weight parameters, V and U {_count(factors)} ({factors / max(weights, 1):.2f}x)")
+    else:
+        print(f"total: {len(infos)} modules, {_count(weights)} weight parameters")
+
+
 def cmd_config_keys(args: argparse.Namespace) -> None:
     from tspd.config import KIND_CONFIGS, SiteConfig, describe_keys, kind_of
 
@@ -369,6 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: smollm2, gpt2-tokenizer, wiki")
     p.add_argument("--cache", help="cache folder (default $TSPD_CACHE or ~/.cache/tspd)")
     p.set_defaults(func=cmd_assets)
+
+    p = sub.add_parser("sites", help="list the modules a model offers as sites, or those a config's patterns choose, with shapes")
+    p.add_argument("source", help="a config file or recipe (its target and sites), a run folder, or a model: smollm2, "
+                                  "tiny-gpt2, tiny-llama or a Hugging Face folder (read from config.json alone)")
+    p.add_argument("--pattern", action="append", metavar="GLOB", help="try these site globs instead of the config's (repeatable)")
+    p.add_argument("--C", type=_int_in(1), default=None, help="with --pattern: C per site, to see the size of V and U")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=cmd_sites)
 
     p = sub.add_parser("config-keys", help="print every config key with its default and meaning (markdown)")
     p.set_defaults(func=cmd_config_keys)

@@ -69,10 +69,22 @@ def target_weight(module: nn.Module, kind: SiteKind) -> Tensor:
     return module.weight.T  # Conv1D stores d_in x d_out; Embedding stores vocab x d_model
 
 
-def resolve_sites(model: nn.Module, patterns: list[tuple[str, int]]) -> list[tuple[str, int]]:
-    """Match glob patterns against module paths; returns (name, C) in module order.
+def _holds_a_matrix(module: nn.Module) -> bool:
+    """Whether a module looks like one meant to be decomposed: a Linear / Embedding (subclass), a
+    TorchScript module, or one with a weight of two or more dimensions of its own."""
+    if isinstance(module, (nn.Linear, nn.Embedding, torch.jit.ScriptModule)):
+        return True
+    w = module._parameters.get("weight")
+    return w is not None and w.dim() >= 2
 
-    Raises SiteError naming what exists when a pattern matches nothing or an unsupported module.
+
+def resolve_sites(model: nn.Module, patterns: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Match glob patterns against module paths; returns (name, C) in module order. A pattern that
+    matches decomposable modules skips the others it meets that hold no weight matrix (activations,
+    norms, containers of a block).
+
+    Raises SiteError naming what exists when a pattern matches nothing decomposable or a module
+    with a weight matrix tspd cannot take.
     """
     modules = dict(model.named_modules())
     supported = [n for n, m in modules.items() if n and site_kind(m) is not None]
@@ -86,6 +98,10 @@ def resolve_sites(model: nn.Module, patterns: list[tuple[str, int]]) -> list[tup
                 + ("\n  ..." if len(supported) > 60 else "")
             )
         bad = [n for n in hits if site_kind(modules[n]) is None]
+        if len(bad) < len(hits):
+            # A glob over a block (`transformer.h.1.mlp.*`) also meets its activation, dropout, norms and
+            # containers: skipped. A module holding a weight matrix it cannot take is still an error.
+            bad = [n for n in bad if _holds_a_matrix(modules[n])]
         if bad:
             m = modules[bad[0]]
             if isinstance(m, nn.Embedding) and type(m).forward is nn.Embedding.forward:
@@ -102,7 +118,7 @@ def resolve_sites(model: nn.Module, patterns: list[tuple[str, int]]) -> list[tup
                 f"site pattern {pattern!r} matches {bad[0]!r} ({type(m).__name__}), {why}. Narrow the pattern; "
                 f"decomposable modules are:\n  " + "\n  ".join(supported[:60])
             )
-        for n in hits:
+        for n in (h for h in hits if site_kind(modules[h]) is not None):
             if chosen.get(n, C) != C:
                 raise SiteError(f"module {n!r} is matched by two site patterns with different C ({chosen[n]} and {C}, "
                                 f"the second {pattern!r}); make the patterns disjoint or give them the same C")
@@ -119,6 +135,56 @@ def resolve_sites(model: nn.Module, patterns: list[tuple[str, int]]) -> list[tup
                             "the last call's input and its masks apply to every call)")
     order = {n: i for i, n in enumerate(modules)}
     return sorted(chosen.items(), key=lambda kv: order[kv[0]])
+
+
+@dataclass
+class SiteInfo:
+    """One module tspd can decompose: its path, kind and shape (nn.Linear layout: d_out x d_in;
+    an embedding's d_in is its vocabulary), the C a site pattern gave it (None: not chosen), and
+    the other module paths that use the same weight tensor (tied weights keep the target weight
+    there)."""
+
+    name: str
+    module_type: str
+    kind: SiteKind
+    d_in: int
+    d_out: int
+    C: int | None = None
+    tied_with: tuple[str, ...] = ()
+
+    @property
+    def weight_params(self) -> int:
+        return self.d_in * self.d_out
+
+    @property
+    def factor_params(self) -> int | None:
+        """Parameters of V and U (C (d_in + d_out)); None when no C was given."""
+        return None if self.C is None else self.C * (self.d_in + self.d_out)
+
+
+def describe_sites(model: nn.Module, patterns: list[tuple[str, int]] | None = None) -> list[SiteInfo]:
+    """Every module of `model` tspd can decompose, in module order, with its shape; with
+    `patterns` ((glob, C) pairs, as a config's `sites`), the modules they choose, with their C and
+    the same errors a run gives (a pattern that matches nothing lists what exists). Works on a
+    model on the meta device (shapes only, nothing loaded).
+
+    Example: `[(s.name, s.d_in, s.d_out) for s in describe_sites(gpt2, [("transformer.h.*.mlp.c_fc", 256)])]`
+    """
+    chosen = dict(resolve_sites(model, patterns)) if patterns else None
+    users: dict[int, list[str]] = {}
+    for n, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if n and isinstance(w, Tensor):
+            users.setdefault(id(w), []).append(n)
+    out = []
+    for n, m in model.named_modules():
+        kind = site_kind(m) if n else None
+        if kind is None or (chosen is not None and n not in chosen):
+            continue
+        d_out, d_in = target_weight(m, kind).shape
+        tied = tuple(u for u in users.get(id(m.weight), []) if u != n)
+        out.append(SiteInfo(n, type(m).__name__, kind, int(d_in), int(d_out), None if chosen is None else chosen[n], tied))
+    return out
 
 
 class Components(nn.Module):

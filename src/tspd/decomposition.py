@@ -23,6 +23,7 @@ import re
 import threading
 import tempfile
 import warnings
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
@@ -118,14 +119,23 @@ def _key(site: str) -> str:
 
 
 def output_tensor(out: Any) -> Tensor:
-    """The prediction tensor of a model output: `.logits` for Hugging Face, the first item of a tuple."""
+    """The prediction tensor of a model output: `.logits` for Hugging Face (or a dict's "logits"),
+    the first item of a tuple."""
     if isinstance(out, Tensor):
         return out
     if hasattr(out, "logits"):
         return out.logits
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    raise TypeError(f"cannot find the output tensor in a {type(out).__name__}; return a Tensor or an object with .logits")
+    if isinstance(out, dict) and isinstance(out.get("logits"), Tensor):
+        return out["logits"]
+    if isinstance(out, (tuple, list)) and out:
+        first = out[0]
+        if isinstance(first, Tensor) and first.dim() > 0:
+            return first
+        what = f"a {first.dim()}-d tensor" if isinstance(first, Tensor) else f"a {type(first).__name__}"
+        raise TypeError(f"the model returned a {type(out).__name__} whose first item is {what}: tspd reads the first "
+                        "item of a tuple as the prediction; return the prediction first, or an object or dict with logits")
+    raise TypeError(f"cannot find the output tensor in a {type(out).__name__}; return a Tensor, a tuple with the "
+                    "prediction first, or an object or dict with logits")
 
 
 def batch_size(batch: Batch) -> int:
@@ -189,6 +199,33 @@ def _fastpath_off(enter: bool) -> None:
             _FASTPATH["depth"] -= 1
             if _FASTPATH["depth"] == 0:
                 torch.backends.mha.set_fastpath_enabled(_FASTPATH["saved"])
+
+
+_TARGET_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_TARGET_LOCKS_GUARD = threading.Lock()
+
+
+def target_lock(target: nn.Module) -> threading.RLock:
+    """The one re-entrant lock of a target model. A Decomposition wires the target to its
+    stand-ins for each forward and keeps per-call state in them, so two threads running passes on
+    one target (through one Decomposition or two) would undo each other's wiring mid-forward:
+    tspd's entry points that run the target hold this lock, one thread at a time per model."""
+    with _TARGET_LOCKS_GUARD:
+        lock = _TARGET_LOCKS.get(target)
+        if lock is None:
+            lock = _TARGET_LOCKS[target] = threading.RLock()
+        return lock
+
+
+def one_thread_per_target(fn):
+    """Run `fn(dec, ...)` holding `target_lock(dec.target)`."""
+
+    @functools.wraps(fn)
+    def locked(dec, *args, **kwargs):
+        with target_lock(dec.target):
+            return fn(dec, *args, **kwargs)
+
+    return locked
 
 
 def position_mask(batch: Batch) -> Tensor | None:
@@ -642,7 +679,7 @@ class Decomposition(nn.Module):
             f"(relative difference {worst:.3g}): its examples along dim 0 are not independent (a sequence-first "
             "layout, where dim 0 holds the positions, or batch statistics). tspd runs the masked passes one by one "
             "instead of stacking them along dim 0. A sequence-first model should not use ci.kind attention, which "
-            "reads dim 1 as the positions", stacklevel=4)
+            "reads dim 1 as the positions", stacklevel=5)
         return False
 
     def _check_calls(self) -> None:
@@ -663,7 +700,7 @@ class Decomposition(nn.Module):
                 warned.add(name)
                 warnings.warn(
                     f"site {name!r} is called {st.calls} times per forward (a shared layer): its CI is computed from "
-                    "the last call's input and its masks apply to every call", stacklevel=4)
+                    "the last call's input and its masks apply to every call", stacklevel=5)
 
     def _reset_stand_ins(self) -> None:
         # Plain attributes of the stand-ins (no parameter, buffer or module by these names), written
@@ -682,19 +719,26 @@ class Decomposition(nn.Module):
         return c.U, c.V
 
     # ---- passes --------------------------------------------------------------------------
-    def run_target(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        """The target's output and every site's input, without gradients. Also records the outputs
-        of the blocks before the last site's block and of the children of site-holding blocks,
-        which `run_passes` on this batch replays."""
+    def forget_target_run(self) -> None:
+        """Drop what `run_target` recorded for the passes on its batch (block and site values): the
+        memory is freed, and passes on that batch recompute what they need."""
         self._block_outputs, self._block_batch, self._child_calls = None, None, {}
         self._head_batch = None
         self._site_targets, self._site_targets_batch = {}, None
+
+    @one_thread_per_target
+    def run_target(self, batch: Batch, for_passes: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        """The target's output and every site's input, without gradients. Also records the outputs
+        of the blocks before the last site's block and of the children of site-holding blocks,
+        which `run_passes` on this batch replays. `for_passes=False`: the output and the site
+        inputs only (what the CI needs), nothing kept for passes."""
+        self.forget_target_run()
         independent = None  # whether stacking along dim 0 is sound (None: not known yet)
-        if self.config.train.stack_passes and batch_size(batch) >= 2:
+        if for_passes and self.config.train.stack_passes and batch_size(batch) >= 2:
             if self.__dict__.get("_independent") is None:  # once, before the target run (so that what the model
                 self.__dict__["_independent"] = self._examples_independent(batch)  # records in its forward is the run's)
             independent = self.__dict__["_independent"]
-        reuse = bool(self._block_of) and self.config.train.reuse_prefix
+        reuse = for_passes and bool(self._block_of) and self.config.train.reuse_prefix
         n_record = max(self._block_of.values()) if reuse else 0
         recorders = [_Record(self._block_list[i]) for i in range(n_record)]
         order: list[int] = []
@@ -712,7 +756,7 @@ class Decomposition(nn.Module):
                     calls.watch(j, self._block_list[j], {self._branch_of[s] for s, b in self._block_of.items() if b == j})
             swapped = swap_modules(self._block_list, [(f"{i}", r) for i, r in enumerate(recorders)]) if recorders else []
             head_out: list[Any] = []
-            head_hook = self._head_module()
+            head_hook = self._head_module() if for_passes else None
             handle = (
                 head_hook.register_forward_hook(lambda _m, _a, o: head_out.append((o, getattr(o, "_version", None))))
                 if head_hook is not None and not torch.is_inference_mode_enabled()  # inference tensors have no versions
@@ -749,7 +793,9 @@ class Decomposition(nn.Module):
                     f"the target changes its buffer(s) {', '.join(names[:5])} in its forward: every forward tspd runs (the "
                     "target run and each pass) changes them again, so passes do not see the state the target run saw and "
                     "decomposing leaves the model changed. Freeze such state (e.g. eval-mode statistics) before decomposing",
-                    stacklevel=3)
+                    stacklevel=4)
+            if not for_passes:
+                return out, inputs
             self._site_targets = {n: s.record for n, s in self._stand_ins.items() if s.record is not None}
             self._site_targets_batch = (batch, _versions(_flat_tensors(batch)))
         # Passes may stop before the head only if the model returned the head's output itself (one
@@ -794,13 +840,19 @@ class Decomposition(nn.Module):
         upper = {s: upper_leaky_hard_sigmoid(v, leak) for s, v in z.items()}
         return lower, upper
 
+    @one_thread_per_target
     @torch.no_grad()
     def causal_importance(self, batch: Batch) -> dict[str, Tensor]:
-        """CI per site, shape (batch, positions, C) (or (batch, C) without positions), in [0, 1]."""
-        _, inputs = self.run_target(batch)
-        lower, _ = self.ci_from_logits(self.ci_logits(inputs, position_mask(batch)))
-        return lower
+        """CI per site, shape (batch, positions, C) (or (batch, C) without positions), in [0, 1];
+        0 at the padded positions of a batch with an attention_mask (they are no input)."""
+        _, inputs = self.run_target(batch, for_passes=False)
+        keep = position_mask(batch)
+        lower, _ = self.ci_from_logits(self.ci_logits(inputs, keep))
+        if keep is None or bool(keep.all()):
+            return lower
+        return {s: g.masked_fill(~keep[..., None], 0.0) if g.shape[:-1] == keep.shape else g for s, g in lower.items()}
 
+    @one_thread_per_target
     def run_pass(self, batch: Batch, p: Pass) -> Tensor:
         """One masked forward of the target (gradients flow to components and masks)."""
         try:
@@ -830,6 +882,7 @@ class Decomposition(nn.Module):
                 outs[i] = o
         return (outs, head) if defer_head else outs
 
+    @one_thread_per_target
     def run_pass_groups(
         self, batch: Batch, passes: list[Pass], stack: bool = True, defer_head: bool = False
     ) -> tuple[list[tuple[list[int], Tensor]], nn.Linear | None]:
@@ -979,6 +1032,7 @@ class Decomposition(nn.Module):
         delta = {s: torch.ones_like(g[..., 0]) for s, g in ci.items()} if self.config.masks.delta_component else {}
         return Pass(masks=masks, delta=delta)
 
+    @one_thread_per_target
     def forward_with_ablation(
         self,
         batch: Batch,
@@ -987,17 +1041,30 @@ class Decomposition(nn.Module):
         base: str = "ones",
     ) -> Tensor:
         """Run the target with chosen subcomponents set to mask 0 at chosen positions (None: all;
-        a list of positions for every example; or a bool (batch, positions) tensor per example).
+        a list of positions for every example, counted among each row's real tokens when the batch
+        has an attention_mask with padding ([-1]: each row's last real token, as output.positions);
+        or a bool (batch, positions) tensor per example).
 
         base='ones' keeps every other subcomponent at mask 1; base='ci' uses the CI as mask.
         Example: `dec.forward_with_ablation(tokens, {"blocks.0.attn.k_proj": [3]}, positions=[-1])`
         """
         for s in ablate:
             self.component(s)
-        with torch.no_grad():
-            _, inputs = self.run_target(batch)
-            ci, _ = self.ci_from_logits(self.ci_logits(inputs, position_mask(batch)))
-            return self.run_pass(batch, self.ablation_pass(ci, ablate, positions, base))
+        keep = position_mask(batch)
+        if keep is not None and positions is not None and not isinstance(positions, Tensor) and not bool(keep.all()):
+            from tspd.losses import real_positions
+
+            idx, valid = real_positions(keep, list(positions))
+            where = torch.zeros_like(keep)
+            where[torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(idx)[valid], idx[valid]] = True
+            positions = where
+        try:
+            with torch.no_grad():
+                _, inputs = self.run_target(batch)
+                ci, _ = self.ci_from_logits(self.ci_logits(inputs, keep))
+                return self.run_pass(batch, self.ablation_pass(ci, ablate, positions, base))
+        finally:
+            self.forget_target_run()
 
     def ablation_pass(
         self,
@@ -1055,7 +1122,9 @@ class Decomposition(nn.Module):
             if saved_with_run(self.config.target):
                 save_state(self.target, directory / "target.safetensors")
             else:  # rebuilt from the config on load: what it must equal
-                write_json(directory / TARGET_FINGERPRINT, {"sha256": target_fingerprint(self.target)})
+                first = next(self.target.parameters(), None)
+                write_json(directory / TARGET_FINGERPRINT, {"sha256": target_fingerprint(self.target),
+                                                            "dtype": None if first is None else str(first.dtype)})
         elif target:
             atomic_write_bytes(directory / "target_module.pt", lambda p: torch.save(self.target, p))
         return directory
@@ -1301,9 +1370,32 @@ def load(directory: str | Path, target: nn.Module | None = None) -> Decompositio
             target = torch.load(directory / "target_module.pt", weights_only=False)
         else:
             raise FileNotFoundError(f"{directory} has no saved target; pass load(directory, target=model)")
+    else:
+        _warn_if_not_the_trained_target(directory, target)
     dec = Decomposition(target, config)
     dec.load_state_dict(_read_safetensors(directory / "decomposition.safetensors"))
     return dec
+
+
+def _warn_if_not_the_trained_target(directory: Path, target: nn.Module) -> None:
+    """A target passed to `load` whose weights differ from those the run recorded (target_fingerprint.json)
+    is the caller's choice, but said: with the delta component, every mask 1 reproduces any model, so
+    nothing downstream would show it. Not when its dtype differs (the fingerprint hashes the bytes)."""
+    path = directory / TARGET_FINGERPRINT
+    if not path.exists():
+        return
+    try:
+        saved = json.loads(path.read_text())
+        dtype = saved.get("dtype")
+    except (OSError, ValueError, AttributeError):
+        return
+    p = next(target.parameters(), None)
+    if p is None or (dtype is not None and dtype != str(p.dtype)):
+        return
+    if saved.get("sha256") != target_fingerprint(target):
+        warnings.warn(
+            f"the target passed to tspd.load({str(directory)!r}) has other weights than the model this decomposition was "
+            f"trained on ({path.name}): its components describe that model's weights, not these", stacklevel=3)
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -361,6 +362,8 @@ def run_experiment(recipe: str | Path, out: str | Path, overrides: list[str] | N
     # run's decomposition aside and have its results written next to the other's.
     with run_folder_lock(out):
         decompose_from_config(cfg, out, resume=resume)
+        if cfg.train.threads:  # the analysis on the run's thread count too (decompose puts the process's back)
+            torch.set_num_threads(cfg.train.threads)
         t1 = time.time()
         result = evaluate_run(out)
         result["seconds"] = {"decomposition": round(t1 - t0, 1), "analysis": round(time.time() - t1, 1)}

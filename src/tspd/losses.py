@@ -18,7 +18,15 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from tspd.config import RunConfig
-from tspd.decomposition import Batch, Decomposition, mask_pads, padding_not_readable, position_mask, row_weights
+from tspd.decomposition import (
+    Batch,
+    Decomposition,
+    mask_pads,
+    one_thread_per_target,
+    padding_not_readable,
+    position_mask,
+    row_weights,
+)
 from tspd.fastlinear import applies, linear_pointwise
 from tspd.importance import lower_leaky_hard_sigmoid_grad, upper_leaky_hard_sigmoid_grad
 from tspd.masks import Pass, delta_masks, sample_sources, stochastic_masks, subset_routing
@@ -458,9 +466,10 @@ def _warn_if_padding_counts(dec: Decomposition, batch: Batch, keep: Tensor | Non
             return  # read, or nothing padded
     dec.__dict__["_padding_warned"] = True
     warnings.warn(f"the batch holds padding that tspd cannot leave out of every loss term: {why}. Pack texts into "
-                  "full-length chunks instead (as tspd's text data does)", stacklevel=3)
+                  "full-length chunks instead (as tspd's text data does)", stacklevel=4)
 
 
+@one_thread_per_target
 def compute_losses(
     dec: Decomposition, batch: Batch, step: int, gen: torch.Generator
 ) -> tuple[Tensor, dict[str, float], dict[str, Tensor]]:

@@ -22,7 +22,7 @@ import math
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -100,6 +100,38 @@ def tune_cpu_allocator() -> None:
         libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: trim the heap only above 2 GiB free
     except (OSError, AttributeError):
         pass
+
+
+def restore_cpu_allocator() -> None:
+    """Undo `tune_cpu_allocator`: glibc's default thresholds (128 KiB), and the free memory above
+    them handed back to the OS (a notebook or server process after a run)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)
+        libc.mallopt(-1, 128 * 1024)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@contextlib.contextmanager
+def _process_settings_kept() -> Iterator[None]:
+    """What a run sets for its whole process (torch's thread count, the malloc thresholds, the
+    random streams' mixer and the bf16 measurement a resumed checkpoint pins) put back when it
+    returns, so that later work in the same process (a notebook, a server, the next run) is as
+    before it."""
+    from tspd import seeding
+    from tspd import losses as losses_module
+
+    threads, legacy, bf16 = torch.get_num_threads(), seeding._legacy, losses_module._PINNED_FAST_BF16
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        use_legacy_streams(legacy)
+        pin_fast_bf16(bf16)
+        restore_cpu_allocator()
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:
@@ -299,6 +331,18 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_bytes(path, lambda p: Path(p).write_text("".join(k + "\n" for k in keep)))
 
 
+def _check_trainable_dtype(target: torch.nn.Module) -> None:
+    """Refuse an fp16 target: the factors, the CI and Adam's state take the target's dtype, and
+    fp16's range underflows Adam's second moment (a tiny Llama in fp16 diverged within 3-8 steps,
+    and its faithfulness warm-up went NaN in one)."""
+    p = next(target.parameters(), None)
+    if p is not None and p.dtype == torch.float16:
+        raise ValueError(
+            "the target is in float16, which tspd cannot train in (the factors, CI and optimizer state take the "
+            "target's dtype, and fp16's range makes Adam's state underflow): give the model in float32 "
+            "(model.float(); add train.autocast: bf16 for bf16 speed) or in bfloat16 (model.to(torch.bfloat16))")
+
+
 def _holding_the_run_folder(fn):
     """`fn(target, data, config, run_dir, ...)` with `run_dir` held for writing (`run_folder_lock`,
     by rank 0) while it runs, once the target is known to match the config (before the folder is made)."""
@@ -310,8 +354,11 @@ def _holding_the_run_folder(fn):
         bound.apply_defaults()
         a = bound.arguments
         check_target_matches_config(a["target"], a["config"])  # else the saved run could not be loaded
+        _check_trainable_dtype(a["target"])
         hold = a["run_dir"] is not None and distributed.world().main
-        with run_folder_lock(a["run_dir"]) if hold else contextlib.nullcontext():
+        # Training needs autograd whatever the caller's context (a notebook cell under no_grad).
+        with (run_folder_lock(a["run_dir"]) if hold else contextlib.nullcontext(), torch.inference_mode(False), torch.enable_grad(),
+              _process_settings_kept()):
             return fn(*args, **kwargs)
 
     return run

@@ -458,14 +458,15 @@ def svd_removed(dec: Decomposition, counts: dict[str, int], where: Tensor, rows_
     handles = []
     for s, k in counts.items():
         module = modules[s]
-        W = target_weight(module, site_kind(module)).detach().float()  # (d_out, d_in)
+        kind = site_kind(module)
+        W = target_weight(module, kind).detach().float()  # (d_out, d_in); an embedding's d_in is its vocabulary
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         down, up = (Vh[:k].T * S[:k]), U[:, :k].T  # x @ down @ up = the top-k part of x W^T
 
-        def hook(_m, args, out, down=down, up=up):
-            x = args[0]
+        def hook(_m, args, out, down=down, up=up, lookup=kind == "embedding"):
+            x = args[0]  # token ids for an embedding: its one-hot rows times down are rows of down
             w = where[rows_of[0]][..., None].to(out.dtype)
-            return out - w * ((x.float() @ down) @ up).to(out.dtype)
+            return out - w * ((down[x] if lookup else x.float() @ down) @ up).to(out.dtype)
 
         handles.append(module.register_forward_hook(hook))
     try:

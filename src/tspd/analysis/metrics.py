@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tspd.decomposition import Batch, Decomposition, position_mask
+from tspd.decomposition import Batch, Decomposition, one_thread_per_target, position_mask
 from tspd.seeding import generator
 
 
+@one_thread_per_target
 @torch.no_grad()
 def evaluate(dec: Decomposition, batches: list[Batch]) -> dict:
     """L0 per site, alive counts, CI-masked and stochastic reconstruction divergence, faithfulness.
@@ -41,6 +42,7 @@ def evaluate(dec: Decomposition, batches: list[Batch]) -> dict:
         ref = Reference(target_out, kind, positions, keep=keep)
         for name, out in zip(passes, outs):
             recon[name] += float(ref.divergence(out))
+    dec.forget_target_run()  # the last batch's recorded values: not kept past the evaluation
     n = max(len(batches), 1)
     alive = {s: int((m > cfg.eval.alive_threshold).sum()) for s, m in max_ci.items()}
     return {

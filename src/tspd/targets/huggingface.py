@@ -151,6 +151,24 @@ def _model_type(path: Path) -> str | None:
     return config.get("model_type") if isinstance(config, dict) else None
 
 
+def model_skeleton(model: str) -> nn.Module:
+    """The model `load_lm(model)` would return, built on the meta device from its config.json
+    alone (shapes and module paths; no weights read, so any size is instant). The tiny random
+    models are built for real (they are small). For `tspd sites`."""
+    tf = _transformers()
+    if model in TINY:
+        return TINY[model](vocab_size=len(load_tokenizer(model)))
+    if model == "smollm2":
+        from tspd.targets.smollm2 import ensure_smollm2
+
+        path = ensure_smollm2()
+    else:
+        path = _folder(model)
+    config = tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    with torch.device("meta"):
+        return tf.AutoModelForCausalLM.from_config(config)
+
+
 def load_lm(model: str, seed: int = 0) -> tuple[nn.Module, object]:
     """(model, tokenizer) by the name a `huggingface` target config gives:
 
