@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -81,8 +82,8 @@ def _rich_config() -> RunConfig:
     return RunConfig.from_dict(
         {
             "seed": 7,
-            "target": {"kind": "tms", "n_features": 5, "d_hidden": 2, "train_steps": 10},
-            "data": {"kind": "tms", "feature_probability": 0.1},
+            "target": {"kind": "induction", "n_tokens": 10, "seq_len": 32, "max_steps": 10},
+            "data": {"kind": "induction"},
             "sites": [{"pattern": "linear1", "C": 8}, {"pattern": "linear2", "C": 3}],
             "ci": {"kind": "attention", "hidden": [16, 8], "attention": {"d_attn": 4, "max_len": 64, "head": "shared_mlp"}},
             "masks": {"kind": "binomial", "n_samples": 2, "subset_granularity": "per_position", "delta_component": True},
@@ -126,7 +127,7 @@ def test_overrides_set_nested_values(tmp_path):
             "masks.delta_component=false",
             "output.positions=[0, -1]",
             "sites.1.C=5",
-            "target.train_steps=50",
+            "target.max_steps=50",
             "minimality.p_end=null",
             "ci.kind = mlp",
         ],
@@ -137,7 +138,7 @@ def test_overrides_set_nested_values(tmp_path):
     assert cfg.masks.delta_component is False
     assert cfg.output.positions == [0, -1]
     assert cfg.sites[1].C == 5 and cfg.sites[0].C == 8
-    assert cfg.target.train_steps == 50
+    assert cfg.target.max_steps == 50
     assert cfg.minimality.p_end is None
     assert cfg.ci.kind == "mlp"
     # values not overridden are kept
@@ -213,3 +214,66 @@ def _recipe_path(name: str) -> Path:
     from tspd.cli import _recipe
 
     return _recipe(name)
+
+
+# ---- 2026-12-03 review: values that passed validation and failed (or did nothing) later -------------
+@pytest.mark.parametrize("override, message", [
+    ("losses={faithfulness: 0, stochastic_recon: 0, stochastic_recon_layerwise: 0, importance_minimality: 0}",
+     "every losses.* coefficient is 0"),
+    ("output.positions=[]", "output.positions is empty"),
+    ("output.positions=[-1, -1]", "lists a position twice"),
+    ("train.lr=.inf", "train.lr"),
+    ("losses.faithfulness=.inf", "losses.faithfulness"),
+    ("minimality.eps=.inf", "minimality.eps"),
+    ("consolidate.prune=.inf", "consolidate.prune"),
+    ("seed=99999999999999999999999", "seed"),
+    ("train.threads=100000", "train.threads"),
+    ("eval.alive_threshold=1", "eval.alive_threshold"),
+    ("train.fuse_head=true", "fuses the output head with the KL only"),
+    ("ci.hidden=[]", "ci.hidden is empty"),
+    ("ci.kind=attention", "a tms target has none"),
+    ("output.positions=[-1]", "a tms target's output has no positions"),
+])
+def test_nonsense_the_config_alone_rules_out_is_refused(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        RunConfig.from_yaml(CONFIGS / "tms-5-2.yaml", [override])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["ci.attention.max_len=32"], "ci.attention.max_len 32 is shorter than the sequences (target.seq_len 64)"),
+    (["output.positions=[64]"], "output.positions [64] out of range for sequences of 64 (target.seq_len)"),
+    (["output.positions=[-65]"], "out of range"),
+])
+def test_the_induction_sequences_bound_the_attention_ci_and_positions(overrides, message):
+    """Found only at the first step before, after the target had trained (minutes)."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        RunConfig.from_yaml(CONFIGS / "induction.yaml", overrides)
+    RunConfig.from_yaml(CONFIGS / "induction.yaml", ["output.positions=[-64, 63]"])  # the ends are fine
+
+
+def test_text_data_bounds_positions_by_its_chunk_length():
+    with pytest.raises(ConfigError, match=re.escape("out of range for sequences of 64 (data.seq_len)")):
+        RunConfig.from_yaml(CONFIGS / "smollm2-facts.yaml", ["output.positions=[70]"])
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path):
+    """A second `train:` block silently replaced the first (batch 16 -> 256, threads 1 -> all)."""
+    path = tmp_path / "dup.yaml"
+    path.write_text("sites: [{pattern: a, C: 2}]\ntrain: {steps: 3, batch_size: 16}\nseed: 5\ntrain: {steps: 2}\n")
+    with pytest.raises(ConfigError, match=r"key 'train' appears twice in one mapping \(first at line 2\)"):
+        RunConfig.from_yaml(path)
+    path.write_text("sites: [{pattern: a, C: 2}]\ntrain: {steps: 3, steps: 4}\n")
+    with pytest.raises(ConfigError, match="key 'steps' appears twice"):
+        RunConfig.from_yaml(path)
+
+
+def test_a_config_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "bin.yaml"
+    path.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match=r"bin.yaml is not UTF-8 text"):
+        RunConfig.from_yaml(path)
+
+
+def test_a_misspelt_section_gets_a_suggestion():
+    with pytest.raises(ConfigError, match="did you mean 'losses'"):
+        RunConfig.from_yaml(CONFIGS / "tms-5-2.yaml", ["lossess.faithfulness=1"])

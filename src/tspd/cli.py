@@ -87,7 +87,9 @@ def cmd_circuit_check(args: argparse.Namespace) -> None:
     import yaml
 
     from tspd.analysis.induction import CIRCUIT_VARIANTS, circuit_only_check
-    from tspd.config import InductionTargetConfig
+    from pydantic import ValidationError
+
+    from tspd.config import InductionTargetConfig, _explain
     from tspd.data.induction import InductionTask
     from tspd.decomposition import write_json
     from tspd.targets import build_target
@@ -98,7 +100,15 @@ def cmd_circuit_check(args: argparse.Namespace) -> None:
         weights, settings = folder / "target.safetensors", folder / "target.yaml"
         if not (weights.exists() and settings.exists()):
             raise ConfigError(f"{folder} has no target.safetensors + target.yaml; make one with `tspd train-target induction --out DIR`")
-        tcfg = InductionTargetConfig(**{**yaml.safe_load(settings.read_text()), "path": str(weights)})
+        saved = yaml.safe_load(settings.read_text())
+        kind = saved.get("kind", "induction") if isinstance(saved, dict) else None
+        if kind != "induction":
+            raise ConfigError(f"{folder} holds a {kind} target; circuit-check takes induction targets "
+                              "(`tspd train-target induction --out DIR`, or an induction run folder)")
+        try:
+            tcfg = InductionTargetConfig(**{**saved, "path": str(weights)})
+        except ValidationError as err:
+            raise ConfigError(f"{settings} does not describe an induction target: {_explain(err, str(settings))}") from None
         res = circuit_only_check(build_target(tcfg), InductionTask(tcfg.n_tokens, tcfg.seq_len), n_sequences=args.n_sequences)
         if args.write:
             write_json(folder / "circuit_check.json", res)
@@ -204,6 +214,17 @@ def _int_in(low: int, high: int | None = None):
         return v
 
     return parse
+
+
+def _fraction(text: str) -> float:
+    """A CI level or gap: a number in [0, 1]."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= v <= 1:  # (NaN fails too)
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (CI lies there), got {text}")
+    return v
 
 
 def _float_at_least(low: float):
@@ -394,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run folder, or a folder holding run folders")
     p.add_argument("--port", type=_int_in(0, 65535), default=8765, help="port (0: a free one)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    p.add_argument("--threads", type=_int_in(0), default=1, help="torch CPU threads (0: torch's default; raise for large models)")
+    p.add_argument("--threads", type=_int_in(0, 1024), default=1, help="torch CPU threads (0: torch's default; raise for large models)")
     p.set_defaults(func=cmd_serve)
 
     # Listed for --help only: main() hands `tspd bench ...` to the harness's parser (tspd.bench).
@@ -417,9 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ablate (causal, attribution): score = drop on the sport - W x |change on other sports| (default 1)")
     p.add_argument("--candidates", type=_int_in(1), default=24,
                    help="ablate (causal, attribution): at most this many candidates per sport are tested on discovery prompts (default 24)")
-    p.add_argument("--min-ci", type=float, default=0.5,
+    p.add_argument("--min-ci", type=_fraction, default=0.5,
                    help="ablate: name-token CI bar (ci: min_ci; causal candidates: min_ci / 2); default 0.5")
-    p.add_argument("--min-gap", type=float, default=0.25,
+    p.add_argument("--min-gap", type=_fraction, default=0.25,
                    help="ablate: CI gap above other sports (ci: min_gap; causal candidates: min_gap / 2); default 0.25")
     p.add_argument("--choose-size", action="store_true",
                    help="ablate (causal, attribution): keep the prefix of the k ranked pieces whose joint ablation scores best on discovery prompts")

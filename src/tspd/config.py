@@ -22,7 +22,11 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf is refused like NaN: a coefficient or rate of inf diverges at the first step (null is "no limit")
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+SEED = {"ge": -(2**63), "lt": 2**63}  # what torch.manual_seed takes
 
 
 class SiteConfig(Strict):
@@ -92,6 +96,15 @@ class OutputConfig(Strict):
     divergence: Literal["kl", "mse"] = Field("kl", description="KL(target || masked) over the last dim, or MSE")
     positions: list[int] | None = Field(None, description="restrict D to these positions (dim 1), e.g. [-1]; None: all")
 
+    @field_validator("positions")
+    @classmethod
+    def _some_positions_once_each(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and not v:
+            raise ValueError("output.positions is empty: use null for every position, or list some, e.g. [-1]")
+        if v is not None and len(set(v)) < len(v):
+            raise ValueError(f"output.positions {v} lists a position twice (it would count double); list each once")
+        return v
+
 
 class TrainConfig(Strict):
     steps: int = Field(1000, ge=0, description="optimisation steps")
@@ -114,7 +127,7 @@ class TrainConfig(Strict):
         description="masked passes replay the target's outputs of the blocks (and of the block's children, e.g. the "
         "attention before an MLP site) before their first routed site",
     )
-    threads: int | None = Field(None, gt=0, description="torch CPU threads per process (None: torch's default). Do not run two multi-threaded jobs on "
+    threads: int | None = Field(None, gt=0, le=1024, description="torch CPU threads per process (None: torch's default). Do not run two multi-threaded jobs on "
         "the same cores: a facts decomposition went from 1.7 to ~18 s per step while a `facts ablate` shared its 2 cores "
         "(measured 2026-12-01); run them one after the other (pausing one with `kill -STOP` / `kill -CONT` works; a "
         "checkpointed run can also be stopped and `--resume`d)")
@@ -156,8 +169,8 @@ class TrainConfig(Strict):
 
 
 class EvalConfig(Strict):
-    active_threshold: float = Field(0.5, ge=0, le=1, description="a subcomponent is active where CI > this (L0)")
-    alive_threshold: float = Field(0.1, ge=0, le=1, description="alive: CI > this on some evaluated input")
+    active_threshold: float = Field(0.5, ge=0, lt=1, description="a subcomponent is active where CI > this (L0)")
+    alive_threshold: float = Field(0.1, ge=0, lt=1, description="alive: CI > this on some evaluated input")
 
 
 class ConsolidateConfig(Strict):
@@ -213,7 +226,7 @@ class TMSTargetConfig(Strict):
     train_steps: int = Field(5000, ge=0, description="training steps of the target")
     train_batch_size: int = Field(1024, gt=0, description="batch of the target's training")
     train_lr: float = Field(5e-3, gt=0, description="AdamW lr of the target's training")
-    seed: int = Field(0, description="seed of the target's init and training data")
+    seed: int = Field(0, **SEED, description="seed of the target's init and training data")
 
 
 class TMSDataConfig(Strict):
@@ -233,7 +246,7 @@ class InductionTargetConfig(Strict):
     max_steps: int = Field(30000, gt=0, description="give up after this many steps")
     target_accuracy: float = Field(0.99, gt=0, le=1, description="held-out last-position accuracy the target must reach")
     settle_steps: int = Field(1000, ge=0, description="steps trained on after reaching target_accuracy, lr decaying linearly to 0")
-    seed: int = Field(0, description="seed of the target's init and training data")
+    seed: int = Field(0, **SEED, description="seed of the target's init and training data")
     path: str | None = Field(None, description="load trained weights from this safetensors file instead of training")
 
 
@@ -247,7 +260,7 @@ class HuggingFaceTargetConfig(Strict):
         description="'smollm2' (fetched offline, see `tspd assets`), 'tiny-gpt2' / 'tiny-llama' (random, for tests), "
         "or a local Hugging Face folder (GPT-2 folders without tokenizer files get the offline GPT-2 tokenizer)"
     )
-    seed: int = Field(0, description="init seed of the tiny random models")
+    seed: int = Field(0, **SEED, description="init seed of the tiny random models")
 
 
 class TextDataConfig(Strict):
@@ -271,7 +284,7 @@ DATA_FOR_TARGET = {"tms": "tms", "induction": "induction", "huggingface": "text"
 
 
 class RunConfig(Strict):
-    seed: int = Field(0, description="seed of init, masks and data order")
+    seed: int = Field(0, **SEED, description="seed of init, masks and data order")
     target: TargetConfig | None = Field(None, description="how the CLI builds the target (None when using the Python API)")
     data: DataConfig | None = Field(None, description="how the CLI makes batches (None when using the Python API)")
     sites: list[SiteConfig] = Field(description="which weights to decompose, by module-path glob, each with its C")
@@ -295,6 +308,17 @@ class RunConfig(Strict):
         if self.train.weight_decay > 0 and self.train.optimizer != "adamw":
             raise ValueError(f"train.weight_decay ({self.train.weight_decay}) is used by train.optimizer: adamw only; "
                              "set train.optimizer=adamw, or drop train.weight_decay")
+        coeffs = self.losses.model_dump()
+        if not any(coeffs.values()):
+            raise ValueError("every losses.* coefficient is 0: nothing to train; set some, e.g. losses.stochastic_recon=1 "
+                             "and losses.importance_minimality=3e-3")
+        if self.train.fuse_head is True and self.output.divergence != "kl":
+            raise ValueError("train.fuse_head: true fuses the output head with the KL only; with output.divergence "
+                             f"{self.output.divergence!r} set train.fuse_head to auto or false")
+        if not self.ci.hidden and self.ci.kind != "shared_mlp":
+            raise ValueError(f"ci.hidden is empty: ci.kind {self.ci.kind!r} needs a hidden width, e.g. ci.hidden=[16] "
+                             "(only shared_mlp runs without a hidden layer)")
+        self._check_against_the_target()
         if self.target is not None and self.data is not None:
             want = DATA_FOR_TARGET[self.target.kind]
             if self.data.kind != want:
@@ -304,6 +328,29 @@ class RunConfig(Strict):
                 )
         return self
 
+    def _check_against_the_target(self) -> None:
+        """What the config's own target settings rule out, before anything is built or trained: an
+        attention CI or output positions on a target without positions (TMS), an attention CI too
+        short for the sequences, positions beyond them."""
+        t, d, positions = self.target, self.data, self.output.positions
+        if t is not None and t.kind == "tms":
+            if self.ci.kind == "attention":
+                raise ValueError("ci.kind attention reads positions, and a tms target has none: use mlp, vector_mlp or shared_mlp")
+            if positions is not None:
+                raise ValueError("output.positions is set but a tms target's output has no positions: set it to null")
+            return
+        seq_len = t.seq_len if t is not None and t.kind == "induction" else d.seq_len if d is not None and d.kind == "text" else None
+        if seq_len is None:
+            return
+        where = "target.seq_len" if t is not None and t.kind == "induction" else "data.seq_len"
+        if self.ci.kind == "attention" and self.ci.attention.max_len < seq_len:
+            raise ValueError(f"ci.attention.max_len {self.ci.attention.max_len} is shorter than the sequences "
+                             f"({where} {seq_len}): set ci.attention.max_len >= {seq_len}")
+        bad = [q for q in positions or [] if not -seq_len <= q < seq_len]
+        if bad:
+            raise ValueError(f"output.positions {bad} out of range for sequences of {seq_len} ({where}): use "
+                             f"positions in [-{seq_len}, {seq_len - 1}], e.g. [-1] for the last")
+
     # ---- YAML in and out -------------------------------------------------------------------
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "RunConfig":
@@ -311,7 +358,9 @@ class RunConfig(Strict):
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not UTF-8 text: is it a config file? (a YAML file in UTF-8)") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {_one_line(err)}; fix the file's syntax") from None
         if not isinstance(raw, dict):
@@ -331,6 +380,22 @@ class RunConfig(Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one:
+    a second `train:` block would silently replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (first at line {seen[key].line + 1}): keep one",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -392,6 +457,7 @@ def kind_of(model: type[BaseModel]) -> str:
 def _all_keys() -> list[str]:
     """Every dotted key a config can hold (the kinds' target.* and data.* keys merged), for suggestions."""
     keys = [k for k, _, _ in describe_keys()]
+    keys += [k.split(".")[0] for k in keys if "." in k]  # the sections themselves (a misspelt `lossess.faithfulness`)
     keys += [f"sites.N.{k}" for k, _, _ in describe_keys(SiteConfig)]
     for section, kinds in KIND_CONFIGS:
         keys += [f"{section}.{k}" for kind in kinds for k, _, _ in describe_keys(kind)]

@@ -1351,6 +1351,12 @@ def load(directory: str | Path, target: nn.Module | None = None) -> Decompositio
         if (directory / "checkpoint.pt").exists():
             raise FileNotFoundError(f"{directory} holds a checkpoint but no decomposition.safetensors: the run has not "
                                     "finished; finish it with the same command and --resume")
+        earlier = sorted(p.name for p in directory.glob("previous-*") if (p / "decomposition.safetensors").exists())
+        if earlier:
+            raise FileNotFoundError(
+                f"{directory} holds no decomposition.safetensors (a run started there did not finish); the earlier "
+                f"finished run was set aside in {directory / earlier[-1]}: load that folder"
+                + (f" ({len(earlier)} such folders)" if len(earlier) > 1 else ""))
         raise FileNotFoundError(f"{directory} holds no decomposition.safetensors: is it a tspd run folder?")
     config = RunConfig.from_yaml(directory / "config.yaml")
     if target is None:

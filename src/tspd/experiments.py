@@ -119,6 +119,15 @@ def decompose_from_config(
     device = distributed.device_for(cfg.train.device)  # no GPU for train.device=cuda: named before a target trains
     if resume:
         check_resume_config(cfg, out)
+    if cfg.data.kind == "text" and cfg.target is not None and cfg.target.kind == "huggingface":
+        from tspd.targets.huggingface import context_length
+
+        ctx = context_length(cfg.target.model)  # from config.json: before an earlier run in `out` is moved aside
+        if ctx is not None and cfg.data.seq_len > ctx:
+            raise ValueError(f"data.seq_len {cfg.data.seq_len} is longer than the model's context ({ctx} positions); "
+                             f"set data.seq_len <= {ctx}")
+    # Built before anything in `out` moves: a text source too short, a missing file, fail first.
+    data = build_data(cfg.data, cfg.target, cfg.train.batch_size, cfg.seed)
     main = distributed.world().main
     # Held from here to the end: a second process writing a run into `out` fails at once (and a run
     # that fails before writing anything leaves no folder it made: see run_folder_lock).
@@ -127,13 +136,6 @@ def decompose_from_config(
         if not resume and main:
             set_aside_earlier_outputs(out, keep=_paths_in_config(cfg))
         target = _target_for(cfg, out, resume).to(device)
-        if cfg.data.kind == "text":
-            mc = getattr(target, "config", None)
-            ctx = getattr(mc, "n_positions", None) or getattr(mc, "max_position_embeddings", None)
-            if isinstance(ctx, int) and cfg.data.seq_len > ctx:
-                raise ValueError(f"data.seq_len {cfg.data.seq_len} is longer than the model's context ({ctx} positions); "
-                                 f"set data.seq_len <= {ctx}")
-        data = build_data(cfg.data, cfg.target, cfg.train.batch_size, cfg.seed)
         return decompose(target, data, cfg, run_dir=out, resume=resume, progress=progress, stop_after=stop_after)
 
 
@@ -220,6 +222,9 @@ def train_target(recipe: str | Path, out: str | Path, seed: int | None = None, o
         full.append(f"target.seed={seed}")
     cfg = RunConfig.from_dict(raw, full, source=str(recipe))
     out = Path(out)
+    if out.exists() and not out.is_dir():  # before the training (minutes), not after
+        raise ConfigError(f"{out} is a file, not a folder: give the target a folder (--out DIR)")
+    out.mkdir(parents=True, exist_ok=True)
     if cfg.target.kind == "induction":
         target = _train_induction_target(cfg.target, out)
     else:

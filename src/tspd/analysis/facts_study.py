@@ -188,7 +188,9 @@ def facts_ablate(
     dec = load(run_dir)
     cfg = dec.config
     if cfg.target is None or cfg.target.kind != "huggingface":
-        raise ValueError(f"{run_dir} is not a language-model run (target kind huggingface); the facts study needs one")
+        kind = "none: a Python-API run" if cfg.target is None else cfg.target.kind
+        raise ValueError(f"{run_dir} is not a language-model run (its target.kind is {kind}); the facts study needs a "
+                         "target of kind huggingface")
     tokenizer = load_tokenizer(cfg.target.model)
     discovery, heldout = split_athletes(facts, seed=cfg.seed)
     if getattr(cfg.data, "facts_fraction", 0) > 0:  # the run trained on the shipped discovery athletes' facts

@@ -151,6 +151,30 @@ def _model_type(path: Path) -> str | None:
     return config.get("model_type") if isinstance(config, dict) else None
 
 
+def context_length(model: str) -> int | None:
+    """The longest sequence the model `load_lm(model)` returns takes (config.json's n_positions or
+    max_position_embeddings), read without loading it; None when not known without loading."""
+    import inspect
+    import json
+
+    if model in TINY:
+        params = inspect.signature(TINY[model]).parameters
+        return next(params[k].default for k in ("n_positions", "max_positions") if k in params)
+    if model == "smollm2":
+        from tspd.cache import cache_dir
+        from tspd.targets.smollm2 import FOLDER
+
+        path = cache_dir() / FOLDER
+    else:
+        path = Path(model)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    n = config.get("n_positions", config.get("max_position_embeddings")) if isinstance(config, dict) else None
+    return n if isinstance(n, int) else None
+
+
 def model_skeleton(model: str) -> nn.Module:
     """The model `load_lm(model)` would return, built on the meta device from its config.json
     alone (shapes and module paths; no weights read, so any size is instant). The tiny random

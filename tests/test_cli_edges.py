@@ -1,0 +1,82 @@
+"""CLI input a researcher gets wrong, caught before work is done or files move (2026-12-03 review).
+Each test failed before its fix."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+import tspd
+from tspd import cli
+
+
+def _finished_run(tms_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(tms_run, out)
+    return out
+
+
+def test_a_text_run_longer_than_the_models_context_fails_before_the_earlier_run_moves(tms_run, tmp_path, capsys):
+    """The earlier finished run was set aside first, and the folder then held no run."""
+    out = _finished_run(tms_run, tmp_path)
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"Paragraph {i} says something about topic {i % 7}." * 20 for i in range(40)))
+    cfg = tmp_path / "hf.yaml"
+    cfg.write_text(f"target: {{kind: huggingface, model: tiny-gpt2}}\ndata: {{kind: text, source: {text}, seq_len: 100000}}\n"
+                   "sites: [{pattern: transformer.h.0.mlp.c_fc, C: 4}]\n")
+    assert cli.main(["decompose", str(cfg), "--out", str(out)]) == 2
+    assert "data.seq_len 100000 is longer than the model's context (128 positions)" in capsys.readouterr().err
+    assert not list(out.glob("previous-*")) and tspd.load(out).site_names == ["linear1", "linear2"]
+    cfg.write_text(cfg.read_text().replace("source: " + str(text), "source: " + str(tmp_path / "none.txt")).replace("100000", "16"))
+    assert cli.main(["decompose", str(cfg), "--out", str(out)]) == 2  # a missing text source: before the move too
+    assert "does not exist" in capsys.readouterr().err and not list(out.glob("previous-*"))
+
+
+def test_a_folder_whose_run_was_set_aside_says_where_it_went(tms_run, tmp_path):
+    out = tmp_path / "run"
+    (out / "previous-20261203-101010").mkdir(parents=True)
+    for f in tms_run.iterdir():
+        if f.is_file():
+            shutil.copy(f, out / "previous-20261203-101010" / f.name)
+    (out / "config.yaml").write_text((tms_run / "config.yaml").read_text())
+    with pytest.raises(FileNotFoundError, match="set aside in .*previous-20261203-101010: load that folder"):
+        tspd.load(out)
+
+
+def test_train_target_into_a_file_fails_before_training(tmp_path, capsys, monkeypatch):
+    import tspd.experiments
+
+    trained = []
+    monkeypatch.setattr(tspd.experiments, "build_target", lambda *a, **k: trained.append(1))
+    monkeypatch.setattr(tspd.experiments, "_train_induction_target", lambda *a, **k: trained.append(1))
+    f = tmp_path / "file.yaml"
+    f.write_text("x")
+    for kind in ("tms-5-2", "induction"):
+        assert cli.main(["train-target", kind, "--out", str(f)]) == 2
+        assert "is a file, not a folder" in capsys.readouterr().err
+    assert not trained
+
+
+@pytest.mark.parametrize("option, value", [("--min-ci", "5"), ("--min-gap", "nan"), ("--min-ci", "-0.1")])
+def test_facts_ci_levels_must_be_fractions(option, value, capsys):
+    with pytest.raises(SystemExit) as err:
+        cli.main(["facts", "ablate", "some-run", option, value])
+    assert err.value.code == 2 and "must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_circuit_check_on_a_tms_target_names_the_kind(tms_run, capsys):
+    assert cli.main(["circuit-check", str(tms_run)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a tms target; circuit-check takes induction targets" in err and "pydantic" not in err
+
+
+def test_facts_on_another_kind_of_run_names_its_kind(tms_run, capsys):
+    assert cli.main(["facts", "ablate", str(tms_run)]) == 2
+    assert "its target.kind is tms" in capsys.readouterr().err
+
+
+def test_serve_on_an_unknown_host_blames_the_host(tms_run, capsys):
+    assert cli.main(["serve", str(tms_run), "--host", "nonexistent.invalid", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "'nonexistent.invalid' is not an address of this machine" in err and "pass another --host" in err
