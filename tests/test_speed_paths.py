@@ -803,3 +803,22 @@ def test_a_module_registered_under_two_paths_is_refused_as_a_site():
 
     with pytest.raises(SiteError, match=r"'first' is registered under 2 paths \(first, second\)"):
         tspd.Decomposition(Tied(), make_cfg([("first", 2)]))
+
+
+def test_the_compiled_ci_chain_does_not_recompile_per_shape():
+    """dynamic=False compiled the CI chain's backward once per (rows, C): a run with sites of many
+    C, or a sweep of batch sizes in one process, recompiled each (seconds) and past dynamo's limit
+    of 8 silently ran eager for the rest of the process. Automatic dynamic shapes: at most three
+    graphs (static, then rows dynamic, then both)."""
+    from torch._dynamo.utils import counters
+
+    from tspd.losses import _compiled_ci_min
+
+    backward = _compiled_ci_min()[1]
+    before = counters["stats"]["unique_graphs"]
+    for rows, C in [(37, 5), (41, 5), (43, 7), (47, 11), (53, 13)]:
+        z = torch.randn(rows, C)
+        q = torch.rand(rows, C)
+        g = backward(z, q, torch.ones_like(z), torch.tensor(1.0), 0.01, rows)
+        assert g.shape == (rows, C) and torch.isfinite(g).all()
+    assert counters["stats"]["unique_graphs"] - before <= 3

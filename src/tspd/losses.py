@@ -277,7 +277,7 @@ def _kl_stacked(out: Tensor, p: Tensor, neg_entropy: Tensor, n: int) -> Tensor:
 @functools.cache
 def _compiled_kl_stacked() -> Callable:
     """_kl_stacked fused by torch.compile (compiled once per pass count and shape)."""
-    return torch.compile(_kl_stacked, dynamic=False)
+    return torch.compile(_kl_stacked, dynamic=None)  # None: a second shape compiles one dynamic graph for all later ones
 
 
 def divergence(target_out: Tensor, out: Tensor, kind: str, positions: list[int] | None = None,
@@ -368,7 +368,9 @@ class _CIAndMinimality(torch.autograd.Function):
 
 @functools.cache
 def _compiled_ci_min() -> tuple[Callable, Callable]:
-    return torch.compile(_ci_min_forward, dynamic=False), torch.compile(_ci_min_backward, dynamic=False)
+    # dynamic=None: the first shape static, a second one compiles a dynamic graph that serves every later
+    # shape (dynamic=False recompiled per shape, and past dynamo's limit of 8 ran eager for the rest of the process)
+    return torch.compile(_ci_min_forward, dynamic=None), torch.compile(_ci_min_backward, dynamic=None)
 
 
 @functools.cache
