@@ -80,3 +80,11 @@ def test_serve_on_an_unknown_host_blames_the_host(tms_run, capsys):
     assert cli.main(["serve", str(tms_run), "--host", "nonexistent.invalid", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert "'nonexistent.invalid' is not an address of this machine" in err and "pass another --host" in err
+
+
+def test_a_resume_with_other_train_settings_says_what_changed(tms_run, tmp_path, capsys):
+    """Allowed, but config.yaml was silently rewritten with the new values."""
+    out = _finished_run(tms_run, tmp_path)
+    assert cli.main(["decompose", "--out", str(out), "--resume", "--set", "train.steps=8", "--set", "train.threads=1"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming" in err and "train.steps 6 -> 8" in err and "train.threads None -> 1" in err

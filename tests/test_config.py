@@ -277,3 +277,15 @@ def test_a_config_that_is_not_utf8_is_named(tmp_path):
 def test_a_misspelt_section_gets_a_suggestion():
     with pytest.raises(ConfigError, match="did you mean 'losses'"):
         RunConfig.from_yaml(CONFIGS / "tms-5-2.yaml", ["lossess.faithfulness=1"])
+
+
+def test_a_section_given_as_a_mapping_keeps_its_other_keys_unless_its_kind_changes():
+    """`--set 'train={steps: 2}'` replaced the whole section: the recipe's batch size, lr, ... reverted."""
+    recipe = RunConfig.from_yaml(CONFIGS / "induction.yaml")
+    cfg = RunConfig.from_yaml(CONFIGS / "induction.yaml", ["train={steps: 2}", "ci={attention: {d_attn: 8}}"])
+    assert cfg.train.steps == 2 and cfg.train.batch_size == recipe.train.batch_size and cfg.train.lr == recipe.train.lr
+    assert cfg.ci.attention.d_attn == 8 and cfg.ci.kind == recipe.ci.kind and cfg.ci.attention.max_len == recipe.ci.attention.max_len
+    other = RunConfig.from_yaml(CONFIGS / "smollm2-facts.yaml", ["ci={kind: mlp}"])  # another kind: the section anew
+    assert other.ci.kind == "mlp" and other.ci.hidden == [16]  # the recipe's [1024] belonged to its shared_mlp
+    with pytest.raises(ConfigError, match="appears twice"):
+        RunConfig.from_yaml(CONFIGS / "tms-5-2.yaml", ["train={steps: 2, steps: 3}"])

@@ -437,12 +437,26 @@ def _set_path(out: dict[str, Any], key: str, value: str) -> None:
         else:
             raise TypeError(f"{part!r} is below a plain value")
     last = parts[-1]
+    new = yaml.load(value, Loader=_UniqueKeyLoader)
     if isinstance(node, list):
-        node[int(last)] = yaml.safe_load(value)
+        node[int(last)] = new
     elif isinstance(node, dict):
-        node[last] = yaml.safe_load(value)
+        old = node.get(last)
+        if isinstance(old, dict) and isinstance(new, dict) and new.get("kind", old.get("kind")) == old.get("kind"):
+            # `train={steps: 2}` sets those keys and keeps the section's others (the recipe's tuned values);
+            # a mapping of another kind (`data={kind: text}`) replaces the section.
+            node[last] = _merged(old, new)
+        else:
+            node[last] = new
     else:
         raise TypeError(f"{last!r} is below a plain value")
+
+
+def _merged(old: dict, new: dict) -> dict:
+    out = dict(old)
+    for k, v in new.items():
+        out[k] = _merged(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
 
 
 # The sections whose keys depend on their `kind`, and each kind's model.

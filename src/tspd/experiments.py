@@ -155,6 +155,11 @@ def check_resume_config(cfg: RunConfig, out: Path) -> None:
     if diff is not None:
         raise ValueError(f"{out} holds a run of a different config ({diff}); resume with the run's own config "
                          "(its config.yaml), or start a new run folder")
+    old, new = saved.train.model_dump(), cfg.train.model_dump()
+    changed = [f"train.{k} {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k]]
+    if changed and distributed.world().main:  # allowed (a longer run, other threads), but said: config.yaml keeps the new values
+        print(f"tspd: resuming {out} with {', '.join(changed)} (steps before the checkpoint ran with the earlier values; "
+              "metrics.jsonl has each step's lr)", file=sys.stderr)
 
 
 def _paths_in_config(cfg: RunConfig) -> set[Path]:
