@@ -53,7 +53,7 @@ def test_the_own_model_walkthrough_runs_as_written(tmp_path, monkeypatch, capsys
                 extra = QUICK if argv[1] == "decompose" and "--resume" not in argv else []
                 assert cli.main(argv[1:] + extra) == 0, line
                 printed.append((line, capsys.readouterr().out))
-        elif lang == "":  # what the command before printed (with the doc's stand-in: names and shapes)
+        elif lang == "":  # what the command before printed (```text blocks: a measured run's output, not rerun) (with the doc's stand-in: names and shapes)
             command, out = printed[-1]
             for row in body.splitlines():
                 name = row.split()[0]
