@@ -88,3 +88,16 @@ def test_a_resume_with_other_train_settings_says_what_changed(tms_run, tmp_path,
     assert cli.main(["decompose", "--out", str(out), "--resume", "--set", "train.steps=8", "--set", "train.threads=1"]) == 0
     err = capsys.readouterr().err
     assert "resuming" in err and "train.steps 6 -> 8" in err and "train.threads None -> 1" in err
+
+
+def test_a_target_path_of_another_shape_or_kind_names_the_setting(tms_run, capsys):
+    """Before: torch's raw load_state_dict error (missing/unexpected keys, size mismatch)."""
+    from tspd.cli import CONFIGS_DIR
+
+    shipped = CONFIGS_DIR.parent / "src" / "tspd" / "assets" / "induction-seed1" / "target.safetensors"
+    assert cli.main(["decompose", "induction", "--out", str(tms_run.parent / "x"), "--set", f"target.path={shipped}",
+                     "--set", "target.d_model=32"]) == 2
+    assert "it was made with target.d_model=16" in capsys.readouterr().err
+    assert cli.main(["decompose", "induction", "--out", str(tms_run.parent / "y"), "--set",
+                     f"target.path={tms_run / 'target.safetensors'}"]) == 2
+    assert "it is a tms target" in capsys.readouterr().err

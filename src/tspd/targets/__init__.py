@@ -32,7 +32,10 @@ def build_target(cfg, train: bool = True) -> nn.Module:
             if not path.exists():
                 raise FileNotFoundError(f"target.path {path} does not exist; train one with `tspd train-target induction`")
             model = InductionTransformer(task.vocab_size, cfg.d_model, 2, cfg.seq_len)
-            model.load_state_dict(load_file(path))
+            try:
+                model.load_state_dict(load_file(path))
+            except RuntimeError:
+                raise ValueError(f"target.path {path} does not fit the config's induction target{_settings_hint(cfg, path)}") from None
             return model
         model, _ = train_from_config(cfg, progress=True)
         return model
@@ -41,6 +44,25 @@ def build_target(cfg, train: bool = True) -> nn.Module:
 
         return load_lm(cfg.model, cfg.seed)[0]
     raise ValueError(f"unknown target kind {cfg.kind!r}")
+
+
+def _settings_hint(cfg, path) -> str:
+    """What differs between a target file's own settings (target.yaml beside it) and the config's."""
+    from pathlib import Path
+
+    import yaml
+
+    saved_file = Path(path).with_name("target.yaml")
+    try:
+        saved = yaml.safe_load(saved_file.read_text())
+    except (OSError, yaml.YAMLError):
+        saved = None
+    if not isinstance(saved, dict):
+        return ": is it an induction target (`tspd train-target induction`)?"
+    if saved.get("kind", "induction") != "induction":
+        return f": it is a {saved.get('kind')} target ({saved_file})"
+    diff = [f"target.{k}={v}" for k, v in saved.items() if k in ("n_tokens", "seq_len", "d_model") and getattr(cfg, k) != v]
+    return f": it was made with {', '.join(diff)} ({saved_file}); set those" if diff else ""
 
 
 def saved_with_run(cfg) -> bool:
