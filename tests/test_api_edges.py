@@ -227,3 +227,80 @@ def test_ci_ablation_and_evaluation_keep_nothing_of_the_batch_afterwards():
     assert nothing_kept()
     dec.run_target(x)
     assert dec._block_outputs is not None  # what passes on this batch replay is still recorded by run_target itself
+
+
+# ---- the second review (of this change) ---------------------------------------------------------
+class _BatchStat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h - h.mean(0))  # batch statistics: the examples along dim 0 are not independent
+
+
+def test_passes_after_causal_importance_alone_still_check_the_examples_are_independent():
+    """causal_importance stopped running the check, and passes asked for next were stacked (off by 0.065)."""
+    torch.manual_seed(0)
+    dec = tspd.Decomposition(_BatchStat(), make_cfg([("a", 4)], output={"divergence": "mse"}))
+    x = torch.randn(5, 6)
+    ci = dec.causal_importance(x)
+    passes = [dec.ones_pass(ci), dec.ablation_pass(ci, {"a": [0, 1]})]
+    with torch.no_grad(), pytest.warns(UserWarning, match="not independent"):
+        stacked = dec.run_passes(x, passes)
+    with torch.no_grad():
+        alone = [dec.run_pass(x, p) for p in passes]
+    assert all(torch.equal(s, a) for s, a in zip(stacked, alone))
+
+
+class _Flat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mlp, self.out = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 20)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        B, T, d = h.shape
+        return self.out(self.mlp(h.reshape(B * T, d)).reshape(B, T, d))  # the site sees the tokens flattened
+
+
+def test_pads_get_no_ci_at_a_site_that_sees_the_tokens_flattened():
+    torch.manual_seed(0)
+    dec = tspd.Decomposition(_Flat(), make_cfg([("mlp", 4)]))
+    torch.nn.init.constant_(dec.ci_fns["mlp"].layers[-1].bias if hasattr(dec.ci_fns["mlp"], "layers") else
+                            list(dec.ci_fns["mlp"].parameters())[-1], 2.0)  # CI well above 0 everywhere
+    ids = torch.randint(0, 20, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, 3:] = 0
+    ci = dec.causal_importance({"input_ids": ids, "attention_mask": mask})["mlp"]  # (B*T, C)
+    assert ci.shape == (10, 4) and float(ci[3:5].abs().max()) == 0.0 and float(ci[:3].min()) > 0
+
+
+def test_ablation_positions_beyond_a_padded_batch_are_an_error():
+    model = _llama()
+    dec = tspd.Decomposition(model, make_cfg([("model.layers.0.mlp.down_proj", 4)]))
+    _, batch = _right_padded()
+    with pytest.raises(IndexError, match=r"positions \[-20\] out of range for a batch of 8 positions"):
+        dec.forward_with_ablation(batch, {"model.layers.0.mlp.down_proj": [0]}, positions=[-20])
+
+
+def test_load_compares_an_old_fingerprint_without_a_dtype_only_for_fp32_models(tmp_path):
+    import json
+
+    from tspd.targets.huggingface import tiny_gpt2
+
+    cfg = tspd.RunConfig.model_validate({"target": {"kind": "huggingface", "model": "tiny-gpt2"},
+                                         "sites": [{"pattern": "transformer.h.0.mlp.c_fc", "C": 4}]})
+    model = tiny_gpt2(vocab_size=300, seed=0)
+    dec = tspd.Decomposition(model, cfg.model_copy(update={"target": None}))
+    dec.config = cfg
+    dec.save(tmp_path)
+    fp = tmp_path / "target_fingerprint.json"
+    fp.write_text(json.dumps({"sha256": json.loads(fp.read_text())["sha256"]}))  # as written before the dtype was kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tspd.load(tmp_path, target=model)
+        tspd.load(tmp_path, target=tiny_gpt2(vocab_size=300, seed=0).double())  # another dtype: no false alarm
+    with pytest.warns(UserWarning, match="other weights"):
+        tspd.load(tmp_path, target=tiny_gpt2(vocab_size=300, seed=3))

@@ -237,6 +237,13 @@ def test_causal_lm_adapter_serves_a_tiny_gpt2(tmp_path):
     assert contexts and all(len(c["tokens"]) == 12 for c in contexts)
     example = adapter.sample(1, 4)[0]
     assert adapter.encode(s.sample_prompt(4)["prompt"])[0].tolist() == example.tolist()
+    with pytest.raises(AppError, match="not valid Unicode text") as err:  # a JSON "\ud800": was a 500
+        s.analyse("the \ud800cat")
+    assert err.value.status == 400
+    bare = RunSession(tmp_path, CausalLMAdapter(model, CharTokenizer(), [], window=12))  # the serve-from-Python route
+    with pytest.raises(AppError, match="no random example") as err:
+        bare.sample_prompt(1)
+    assert err.value.status == 409
 
 
 class BOSCharTokenizer(CharTokenizer):

@@ -101,3 +101,74 @@ def test_a_target_path_of_another_shape_or_kind_names_the_setting(tms_run, capsy
     assert cli.main(["decompose", "induction", "--out", str(tms_run.parent / "y"), "--set",
                      f"target.path={tms_run / 'target.safetensors'}"]) == 2
     assert "it is a tms target" in capsys.readouterr().err
+
+
+def test_a_config_no_run_can_use_fails_before_the_earlier_run_moves(tms_run, tmp_path, capsys):
+    out = _finished_run(tms_run, tmp_path)
+    assert cli.main(["decompose", "tms-5-2", "--out", str(out), "--set", "output.positions=[-1]"]) == 2
+    assert "a tms target's output has no positions" in capsys.readouterr().err
+    assert not list(out.glob("previous-*")) and tspd.load(out).site_names == ["linear1", "linear2"]
+
+
+def test_sites_c_without_a_pattern_is_named(capsys):
+    assert cli.main(["sites", "tms-5-2", "--C", "8"]) == 2
+    assert "--C goes with --pattern" in capsys.readouterr().err
+
+
+def test_serve_on_an_address_of_another_machine_blames_the_host(tms_run, capsys):
+    assert cli.main(["serve", str(tms_run), "--host", "10.255.255.1", "--port", "0"]) == 2
+    assert "is not an address of this machine" in capsys.readouterr().err
+
+
+def test_a_failed_train_target_leaves_no_empty_folder(tmp_path, monkeypatch):
+    import tspd.experiments
+
+    def boom(*a, **k):
+        raise RuntimeError("training failed")
+
+    monkeypatch.setattr(tspd.experiments, "build_target", boom)
+    assert cli.main(["train-target", "tms-5-2", "--out", str(tmp_path / "t")]) == 2
+    assert not (tmp_path / "t").exists()
+
+
+def _text_run_config(tmp_path, text_name="t.txt"):
+    text = tmp_path / text_name
+    text.write_text("\n\n".join(f"Paragraph {i} tells of place {i % 5} and its river." * 3 for i in range(60)))
+    cfg = tmp_path / "hf.yaml"
+    cfg.write_text(f"target: {{kind: huggingface, model: tiny-gpt2}}\ndata: {{kind: text, source: {text_name}, seq_len: 16}}\n"
+                   "sites: [{pattern: transformer.h.0.mlp.c_fc, C: 4}]\n"
+                   "train: {steps: 2, batch_size: 2, eval_batches: 1, threads: 1}\n")
+    return cfg
+
+
+def test_relative_paths_in_a_config_are_saved_absolute_and_resume_still_matches(tmp_path, monkeypatch):
+    """A run made with `source: t.txt` could only be loaded, served or harvested from the folder it was made in."""
+    monkeypatch.chdir(tmp_path)
+    cfg = _text_run_config(tmp_path)
+    assert cli.main(["decompose", "hf.yaml", "--out", "run"]) == 0
+    saved = tspd.RunConfig.from_yaml(tmp_path / "run" / "config.yaml")
+    assert saved.data.source == str(tmp_path / "t.txt")
+    monkeypatch.chdir(tmp_path.parent)
+    assert tspd.load(tmp_path / "run").config.data.source == str(tmp_path / "t.txt")
+    monkeypatch.chdir(tmp_path)
+    # a run saved with the relative path (before this change) still resumes with the same relative config
+    (tmp_path / "run" / "config.yaml").write_text(saved.model_copy(
+        update={"data": saved.data.model_copy(update={"source": "t.txt"})}).to_yaml())
+    assert cli.main(["decompose", str(cfg), "--out", "run", "--resume", "--set", "train.steps=3"]) == 0
+
+
+def test_harvest_windows_join_paragraphs_as_training_does(tmp_path, monkeypatch):
+    """The harvest ran held-out paragraphs together ("...period.Baroque..."); training puts a blank line between."""
+    from tspd.app.adapters import ADAPTERS
+    from tspd.data.text import chunk, documents, split_documents
+    from tspd.targets.huggingface import load_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    _text_run_config(tmp_path)
+    assert cli.main(["decompose", "hf.yaml", "--out", "run"]) == 0
+    dec = tspd.load(tmp_path / "run")
+    adapter = ADAPTERS["huggingface"](dec, tmp_path / "run")
+    stream = [t for text in adapter.texts for t in adapter._ids(text)]
+    held_out = split_documents(documents(dec.config.data.source), dec.config.data.heldout_fraction)[1][:200]
+    trained_like = chunk(held_out, load_tokenizer("tiny-gpt2"), 1).flatten().tolist()
+    assert stream == trained_like

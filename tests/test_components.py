@@ -265,6 +265,15 @@ def test_a_block_glob_takes_its_matrices_and_skips_activations_norms_and_contain
     with pytest.raises(SiteError, match="'1' \\(Conv1d\\)"):  # a weight matrix tspd cannot take is never skipped
         resolve_sites(nn.Sequential(nn.Linear(3, 3), nn.Conv1d(3, 3, 1), nn.ReLU()), [("*", 2)])
 
+    class OwnMatrix(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(3, 3))
+
+    for odd, name in ((nn.MultiheadAttention(4, 2), "MultiheadAttention"), (nn.GRU(3, 3), "GRU"), (OwnMatrix(), "OwnMatrix")):
+        with pytest.raises(SiteError, match=f"'1' \\({name}\\)"):  # a matrix under another name than `weight`
+            resolve_sites(nn.Sequential(nn.Linear(3, 3), odd), [("*", 2)])
+
 
 def test_resolve_sites_globs_in_module_order():
     model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3), nn.Linear(3, 2))

@@ -217,16 +217,27 @@ def _recipe_path(name: str) -> Path:
 
 
 # ---- 2026-12-03 review: values that passed validation and failed (or did nothing) later -------------
+def _new_run(path, overrides):
+    RunConfig.from_yaml(path, overrides).check_new_run()
+
+
 @pytest.mark.parametrize("override, message", [
-    ("losses={faithfulness: 0, stochastic_recon: 0, stochastic_recon_layerwise: 0, importance_minimality: 0}",
-     "every losses.* coefficient is 0"),
-    ("output.positions=[]", "output.positions is empty"),
-    ("output.positions=[-1, -1]", "lists a position twice"),
     ("train.lr=.inf", "train.lr"),
     ("losses.faithfulness=.inf", "losses.faithfulness"),
     ("minimality.eps=.inf", "minimality.eps"),
     ("consolidate.prune=.inf", "consolidate.prune"),
     ("seed=99999999999999999999999", "seed"),
+])
+def test_numbers_no_run_can_use_are_refused_on_reading(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        RunConfig.from_yaml(CONFIGS / "tms-5-2.yaml", [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("losses={faithfulness: 0, stochastic_recon: 0, stochastic_recon_layerwise: 0, importance_minimality: 0}",
+     "every losses.* coefficient is 0"),
+    ("output.positions=[]", "output.positions is empty"),
+    ("output.positions=[-1, -1]", "lists a position twice"),
     ("train.threads=100000", "train.threads"),
     ("eval.alive_threshold=1", "eval.alive_threshold"),
     ("train.fuse_head=true", "fuses the output head with the KL only"),
@@ -234,9 +245,14 @@ def _recipe_path(name: str) -> Path:
     ("ci.kind=attention", "a tms target has none"),
     ("output.positions=[-1]", "a tms target's output has no positions"),
 ])
-def test_nonsense_the_config_alone_rules_out_is_refused(override, message):
+def test_nonsense_a_new_run_is_refused_but_a_saved_config_with_it_still_loads(override, message, tmp_path):
+    """Refused before anything is built or moved (they failed at the first step, crashed, or did
+    nothing); a finished run's config.yaml that holds one (some trained) must still load."""
     with pytest.raises(ConfigError, match=re.escape(message)):
-        RunConfig.from_yaml(CONFIGS / "tms-5-2.yaml", [override])
+        _new_run(CONFIGS / "tms-5-2.yaml", [override])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(RunConfig.from_yaml(CONFIGS / "tms-5-2.yaml", [override]).to_yaml())
+    RunConfig.from_yaml(saved)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -247,13 +263,18 @@ def test_nonsense_the_config_alone_rules_out_is_refused(override, message):
 def test_the_induction_sequences_bound_the_attention_ci_and_positions(overrides, message):
     """Found only at the first step before, after the target had trained (minutes)."""
     with pytest.raises(ConfigError, match=re.escape(message)):
-        RunConfig.from_yaml(CONFIGS / "induction.yaml", overrides)
-    RunConfig.from_yaml(CONFIGS / "induction.yaml", ["output.positions=[-64, 63]"])  # the ends are fine
+        _new_run(CONFIGS / "induction.yaml", overrides)
+    _new_run(CONFIGS / "induction.yaml", ["output.positions=[-64, 63]"])  # the ends are fine
 
 
 def test_text_data_bounds_positions_by_its_chunk_length():
     with pytest.raises(ConfigError, match=re.escape("out of range for sequences of 64 (data.seq_len)")):
-        RunConfig.from_yaml(CONFIGS / "smollm2-facts.yaml", ["output.positions=[70]"])
+        _new_run(CONFIGS / "smollm2-facts.yaml", ["output.positions=[70]"])
+
+
+def test_every_shipped_recipe_can_start_a_run():
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        RunConfig.from_yaml(path).check_new_run()
 
 
 def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path):
@@ -289,3 +310,15 @@ def test_a_section_given_as_a_mapping_keeps_its_other_keys_unless_its_kind_chang
     assert other.ci.kind == "mlp" and other.ci.hidden == [16]  # the recipe's [1024] belonged to its shared_mlp
     with pytest.raises(ConfigError, match="appears twice"):
         RunConfig.from_yaml(CONFIGS / "tms-5-2.yaml", ["train={steps: 2, steps: 3}"])
+
+
+def test_yaml_merge_keys_still_work_and_odd_keys_are_named(tmp_path):
+    """The duplicate-key loader read `<<: *anchor` keys as duplicates ("not valid YAML")."""
+    path = tmp_path / "m.yaml"
+    path.write_text("sites: [{pattern: a, C: 2}]\ntrain: &t {steps: 3, batch_size: 16}\n"
+                    "eval: {active_threshold: 0.4}\nconsolidate: {<<: {tol: 0.1, overlap: 0.8}, tol: 0.2}\n")
+    cfg = RunConfig.from_yaml(path)
+    assert cfg.consolidate.tol == 0.2 and cfg.consolidate.overlap == 0.8  # a key beside a merge overrides it
+    path.write_text("sites: [{pattern: a, C: 2}]\n? [a, b]\n: 3\n")
+    with pytest.raises(ConfigError, match="a key of type list cannot be a config key"):
+        RunConfig.from_yaml(path)

@@ -304,6 +304,8 @@ def _count(n: int) -> str:
 def cmd_sites(args: argparse.Namespace) -> None:
     from tspd.components import describe_sites
 
+    if args.C is not None and not args.pattern:
+        raise ConfigError("--C goes with --pattern (the size of V and U for the globs tried); a config's sites have their own C")
     model, patterns, label = _sites_source(args.source)
     if args.pattern:
         patterns = [(g, args.C or 1) for g in args.pattern]

@@ -71,11 +71,11 @@ def target_weight(module: nn.Module, kind: SiteKind) -> Tensor:
 
 def _holds_a_matrix(module: nn.Module) -> bool:
     """Whether a module looks like one meant to be decomposed: a Linear / Embedding (subclass), a
-    TorchScript module, or one with a weight of two or more dimensions of its own."""
+    TorchScript module, or one with a parameter of two or more dimensions of its own."""
     if isinstance(module, (nn.Linear, nn.Embedding, torch.jit.ScriptModule)):
         return True
-    w = module._parameters.get("weight")
-    return w is not None and w.dim() >= 2
+    # any parameter of its own (MultiheadAttention's in_proj_weight, an RNN's weight_ih_l0, a custom W)
+    return any(p is not None and p.dim() >= 2 for p in module._parameters.values())
 
 
 def resolve_sites(model: nn.Module, patterns: list[tuple[str, int]]) -> list[tuple[str, int]]:

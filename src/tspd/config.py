@@ -96,15 +96,6 @@ class OutputConfig(Strict):
     divergence: Literal["kl", "mse"] = Field("kl", description="KL(target || masked) over the last dim, or MSE")
     positions: list[int] | None = Field(None, description="restrict D to these positions (dim 1), e.g. [-1]; None: all")
 
-    @field_validator("positions")
-    @classmethod
-    def _some_positions_once_each(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and not v:
-            raise ValueError("output.positions is empty: use null for every position, or list some, e.g. [-1]")
-        if v is not None and len(set(v)) < len(v):
-            raise ValueError(f"output.positions {v} lists a position twice (it would count double); list each once")
-        return v
-
 
 class TrainConfig(Strict):
     steps: int = Field(1000, ge=0, description="optimisation steps")
@@ -127,7 +118,7 @@ class TrainConfig(Strict):
         description="masked passes replay the target's outputs of the blocks (and of the block's children, e.g. the "
         "attention before an MLP site) before their first routed site",
     )
-    threads: int | None = Field(None, gt=0, le=1024, description="torch CPU threads per process (None: torch's default). Do not run two multi-threaded jobs on "
+    threads: int | None = Field(None, gt=0, description="torch CPU threads per process (None: torch's default). Do not run two multi-threaded jobs on "
         "the same cores: a facts decomposition went from 1.7 to ~18 s per step while a `facts ablate` shared its 2 cores "
         "(measured 2026-12-01); run them one after the other (pausing one with `kill -STOP` / `kill -CONT` works; a "
         "checkpointed run can also be stopped and `--resume`d)")
@@ -169,8 +160,8 @@ class TrainConfig(Strict):
 
 
 class EvalConfig(Strict):
-    active_threshold: float = Field(0.5, ge=0, lt=1, description="a subcomponent is active where CI > this (L0)")
-    alive_threshold: float = Field(0.1, ge=0, lt=1, description="alive: CI > this on some evaluated input")
+    active_threshold: float = Field(0.5, ge=0, le=1, description="a subcomponent is active where CI > this (L0)")
+    alive_threshold: float = Field(0.1, ge=0, le=1, description="alive: CI > this on some evaluated input")
 
 
 class ConsolidateConfig(Strict):
@@ -308,17 +299,6 @@ class RunConfig(Strict):
         if self.train.weight_decay > 0 and self.train.optimizer != "adamw":
             raise ValueError(f"train.weight_decay ({self.train.weight_decay}) is used by train.optimizer: adamw only; "
                              "set train.optimizer=adamw, or drop train.weight_decay")
-        coeffs = self.losses.model_dump()
-        if not any(coeffs.values()):
-            raise ValueError("every losses.* coefficient is 0: nothing to train; set some, e.g. losses.stochastic_recon=1 "
-                             "and losses.importance_minimality=3e-3")
-        if self.train.fuse_head is True and self.output.divergence != "kl":
-            raise ValueError("train.fuse_head: true fuses the output head with the KL only; with output.divergence "
-                             f"{self.output.divergence!r} set train.fuse_head to auto or false")
-        if not self.ci.hidden and self.ci.kind != "shared_mlp":
-            raise ValueError(f"ci.hidden is empty: ci.kind {self.ci.kind!r} needs a hidden width, e.g. ci.hidden=[16] "
-                             "(only shared_mlp runs without a hidden layer)")
-        self._check_against_the_target()
         if self.target is not None and self.data is not None:
             want = DATA_FOR_TARGET[self.target.kind]
             if self.data.kind != want:
@@ -327,6 +307,56 @@ class RunConfig(Strict):
                     f"a {self.target.kind} target takes data of kind {want!r} (e.g. --set 'data={{kind: {want}}}')"
                 )
         return self
+
+    def with_absolute_paths(self) -> "RunConfig":
+        """The config with its relative file paths (a Hugging Face target folder, an induction
+        target.path, a text source) made absolute from the current folder, so that the run folder's
+        config.yaml reads the same from anywhere (`tspd serve`, `tspd.load` run elsewhere)."""
+        def absolute(p: str | None, names: tuple[str, ...] = ()) -> str | None:
+            if p is None or p in names or Path(p).is_absolute() or not Path(p).exists():
+                return p
+            return str(Path(p).resolve())
+
+        t, d = self.target, self.data
+        update = {}
+        if t is not None and t.kind == "huggingface":
+            update["target"] = t.model_copy(update={"model": absolute(t.model, ("smollm2", "tiny-gpt2", "tiny-llama"))})
+        elif t is not None and t.kind == "induction":
+            update["target"] = t.model_copy(update={"path": absolute(t.path)})
+        if d is not None and d.kind == "text":
+            update["data"] = d.model_copy(update={"source": absolute(d.source, ("wiki",))})
+        return self.model_copy(update=update)
+
+    def check_new_run(self) -> None:
+        """Refuse, before a new run builds or moves anything, settings that cannot train or would do
+        nothing (a saved run's config with one of them still loads, and resumes)."""
+        problems = []
+        if not any(self.losses.model_dump().values()):
+            problems.append("every losses.* coefficient is 0: nothing to train; set some, e.g. losses.stochastic_recon=1 "
+                            "and losses.importance_minimality=3e-3")
+        positions = self.output.positions
+        if positions is not None and not positions:
+            problems.append("output.positions is empty: use null for every position, or list some, e.g. [-1]")
+        elif positions is not None and len(set(positions)) < len(positions):
+            problems.append(f"output.positions {positions} lists a position twice (it would count double); list each once")
+        if self.train.fuse_head is True and self.output.divergence != "kl":
+            problems.append("train.fuse_head: true fuses the output head with the KL only; with output.divergence "
+                            f"{self.output.divergence!r} set train.fuse_head to auto or false")
+        if not self.ci.hidden and self.ci.kind != "shared_mlp":
+            problems.append(f"ci.hidden is empty: ci.kind {self.ci.kind!r} takes its first width (an empty list fell back "
+                            "to 16); give one, e.g. ci.hidden=[16] (only shared_mlp runs without a hidden layer)")
+        for key in ("active_threshold", "alive_threshold"):
+            if getattr(self.eval, key) >= 1:
+                problems.append(f"eval.{key} {getattr(self.eval, key)}: CI never exceeds 1, so nothing would count; use a value below 1")
+        if self.train.threads is not None and self.train.threads > 1024:
+            problems.append(f"train.threads {self.train.threads} is more than torch can start (it crashes); use at most "
+                            "the machine's cores")
+        try:
+            self._check_against_the_target()
+        except ValueError as err:
+            problems.append(str(err))
+        if problems:
+            raise ConfigError("the config cannot start a run: " + "; ".join(problems))
 
     def _check_against_the_target(self) -> None:
         """What the config's own target settings rule out, before anything is built or trained: an
@@ -389,7 +419,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, Any] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
+                continue
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(None, None, f"a key of type {type(key).__name__} cannot be a "
+                                                        "config key", key_node.start_mark) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} appears twice in one mapping (first at line {seen[key].line + 1}): keep one",

@@ -850,7 +850,14 @@ class Decomposition(nn.Module):
         lower, _ = self.ci_from_logits(self.ci_logits(inputs, keep))
         if keep is None or bool(keep.all()):
             return lower
-        return {s: g.masked_fill(~keep[..., None], 0.0) if g.shape[:-1] == keep.shape else g for s, g in lower.items()}
+        def pads_zero(g: Tensor) -> Tensor:
+            if g.shape[:-1] == keep.shape:
+                return g.masked_fill(~keep[..., None], 0.0)
+            if g.dim() == 2 and g.shape[0] == keep.numel():  # a site that sees the tokens flattened, (B*T, d)
+                return g.masked_fill(~keep.reshape(-1, 1), 0.0)
+            return g
+
+        return {s: pads_zero(g) for s, g in lower.items()}
 
     @one_thread_per_target
     def run_pass(self, batch: Batch, p: Pass) -> Tensor:
@@ -891,6 +898,10 @@ class Decomposition(nn.Module):
         computed on it per pass needs no concatenation of the passes' gradients in the backward).
         `head` as for `run_passes(..., defer_head=True)`; None without `defer_head`."""
         ok = defer_head and self._head is not None and self._head_batch is batch and self._head_module() is not None
+        if stack and len(passes) > 1 and self.__dict__.get("_independent") is None and batch_size(batch) >= 2:
+            # passes asked for without a target run that checked it (e.g. after causal_importance only)
+            self.__dict__["_independent"] = self._examples_independent(batch)
+        stack = stack and self.__dict__.get("_independent") is not False
         try:
             return self._run_groups(batch, passes, stack, ok), (self._head[2] if ok else None)
         finally:
@@ -1054,6 +1065,10 @@ class Decomposition(nn.Module):
         if keep is not None and positions is not None and not isinstance(positions, Tensor) and not bool(keep.all()):
             from tspd.losses import real_positions
 
+            T = keep.shape[1]
+            bad = [q for q in positions if not -T <= q < T]
+            if bad:
+                raise IndexError(f"positions {bad} out of range for a batch of {T} positions")
             idx, valid = real_positions(keep, list(positions))
             where = torch.zeros_like(keep)
             where[torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(idx)[valid], idx[valid]] = True
@@ -1396,7 +1411,9 @@ def _warn_if_not_the_trained_target(directory: Path, target: nn.Module) -> None:
     except (OSError, ValueError, AttributeError):
         return
     p = next(target.parameters(), None)
-    if p is None or (dtype is not None and dtype != str(p.dtype)):
+    # Another dtype than the run's cannot be told apart (the bytes differ); a file from before the dtype
+    # was recorded is compared for an fp32 model only.
+    if p is None or str(p.dtype) != (dtype or str(torch.float32)):
         return
     if saved.get("sha256") != target_fingerprint(target):
         warnings.warn(

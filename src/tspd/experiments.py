@@ -108,9 +108,12 @@ def decompose_from_config(
 ) -> Decomposition:
     """Build the config's target and data, then decompose into `out` (see tspd.train.decompose)."""
     out = Path(out)
+    cfg = cfg.with_absolute_paths()
     # Bad input fails before any slow work (training a toy target takes minutes) and before writes.
     if resume:
         require_checkpoint(out)
+    else:
+        cfg.check_new_run()
     if cfg.data is None:
         raise ValueError("the config has no `data` section; the CLI needs one (the Python API takes a data source)")
     distributed.check_split(cfg.train.batch_size, distributed.world())  # under torchrun
@@ -122,10 +125,7 @@ def decompose_from_config(
     if cfg.data.kind == "text" and cfg.target is not None and cfg.target.kind == "huggingface":
         from tspd.targets.huggingface import context_length
 
-        ctx = context_length(cfg.target.model)  # from config.json: before an earlier run in `out` is moved aside
-        if ctx is not None and cfg.data.seq_len > ctx:
-            raise ValueError(f"data.seq_len {cfg.data.seq_len} is longer than the model's context ({ctx} positions); "
-                             f"set data.seq_len <= {ctx}")
+        _check_context(cfg, context_length(cfg.target.model))  # from config.json: before anything in `out` moves
     # Built before anything in `out` moves: a text source too short, a missing file, fail first.
     data = build_data(cfg.data, cfg.target, cfg.train.batch_size, cfg.seed)
     main = distributed.world().main
@@ -136,7 +136,16 @@ def decompose_from_config(
         if not resume and main:
             set_aside_earlier_outputs(out, keep=_paths_in_config(cfg))
         target = _target_for(cfg, out, resume).to(device)
+        if cfg.data.kind == "text":  # again on the model itself (a model not yet fetched had no config.json to read)
+            mc = getattr(target, "config", None)
+            _check_context(cfg, getattr(mc, "n_positions", None) or getattr(mc, "max_position_embeddings", None))
         return decompose(target, data, cfg, run_dir=out, resume=resume, progress=progress, stop_after=stop_after)
+
+
+def _check_context(cfg: RunConfig, ctx: int | None) -> None:
+    if isinstance(ctx, int) and cfg.data.seq_len > ctx:
+        raise ValueError(f"data.seq_len {cfg.data.seq_len} is longer than the model's context ({ctx} positions); "
+                         f"set data.seq_len <= {ctx}")
 
 
 def check_resume_config(cfg: RunConfig, out: Path) -> None:
@@ -151,7 +160,8 @@ def check_resume_config(cfg: RunConfig, out: Path) -> None:
         saved = RunConfig.from_yaml(own)
     except Exception:
         return  # the checkpoint's own copy of the config is compared when it loads
-    diff = _first_difference(saved.model_dump(exclude={"train"}), cfg.model_dump(exclude={"train"}))
+    diff = _first_difference(saved.with_absolute_paths().model_dump(exclude={"train"}),
+                             cfg.with_absolute_paths().model_dump(exclude={"train"}))
     if diff is not None:
         raise ValueError(f"{out} holds a run of a different config ({diff}); resume with the run's own config "
                          "(its config.yaml), or start a new run folder")
@@ -214,7 +224,9 @@ def train_target(recipe: str | Path, out: str | Path, seed: int | None = None, o
     """Train the target of a recipe (name in configs/ or path) and save it with its settings."""
     from tspd.cli import _recipe
 
-    raw = yaml.safe_load(Path(_recipe(str(recipe))).read_text())
+    from tspd.config import _UniqueKeyLoader
+
+    raw = yaml.load(Path(_recipe(str(recipe))).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     raw["target"].pop("path", None)
     # --set keys are the target's (train_steps=2000); target.train_steps=2000 is taken too, and errors
     # name every key in that full form.
@@ -229,11 +241,14 @@ def train_target(recipe: str | Path, out: str | Path, seed: int | None = None, o
     out = Path(out)
     if out.exists() and not out.is_dir():  # before the training (minutes), not after
         raise ConfigError(f"{out} is a file, not a folder: give the target a folder (--out DIR)")
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.target.kind == "induction":
-        target = _train_induction_target(cfg.target, out)
-    else:
-        target = build_target(cfg.target)
+    try:
+        target = _train_induction_target(cfg.target, out) if cfg.target.kind == "induction" else build_target(cfg.target)
+    except BaseException:
+        if made and not any(out.iterdir()):
+            out.rmdir()  # a failed start leaves no empty folder behind
+        raise
     save_target_pair(target, out / "target.safetensors", _target_settings(cfg.target))
     return out / "target.safetensors"
 

@@ -259,6 +259,11 @@ class CausalLMAdapter(Adapter):
             return list(self.tokenizer.encode(text))
 
     def encode(self, prompt: str) -> Tensor:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as err:  # e.g. a lone surrogate from a JSON "\ud800"
+            raise PromptError(f"the prompt is not valid Unicode text ({err.reason} at character {err.start}); "
+                              "remove that character") from None
         ids = self._ids(prompt)
         if self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids.insert(0, self.bos_id)
@@ -318,14 +323,17 @@ def _tms(dec: Decomposition, run_dir: Path) -> Adapter:
 def _huggingface(dec: Decomposition, run_dir: Path) -> Adapter:
     """Harvest windows come from held-out documents of the run's text source, plus the facts
     sentences when the run mixed them in."""
-    from tspd.data.text import documents, split_documents
+    from tspd.data.text import SEPARATOR, documents, split_documents
     from tspd.targets.huggingface import load_tokenizer
 
     tokenizer = load_tokenizer(dec.config.target.model)
     data = dec.config.data
     texts: list[str] = []
     if data is not None and data.kind == "text":
-        texts = split_documents(documents(data.source), data.heldout_fraction)[1][:200]
+        # Joined as training joins them (`data.text.chunk`: a blank line after each), so the windows
+        # read like training text (without it a third of them ran two paragraphs together, and pieces
+        # firing at paragraph breaks looked ~45x rarer than they are).
+        texts = [d + SEPARATOR for d in split_documents(documents(data.source), data.heldout_fraction)[1][:200]]
         if data.facts_fraction > 0:
             from tspd.data.facts import fact_sentences, load_facts
 

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import socket
@@ -229,7 +230,7 @@ def make_server(path: str | Path, host: str = "127.0.0.1", port: int = 8765, ada
     try:
         return DashboardServer(registry, host, port, verbose)
     except OSError as err:
-        if isinstance(err, socket.gaierror):  # the address, not the port
+        if isinstance(err, socket.gaierror) or err.errno == errno.EADDRNOTAVAIL:  # the address, not the port
             raise OSError(f"cannot listen on {host}:{port}: {host!r} is not an address of this machine ({err.strerror}); "
                           "pass another --host (127.0.0.1: this machine only)") from None
         raise OSError(f"cannot listen on {host}:{port} ({err.strerror}); pass another --port (0 picks a free one)") from None

@@ -244,7 +244,10 @@ class RunSession:
         if value is None:
             raise AppError(f"'seed' must be an integer (ASCII digits, at most {MAX_INT_DIGITS}, optional '-'), "
                            f"got {_show(seed)}")
-        example = self.adapter.example(value)
+        try:
+            example = self.adapter.example(value)
+        except ValueError as err:  # no dataset to draw from (an adapter made without texts)
+            raise AppError(f"no random example: {err}", 409) from None
         return {"prompt": self.adapter.prompt_of(example)}
 
     def _check_site(self, site) -> None:

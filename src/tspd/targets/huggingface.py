@@ -108,9 +108,11 @@ def tiny_tokenizer(texts: list[str], vocab_size: int = 512):
 def _folder(model: str) -> Path:
     path = Path(model)
     if not (path / "config.json").is_file():
+        where = ("" if path.is_absolute() else f" (a relative path is read from the current folder, {Path.cwd()}: run "
+                 "from the folder the run was started in, or make the path in the run's config.yaml absolute)")
         raise FileNotFoundError(
             f"target.model {model!r} is neither 'smollm2', {', '.join(repr(k) for k in TINY)} nor a folder holding "
-            "config.json; pass a local Hugging Face model folder"
+            f"config.json{where}; pass a local Hugging Face model folder"
         )
     return path
 
@@ -161,10 +163,12 @@ def context_length(model: str) -> int | None:
         params = inspect.signature(TINY[model]).parameters
         return next(params[k].default for k in ("n_positions", "max_positions") if k in params)
     if model == "smollm2":
-        from tspd.cache import cache_dir
-        from tspd.targets.smollm2 import FOLDER
+        import os
 
-        path = cache_dir() / FOLDER
+        from tspd.cache import cache_dir
+        from tspd.targets.smollm2 import FOLDER, LOCAL_ENV
+
+        path = Path(os.environ[LOCAL_ENV]) if os.environ.get(LOCAL_ENV) else cache_dir() / FOLDER
     else:
         path = Path(model)
     try:
