@@ -220,7 +220,8 @@ def check_circuit(table: dict, min_expected: float = 0.9, max_other: float = 0.2
 @torch.no_grad()
 def causal_check(dec: Decomposition, table: dict, n_sequences: int = 1000, seed: int = 0) -> dict:
     """Ablate one site's active subcomponents at a time (mask 0 at every position, every other
-    subcomponent at mask 1, i.e. the target minus those rank-1 pieces) and measure last-position
+    subcomponent at mask 1: the decomposed model -- the target itself only with the delta
+    component -- minus those rank-1 pieces) and measure last-position
     accuracy and the circuit's attention weights; a control ablates as many never-active
     subcomponents of the same site. "none" is the decomposition with nothing ablated (every mask 1)
     on these sequences (its own held-out draw, so its accuracy differs from the census's)."""

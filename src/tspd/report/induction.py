@@ -89,7 +89,7 @@ def induction_report(run_dir: str | Path) -> Path:
                          a["layer_1_final_s_to_m"], a["attention_kl"]["layer_0"], a["attention_kl"]["layer_1"]])
         none = causal["none"]
         sections.append(("Causal check: ablate one site's active subcomponents", (
-            f"<p>Every other subcomponent at mask 1 (the target minus the ablated rank-1 pieces), "
+            f"<p>Every other subcomponent at mask 1 (the decomposed model minus the ablated rank-1 pieces), "
             f"{causal['n_sequences']} held-out sequences. Without ablation: accuracy {none['accuracy']:.4f}, "
             f"layer-0 M→first S attention {none['layer_0_m_to_first_s']:.3f}, layer-1 final S→M "
             f"{none['layer_1_final_s_to_m']:.3f}. The control ablates as many never-active subcomponents.</p>"
