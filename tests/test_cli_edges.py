@@ -172,3 +172,21 @@ def test_harvest_windows_join_paragraphs_as_training_does(tmp_path, monkeypatch)
     held_out = split_documents(documents(dec.config.data.source), dec.config.data.heldout_fraction)[1][:200]
     trained_like = chunk(held_out, load_tokenizer("tiny-gpt2"), 1).flatten().tolist()
     assert stream == trained_like
+
+
+def test_a_run_whose_text_moved_is_still_served(tmp_path, monkeypatch):
+    """The dashboard refused the whole run when its data.source was gone; only the harvest and random
+    examples need it."""
+    from tspd.app.adapters import ADAPTERS
+    from tspd.app.session import AppError, RunSession
+
+    monkeypatch.chdir(tmp_path)
+    _text_run_config(tmp_path)
+    assert cli.main(["decompose", "hf.yaml", "--out", "run"]) == 0
+    (tmp_path / "t.txt").unlink()
+    dec = tspd.load(tmp_path / "run")
+    session = RunSession(tmp_path / "run", ADAPTERS["huggingface"](dec, tmp_path / "run"))
+    assert session.analyse("Paragraph 3 tells")["tokens"]
+    with pytest.raises(AppError, match="t.txt does not exist.*the harvest and random examples need it") as err:
+        session.sample_prompt(1)
+    assert err.value.status == 409

@@ -69,8 +69,8 @@ def test_the_own_model_walkthrough_runs_as_written(tmp_path, monkeypatch, capsys
     from tspd.targets.huggingface import load_tokenizer
 
     tok = load_tokenizer("my-model")
-    n = len(tok("The river flows through the city of").input_ids)
-    longest = max(len(tok(t).input_ids) for t in ["The river flows", "A small town in the north of"])
+    n = len(tok("The river flows through the city of", add_special_tokens=False).input_ids)
+    longest = max(len(tok(t, add_special_tokens=False).input_ids) for t in ["The river flows", "A small town in the north of"])
     assert len([r for r in explore if r.strip().startswith(("'", '"'))]) == n  # one row per token of the prompt
     assert "off at the last token: KL" in ran["explore.py"] and "it writes towards" in ran["explore.py"] and "with h = " in ran["explore.py"]
     shapes = f"{{'transformer.h.1.mlp.c_fc': (2, {longest}, 256), 'transformer.h.1.mlp.c_proj': (2, {longest}, 256)}}"

@@ -249,6 +249,7 @@ class CausalLMAdapter(Adapter):
         self.example_prompt = example_prompt
         self.prompt_help = f"any text (at most {self.context_length} tokens)"
         self.harvest_examples = 512
+        self.texts_missing: str | None = None  # why there is no corpus, when its source could not be read
 
     def _ids(self, text: str) -> list[int]:
         """The text's token ids without the tokenizer's own special tokens (as the training chunks are
@@ -288,6 +289,8 @@ class CausalLMAdapter(Adapter):
         return self.model.get_output_embeddings().weight.T  # d_model x vocab
 
     def sample(self, n: int, seed: int) -> Tensor:
+        if not self.texts and self.texts_missing:
+            raise ValueError(self.texts_missing)
         stream = []
         for text in self.texts:
             stream += self._ids(text)
@@ -329,18 +332,24 @@ def _huggingface(dec: Decomposition, run_dir: Path) -> Adapter:
     tokenizer = load_tokenizer(dec.config.target.model)
     data = dec.config.data
     texts: list[str] = []
+    missing = None
     if data is not None and data.kind == "text":
         # Joined as training joins them (`data.text.chunk`: a blank line after each), so the windows
         # read like training text (without it a third of them ran two paragraphs together, and pieces
         # firing at paragraph breaks looked ~45x rarer than they are).
-        texts = [d + SEPARATOR for d in split_documents(documents(data.source), data.heldout_fraction)[1][:200]]
+        try:
+            texts = [d + SEPARATOR for d in split_documents(documents(data.source), data.heldout_fraction)[1][:200]]
+        except FileNotFoundError as err:  # the run's text moved: every view but the harvest and random examples works
+            missing = f"{err} (the run's data.source; the harvest and random examples need it)"
         if data.facts_fraction > 0:
             from tspd.data.facts import fact_sentences, load_facts
 
             texts.append(" ".join(fact_sentences(load_facts())))
     bos = getattr(tokenizer, "bos_token_id", None) if getattr(tokenizer, "add_bos_token", False) else None
-    return CausalLMAdapter(dec.target, tokenizer, texts, window=data.seq_len if data is not None else 64, bos_id=bos,
-                           example_prompt="Tiger Woods plays the sport of")
+    adapter = CausalLMAdapter(dec.target, tokenizer, texts, window=data.seq_len if data is not None else 64, bos_id=bos,
+                              example_prompt="Tiger Woods plays the sport of")
+    adapter.texts_missing = missing
+    return adapter
 
 
 ADAPTERS: dict[str, Callable[[Decomposition, Path], Adapter]] = {
