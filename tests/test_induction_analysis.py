@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import tspd
 from tspd.analysis.induction import EXPECTED_ROLE, check_circuit, count_active, pattern_kl
 from tspd.data.induction import ROLES
 
@@ -90,6 +91,13 @@ def test_run_induction_writes_every_artifact(tmp_path):
         assert set(row["mean_active"]) == set(ROLES)
         assert row["distinct_active"] == len(row["active_ids"]) <= 4
     assert census["total_distinct"] == sum(r["distinct_active"] for r in census["sites"].values())
+    from tspd.analysis.induction import causal_check
+
+    table = {**census, "sites": {s: {**row, "active_ids": [0, 2]} for s, row in census["sites"].items()}}
+    causal = causal_check(tspd.load(out), table, n_sequences=40)
+    for s, row in causal["sites"].items():  # the control's pieces are recorded: as many, none of them "active"
+        assert row["ablated"] == [0, 2] and sorted(row["control_ablated"]) in ([1, 3],)
+    assert len(causal["sites"]) == 6
     baseline = json.loads((out / "baseline.json").read_text())
     assert [c["pieces"] for c in baseline["curve"]] == list(range(len(baseline["curve"])))
     if baseline["matched"]:

@@ -241,7 +241,7 @@ def causal_check(dec: Decomposition, table: dict, n_sequences: int = 1000, seed:
         C = dec.component(s).C
         inactive = [c for c in range(C) if c not in set(ids)]
         control = [inactive[j] for j in torch.randperm(len(inactive), generator=gen)[: len(ids)].tolist()]
-        row = {"ablated": ids}
+        row = {"ablated": ids, "control_ablated": control}  # the never-active pieces the control drew
         for name, chosen in (("active", ids), ("control", control)):
             logits, pats = _forward_patterns(dec, lambda: dec.forward_with_ablation(tokens, {s: chosen}))
             row[name] = {
