@@ -216,25 +216,17 @@ def _int_in(low: int, high: int | None = None):
     return parse
 
 
-def _fraction(text: str) -> float:
-    """A CI level or gap: a number in [0, 1]."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= v <= 1:  # (NaN fails too)
-        raise argparse.ArgumentTypeError(f"must be in [0, 1] (CI lies there), got {text}")
-    return v
-
-
-def _float_at_least(low: float):
+def _float_in(low: float, high: float | None = None):
+    """A number >= low (and <= high); NaN fails both comparisons."""
     def parse(text: str) -> float:
         try:
             v = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not v >= low:
+        if high is None and not v >= low:
             raise argparse.ArgumentTypeError(f"must be at least {low:g}, got {text}")
+        if high is not None and not low <= v <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low:g}, {high:g}], got {text}")
         return v
 
     return parse
@@ -436,13 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ablate: causal = CI candidates ranked by ablating each on discovery prompts; attribution = "
                         "candidates by a gradient estimate of their effect (no CI gap needed; for dense "
                         "decompositions), then measured like causal; ci = CI only")
-    p.add_argument("--collateral-weight", type=_float_at_least(0.0), default=1.0,
+    p.add_argument("--collateral-weight", type=_float_in(0.0), default=1.0,
                    help="ablate (causal, attribution): score = drop on the sport - W x |change on other sports| (default 1)")
     p.add_argument("--candidates", type=_int_in(1), default=24,
                    help="ablate (causal, attribution): at most this many candidates per sport are tested on discovery prompts (default 24)")
-    p.add_argument("--min-ci", type=_fraction, default=0.5,
+    p.add_argument("--min-ci", type=_float_in(0.0, 1.0), default=0.5,
                    help="ablate: name-token CI bar (ci: min_ci; causal candidates: min_ci / 2); default 0.5")
-    p.add_argument("--min-gap", type=_fraction, default=0.25,
+    p.add_argument("--min-gap", type=_float_in(0.0, 1.0), default=0.25,
                    help="ablate: CI gap above other sports (ci: min_gap; causal candidates: min_gap / 2); default 0.25")
     p.add_argument("--choose-size", action="store_true",
                    help="ablate (causal, attribution): keep the prefix of the k ranked pieces whose joint ablation scores best on discovery prompts")

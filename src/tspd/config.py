@@ -385,14 +385,7 @@ class RunConfig(Strict):
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "RunConfig":
         path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path} is not UTF-8 text: is it a config file? (a YAML file in UTF-8)") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {_one_line(err)}; fix the file's syntax") from None
+        raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
         return cls.from_dict(raw, overrides, source=str(path))
@@ -410,6 +403,19 @@ class RunConfig(Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A config file's YAML (keys unique per mapping), or a ConfigError naming the file and the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text: is it a config file? (a YAML file in UTF-8)") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {_one_line(err)}; fix the file's syntax") from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

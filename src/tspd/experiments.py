@@ -137,8 +137,9 @@ def decompose_from_config(
             set_aside_earlier_outputs(out, keep=_paths_in_config(cfg))
         target = _target_for(cfg, out, resume).to(device)
         if cfg.data.kind == "text":  # again on the model itself (a model not yet fetched had no config.json to read)
-            mc = getattr(target, "config", None)
-            _check_context(cfg, getattr(mc, "n_positions", None) or getattr(mc, "max_position_embeddings", None))
+            from tspd.targets.huggingface import max_positions
+
+            _check_context(cfg, max_positions(getattr(target, "config", None)))
         return decompose(target, data, cfg, run_dir=out, resume=resume, progress=progress, stop_after=stop_after)
 
 
@@ -223,10 +224,9 @@ def set_aside_earlier_outputs(out: Path, keep: set[Path] = frozenset()) -> Path 
 def train_target(recipe: str | Path, out: str | Path, seed: int | None = None, overrides: list[str] | None = None) -> Path:
     """Train the target of a recipe (name in configs/ or path) and save it with its settings."""
     from tspd.cli import _recipe
+    from tspd.config import read_yaml
 
-    from tspd.config import _UniqueKeyLoader
-
-    raw = yaml.load(Path(_recipe(str(recipe))).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    raw = read_yaml(_recipe(str(recipe)))
     raw["target"].pop("path", None)
     # --set keys are the target's (train_steps=2000); target.train_steps=2000 is taken too, and errors
     # name every key in that full form.

@@ -243,8 +243,9 @@ class CausalLMAdapter(Adapter):
     def __init__(self, model: nn.Module, tokenizer, texts: list[str] | None = None, window: int = 64,
                  bos_id: int | None = None, example_prompt: str = "The capital of France is"):
         self.model, self.tokenizer, self.texts, self.bos_id = model, tokenizer, texts or [], bos_id
-        cfg = getattr(model, "config", None)
-        self.context_length = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+        from tspd.targets.huggingface import max_positions
+
+        self.context_length = max_positions(getattr(model, "config", None))
         self.window = min(window, self.context_length or window)
         self.example_prompt = example_prompt
         self.prompt_help = f"any text (at most {self.context_length} tokens)"

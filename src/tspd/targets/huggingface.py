@@ -153,9 +153,16 @@ def _model_type(path: Path) -> str | None:
     return config.get("model_type") if isinstance(config, dict) else None
 
 
+def max_positions(config) -> int | None:
+    """The longest sequence a Hugging Face model takes, from its config (an object, or config.json
+    read as a dict): n_positions (GPT-2) or max_position_embeddings; None when it names neither."""
+    get = config.get if isinstance(config, dict) else (lambda key: getattr(config, key, None))
+    return next((n for n in (get("n_positions"), get("max_position_embeddings")) if isinstance(n, int)), None)
+
+
 def context_length(model: str) -> int | None:
-    """The longest sequence the model `load_lm(model)` returns takes (config.json's n_positions or
-    max_position_embeddings), read without loading it; None when not known without loading."""
+    """`max_positions` of the model `load_lm(model)` returns, read without loading it (from
+    config.json); None when not known without loading (a model not yet fetched)."""
     import inspect
     import json
 
@@ -163,20 +170,16 @@ def context_length(model: str) -> int | None:
         params = inspect.signature(TINY[model]).parameters
         return next(params[k].default for k in ("n_positions", "max_positions") if k in params)
     if model == "smollm2":
-        import os
+        from tspd.targets.smollm2 import smollm2_folder
 
-        from tspd.cache import cache_dir
-        from tspd.targets.smollm2 import FOLDER, LOCAL_ENV
-
-        path = Path(os.environ[LOCAL_ENV]) if os.environ.get(LOCAL_ENV) else cache_dir() / FOLDER
+        path = smollm2_folder()
     else:
         path = Path(model)
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    n = config.get("n_positions", config.get("max_position_embeddings")) if isinstance(config, dict) else None
-    return n if isinstance(n, int) else None
+    return max_positions(config) if isinstance(config, dict) else None
 
 
 def model_skeleton(model: str) -> nn.Module:

@@ -64,18 +64,24 @@ def _convert(gguf: Path, out: Path) -> None:
     (out / "tspd_source.json").write_text(json.dumps(source, indent=2) + "\n")
 
 
+def smollm2_folder(cache: str | Path | None = None) -> Path:
+    """Where SmolLM2-135M-Instruct's Hugging Face folder is or will be: `$TSPD_SMOLLM2` when set, else
+    the cache's (nothing is fetched; `ensure_smollm2` fetches)."""
+    local = os.environ.get(LOCAL_ENV)
+    return Path(local) if local else cache_dir(cache) / FOLDER
+
+
 def ensure_smollm2(cache: str | Path | None = None) -> Path:
     """The Hugging Face folder of SmolLM2-135M-Instruct, fetched and converted on first use.
 
     `$TSPD_SMOLLM2`, when set, names a ready folder (config.json, weights, tokenizer) to use instead.
     """
-    local = os.environ.get(LOCAL_ENV)
-    if local:
-        if not (Path(local) / "config.json").is_file():
-            raise AssetError(f"{LOCAL_ENV}={local} holds no config.json; point it at a Hugging Face model folder "
+    folder = smollm2_folder(cache)
+    if os.environ.get(LOCAL_ENV):
+        if not (folder / "config.json").is_file():
+            raise AssetError(f"{LOCAL_ENV}={folder} holds no config.json; point it at a Hugging Face model folder "
                              "(config.json, *.safetensors, tokenizer files) or unset it")
-        return Path(local)
-    folder = cache_dir(cache) / FOLDER
+        return folder
     if (folder / "config.json").is_file():
         return folder
     try:
